@@ -1,0 +1,240 @@
+"""One safe way to turn a poster (path, bytes, PIL image, array or datasets Image dict) into an RGB image.
+
+Every stream goes through `load_image`: the dataset builder, the model's `preprocess`, the Space. It refuses
+decompression bombs and corrupt or truncated files with `InvalidImageError`, whose message names the problem
+and the remedy, and it normalizes every colour mode (CMYK, RGBA, LA, P, L, I;16, animated frames) to RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import PIL.ImageFile
+import PIL.ImageOps
+
+# 40 megapixels: a 6,000 x 6,600 scan still loads, while a 20,000 x 20,000 "poster" (400 MP, 1.2 GB decoded)
+# is refused before any pixel is decoded. Real posters are far smaller (TMDb w500 is 500 x 750).
+MAX_IMAGE_PIXELS = 40_000_000
+
+# Largest encoded file we read at all; a poster is ~15 KB-2 MB.
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+
+_WHITE = (255, 255, 255)
+
+
+class InvalidImageError(ValueError):
+    """The input is not a usable image; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class PreparedPoster:
+    """A validated poster ready to store: encoded bytes, and what (if anything) was changed to get them."""
+
+    data: bytes
+    width: int
+    height: int
+    format: str  # "JPEG" or "PNG" (of `data`)
+    change: str | None  # None when the original bytes are kept unchanged
+
+
+def load_image(image: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
+    """Return `image` as a fully decoded RGB `PIL.Image`.
+
+    Accepts a `PIL.Image.Image`, a path (`str`/`os.PathLike`), raw bytes, a binary file object, a numpy array
+    (H, W[, C]) of uint8, or a `datasets.Image` storage dict `{"bytes": ..., "path": ...}`.
+    Raises `InvalidImageError` for missing files, non-images, corrupt/truncated data and images with more
+    than `max_pixels` pixels.
+    """
+    img = _open(image, max_pixels)
+    return to_rgb(img)
+
+
+def prepare_poster(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, source: str = "poster") -> PreparedPoster:
+    """Validate encoded poster bytes once (full decode) and return bytes fit to embed in a dataset.
+
+    An RGB JPEG keeps its original bytes (lossless, cheap); anything else is
+    converted to RGB and re-encoded: JPEG sources as JPEG (quality 95), other formats as PNG (lossless).
+    """
+    img = _open_bytes(data, max_pixels, source)
+    fmt = (img.format or "").upper()
+    frames = getattr(img, "n_frames", 1) or 1
+    if fmt == "JPEG" and img.mode == "RGB":
+        return PreparedPoster(data, img.width, img.height, "JPEG", None)
+    what = f"{fmt or 'unknown format'} {img.mode}"
+    if frames > 1:
+        what += f", animated ({frames} frames; first frame kept)"
+    rgb = to_rgb(img)
+    out = io.BytesIO()
+    if fmt == "JPEG":
+        rgb.save(out, format="JPEG", quality=95)
+        out_fmt = "JPEG"
+    else:
+        rgb.save(out, format="PNG", optimize=False)
+        out_fmt = "PNG"
+    return PreparedPoster(out.getvalue(), rgb.width, rgb.height, out_fmt, f"converted {what} to RGB {out_fmt}")
+
+
+def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
+    """Convert a decoded image of any mode to RGB: first frame, EXIF orientation applied, alpha on white."""
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    try:
+        img = PIL.ImageOps.exif_transpose(img) or img
+    except Exception:  # a broken EXIF block should not cost us the picture
+        pass
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = PIL.Image.new("RGB", rgba.size, _WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if mode.startswith("I") or mode == "F":
+        # 16/32-bit or float grayscale: rescale to 8 bit instead of clipping everything above 255 to white
+        img = _scale_to_l(img)
+    return img.convert("RGB")
+
+
+def _open(image: Any, max_pixels: int) -> PIL.Image.Image:
+    if isinstance(image, PIL.Image.Image):
+        _check_pixels(image.size, max_pixels, "image")
+        return _ensure_loaded(image, "image")
+    if isinstance(image, dict):
+        if image.get("bytes") is not None:
+            return _open_bytes(image["bytes"], max_pixels, image.get("path") or "image bytes")
+        if image.get("path"):
+            return _open_path(image["path"], max_pixels)
+        raise InvalidImageError(
+            "The image dict has neither 'bytes' nor 'path'. Pass {'bytes': <encoded image>} or {'path': <file>}."
+        )
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _open_bytes(bytes(image), max_pixels, "image bytes")
+    if isinstance(image, (str, os.PathLike)):
+        return _open_path(image, max_pixels)
+    if hasattr(image, "read"):
+        return _open_bytes(image.read(MAX_IMAGE_BYTES + 1), max_pixels, getattr(image, "name", "image stream"))
+    if type(image).__module__ == "numpy" and hasattr(image, "shape"):
+        return _from_array(image, max_pixels)
+    raise InvalidImageError(
+        f"Cannot read an image from a {type(image).__name__}. "
+        "Pass a PIL image, a file path, encoded bytes, a numpy array or a datasets Image dict."
+    )
+
+
+def _open_path(path: str | os.PathLike, max_pixels: int) -> PIL.Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidImageError(f"Image file not found: {str(p)!r}. Check the path (poster_file is relative to the source folder).")
+    size = p.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise InvalidImageError(
+            f"{str(p)!r} is {size / 2**20:.0f} MB, over the {MAX_IMAGE_BYTES // 2**20} MB limit for a poster. "
+            "Resize it (a poster needs well under 1,000 px a side)."
+        )
+    return _open_bytes(p.read_bytes(), max_pixels, str(p))
+
+
+def _open_bytes(data: bytes, max_pixels: int, name: str) -> PIL.Image.Image:
+    if not data:
+        raise InvalidImageError(f"{name}: the image is empty (0 bytes). Provide a JPEG/PNG/WebP/GIF file.")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InvalidImageError(
+            f"{name}: {len(data) / 2**20:.0f} MB is over the {MAX_IMAGE_BYTES // 2**20} MB limit for a poster. "
+            "Resize it (a poster needs well under 1,000 px a side)."
+        )
+    try:
+        with warnings.catch_warnings():
+            # our own, tighter bound is checked below; PIL's warning would only be noise
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            img = PIL.Image.open(io.BytesIO(data))
+    except PIL.Image.DecompressionBombError as e:
+        raise InvalidImageError(
+            f"{name}: refused as a possible decompression bomb ({e}). Resize the image below "
+            f"{max_pixels:,} pixels."
+        ) from None
+    except PIL.UnidentifiedImageError:
+        head = data[:16]
+        hint = " (it looks like HTML/text, e.g. an error page)" if head.lstrip()[:1] in (b"<", b"{") else ""
+        raise InvalidImageError(
+            f"{name}: not a recognised image{hint}; first bytes {head!r}. Provide a JPEG, PNG, WebP or GIF file."
+        ) from None
+    except Exception as e:  # PIL raises assorted errors on garbage headers
+        reason = "truncated" if "truncat" in str(e).lower() else "corrupt (unreadable header)"
+        raise InvalidImageError(
+            f"{name}: the image data is {reason} ({type(e).__name__}: {e}). Re-download or re-export the file."
+        ) from None
+    _check_pixels(img.size, max_pixels, name)
+    return _ensure_loaded(img, name)
+
+
+def _ensure_loaded(img: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """Decode every pixel now, so truncated or corrupt data fails here and not deep inside a DataLoader."""
+    # Other libraries may switch PIL to tolerate truncated files globally; a poster must be complete.
+    tolerant = PIL.ImageFile.LOAD_TRUNCATED_IMAGES
+    PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        img.load()
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+    except PIL.Image.DecompressionBombError as e:
+        raise InvalidImageError(f"{name}: refused as a possible decompression bomb ({e}). Resize the image.") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
+        raise InvalidImageError(
+            f"{name}: the image data is {reason} ({type(e).__name__}: {e}). Re-download or re-export the file."
+        ) from None
+    finally:
+        PIL.ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
+    return img
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise InvalidImageError(f"{name}: the image has no pixels ({w}x{h}). Provide a real image.")
+    if w * h > max_pixels:
+        raise InvalidImageError(
+            f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
+            "(refused to protect memory; it may be a decompression bomb). Resize the image (a poster needs "
+            "well under 1,000 px a side)."
+        )
+
+
+def _scale_to_l(img: PIL.Image.Image) -> PIL.Image.Image:
+    import numpy as np
+
+    a = np.asarray(img, dtype=np.float64)
+    a = np.nan_to_num(a)
+    lo, hi = float(a.min(initial=0.0)), float(a.max(initial=0.0))
+    if hi > 255 or lo < 0:
+        lo = min(lo, 0.0)
+        a = (a - lo) * (255.0 / ((hi - lo) or 1.0))
+    return PIL.Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def _from_array(arr: Any, max_pixels: int) -> PIL.Image.Image:
+    import numpy as np
+
+    a = np.asarray(arr)
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+        raise InvalidImageError(
+            f"A numpy image must have shape (H, W), (H, W, 3) or (H, W, 4); got {a.shape}."
+        )
+    _check_pixels((a.shape[1], a.shape[0]), max_pixels, "array image")
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating) and a.size and float(np.nanmax(a)) <= 1.0:
+            a = a * 255.0
+        a = np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    return PIL.Image.fromarray(a)
