@@ -1,0 +1,49 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+# Both create .venv and install what they need on a fresh machine; later runs reuse it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED ?= ../shared/data
+DATA ?= data/movies
+RUN ?= runs/fusion
+export HF_HUB_OFFLINE ?= 1
+export GRADIO_ANALYTICS_ENABLED := False
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup setup-dev data train serve demo test browser-deps clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Re-install only when the requirements change (the stamp file records the last install).
+.make-setup: requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt -e .
+	touch $@
+
+.make-setup-dev: .make-setup
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: .make-setup
+setup-dev: .make-setup-dev
+
+data: setup
+	$(BIN)/python -m mmgcs.data build --source $(SHARED)/tmdb5000 --source $(SHARED)/tmdb-plots-extra --out $(DATA)
+
+demo: data
+
+# A headless Chromium for the browser test, from Debian's packages, when we may install it (root + apt).
+browser-deps:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	      || echo "WARNING: could not install chromium; the browser test will skip"; \
+	  else echo "NOTE: no chromium/chromedriver and no root apt-get; the browser test will skip"; fi; \
+	fi
+
+test: setup-dev browser-deps
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .make-setup .make-setup-dev
