@@ -5,6 +5,7 @@ Unknown keys are errors; values are coerced to the declared field type, and a ba
 """
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,33 +29,42 @@ class ModelConfig:
     """Everything needed to rebuild a GenreClassifier offline; saved as the bundle's config.json.
 
     Flat and JSON-serializable on purpose: a nested dataclass comes back from the hub mixin as a plain dict.
+    Fields marked "resolved" are filled from the backbone when a NEW model is built and then frozen in the bundle,
+    so preprocessing always comes from the bundle and never from code defaults that could drift.
     """
 
     labels: list = field(default_factory=list)
     task: str = "multilabel"  # "multilabel" (sigmoid + BCE) or "singlelabel" (softmax + CE)
-    # Text tower: a name in the text-tower registry, or "none".
+    # Text tower: a name in the text-tower registry ("hf", "bilstm"), or "none".
     text_tower: str = "hf"
-    text_backbone: str = "sentence-transformers/all-MiniLM-L6-v2"
+    text_backbone: str = "sentence-transformers/all-MiniLM-L6-v2"  # Hub id or local folder (also the BiLSTM's tokenizer)
     text_pooling: str = "mean"  # "mean" or "cls"
     max_text_length: int = 128
-    text_backbone_config: dict = field(default_factory=dict)  # resolved backbone config, filled at build time
-    glove_path: str = ""  # BiLSTM tower: optional glove.6B.100d.txt
+    text_backbone_config: dict = field(default_factory=dict)  # resolved backbone config (transformers to_dict())
+    glove_path: str = ""  # BiLSTM tower: optional glove.6B.100d.txt; its words become the vocabulary
+    freeze_word_embeddings: bool = True  # BiLSTM: keep GloVe vectors fixed (ignored without GloVe)
     word_embedding_dim: int = 100
     lstm_hidden_dim: int = 128
-    vocab_size: int = 20000
-    # Image tower: a name in the image-tower registry, or "none".
+    vocab_size: int = 20000  # BiLSTM + GloVe: keep the N most frequent GloVe words (resolved to the real size)
+    # Image tower: a name in the image-tower registry ("timm", "simplecnn"), or "none".
     image_tower: str = "timm"
     image_backbone: str = "tf_efficientnet_lite0"
+    image_backbone_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (drop_path_rate, ...)
     image_backbone_config: dict = field(default_factory=dict)  # resolved timm pretrained_cfg, filled at build time
     image_size: int = 224
-    image_mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    image_std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    interpolation: str = "bicubic"
-    # Fusion head: a name in the fusion registry.
+    image_mean: Optional[list] = None  # None = the backbone's own normalization (resolved at build time)
+    image_std: Optional[list] = None
+    interpolation: str = ""  # "" = the backbone's own (resolved at build time)
+    # Posters are ~2:3; "squash" resizes the whole poster to a square (keeps title and artwork), "center" crops.
+    image_crop_mode: str = "squash"  # squash | center | border
+    image_crop_pct: float = 1.0
+    backbone_weights: dict = field(default_factory=dict)  # resolved: where each tower's initial weights came from
+    # Fusion head: a name in the fusion registry ("late", "concat", "gated", "attention").
     fusion: str = "gated"
     fusion_dim: int = 256
+    fusion_heads: int = 4  # "attention" fusion
     dropout: float = 0.2
-    modality_dropout: float = 0.0  # probability of hiding one modality of a training row
+    modality_dropout: float = 0.0  # probability of hiding one modality of a training row (rows with both)
     pos_weight: Optional[list] = None  # per-genre BCE pos_weight
     threshold: float = 0.5  # global decision threshold
     thresholds: Optional[list] = None  # per-genre thresholds tuned on validation; override `threshold`
@@ -64,30 +74,36 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/fusion"
+    init_from: str = ""  # start from an existing MMGCS bundle (folder or Hub id) instead of building new towers
     epochs: int = 10
+    max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit); for smoke runs
     batch_size: int = 32
     eval_batch_size: int = 64
     optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3  # heads
     backbone_lr: float = 2e-5  # towers, when they are trained
-    weight_decay: float = 1e-2
-    scheduler: str = "cosine"  # cosine | step | plateau | none
-    warmup_ratio: float = 0.05
+    weight_decay: float = 1e-2  # applied to weight matrices only (p.ndim >= 2), never to biases/norms
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # cosine (with linear warmup) | step | plateau | none
+    warmup_ratio: float = 0.05  # cosine: fraction of all optimizer steps spent warming up
+    step_size_epochs: int = 3  # step: multiply the lr by `gamma` every this many epochs
+    gamma: float = 0.1  # step / plateau: lr decay factor
+    plateau_patience: int = 1  # plateau: epochs without improvement of `metric_for_best` before decaying
     grad_accum_steps: int = 1
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "auto"  # auto (bf16/fp16 on a GPU that has it, else no) | no | fp16 | bf16
     seed: int = 42
     text_finetune: str = "frozen"  # frozen | partial | full
     text_trainable_layers: int = 2  # for "partial"
     image_finetune: str = "frozen"
     image_trainable_blocks: int = 2
-    freeze_epochs: int = 0  # two-stage schedule: towers frozen for this many epochs, then unfrozen as above
-    cache_features: bool = True  # cache frozen towers' features on disk
+    freeze_epochs: int = 0  # two-stage schedule: towers frozen for this many epochs, then tuned as above
+    cache_features: bool = True  # frozen towers: compute features once (on disk) and train the head on them
     cache_dir: str = ".cache/mmgcs-features"
-    early_stopping_patience: int = 3
+    early_stopping_patience: int = 3  # epochs without improvement before stopping (0 = never stop early)
     metric_for_best: str = "micro_f1"
     limit: int = 0  # use only the first N rows of each split (0 = all)
-    log_with: str = ""  # e.g. "tensorboard"
+    log_with: str = "auto"  # auto (tensorboard when installed) | none | tensorboard | wandb | ... (comma-separated)
     log_every: int = 20
     tune_thresholds: bool = True
     threshold_min_positives: int = 5  # per-genre threshold tuning needs this many validation positives
@@ -158,7 +174,9 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
     for key, value in updates.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"Unknown config key {full!r}; valid keys here: {sorted(names)}")
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"Unknown config key {full!r}{hint}; valid keys here: {sorted(names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -183,8 +201,80 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def load_config(paths: list[str | Path] | str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Build a RunConfig: defaults < each YAML file in order < ``section.key=value`` overrides."""
+# Values a key may take; checked after all sources are merged so the error names the final culprit.
+CHOICES: dict[str, tuple] = {
+    "model.task": ("multilabel", "singlelabel"),
+    "train.optimizer": ("adamw", "adam", "sgd"),
+    "train.scheduler": ("cosine", "step", "plateau", "none"),
+    "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "train.text_finetune": ("frozen", "partial", "full"),
+    "train.image_finetune": ("frozen", "partial", "full"),
+    "train.metric_for_best": ("micro_f1", "macro_f1", "weighted_f1", "samples_f1", "mAP", "loss"),
+}
+
+# (lowest allowed, whether the lowest is allowed itself)
+MINIMUMS: dict[str, tuple] = {
+    "train.epochs": (1, True),
+    "train.max_steps": (0, True),
+    "train.batch_size": (1, True),
+    "train.eval_batch_size": (1, True),
+    "train.lr": (0, False),
+    "train.backbone_lr": (0, True),
+    "train.weight_decay": (0, True),
+    "train.momentum": (0, True),
+    "train.warmup_ratio": (0, True),
+    "train.step_size_epochs": (1, True),
+    "train.gamma": (0, False),
+    "train.plateau_patience": (0, True),
+    "train.grad_accum_steps": (1, True),
+    "train.max_grad_norm": (0, True),
+    "train.text_trainable_layers": (0, True),
+    "train.image_trainable_blocks": (0, True),
+    "train.freeze_epochs": (0, True),
+    "train.early_stopping_patience": (0, True),
+    "train.limit": (0, True),
+    "train.log_every": (1, True),
+    "train.threshold_min_positives": (1, True),
+    "data.num_workers": (0, True),
+}
+
+# `--fast`: a quick experiment on a slice of the data; explicit `key=value` overrides still win.
+FAST_PROFILE: dict = {"train": {"limit": 256, "epochs": 2, "early_stopping_patience": 0}}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate_config(cfg: "RunConfig") -> None:
+    """Raise ConfigError naming the field and what it accepts when a merged value is out of its domain."""
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not a valid choice; choose one of {list(choices)}")
+    for key, (low, inclusive) in MINIMUMS.items():
+        value = _get(cfg, key)
+        if value < low or (value == low and not inclusive):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ConfigError(f"{key}: must be {bound}, got {value!r}")
+    if cfg.train.warmup_ratio >= 1:
+        raise ConfigError(f"train.warmup_ratio: must be < 1 (a fraction of all steps), got {cfg.train.warmup_ratio!r}")
+    if cfg.train.freeze_epochs >= cfg.train.epochs and cfg.train.freeze_epochs > 0:
+        raise ConfigError(
+            f"train.freeze_epochs: must be < train.epochs ({cfg.train.epochs}) so the towers are unfrozen at some "
+            f"point, got {cfg.train.freeze_epochs}"
+        )
+
+
+def load_config(
+    paths: list[str | Path] | str | Path | None = None,
+    overrides: list[str] | None = None,
+    fast: bool = False,
+) -> RunConfig:
+    """Build a RunConfig: defaults < each YAML file in order < the ``--fast`` profile < ``section.key=value``."""
     cfg = RunConfig()
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -199,7 +289,10 @@ def load_config(paths: list[str | Path] | str | Path | None = None, overrides: l
         if not isinstance(loaded, dict):
             raise ConfigError(f"Config file {str(p)!r} must hold a mapping of sections (data/model/train)")
         _apply(cfg, loaded)
+    if fast:
+        _apply(cfg, FAST_PROFILE)
     _apply(cfg, parse_overrides(overrides or []))
+    validate_config(cfg)
     return cfg
 
 
@@ -219,7 +312,9 @@ def model_config_from_dict(d: dict) -> ModelConfig:
 
 
 __all__ = [
+    "CHOICES",
     "ConfigError",
+    "FAST_PROFILE",
     "DataConfig",
     "ModelConfig",
     "RunConfig",
@@ -229,4 +324,5 @@ __all__ = [
     "model_config_from_dict",
     "parse_overrides",
     "save_config",
+    "validate_config",
 ]
