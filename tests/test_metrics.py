@@ -1,0 +1,211 @@
+"""Metrics against hand-computed values, threshold tuning, and the run report's files."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from mmgcs.metrics import binarize, compute_metrics, resolve_thresholds, tune_global_threshold, tune_thresholds
+from mmgcs.report import fill_model_card, format_metrics_table, model_index, write_run_report
+
+# 4 movies x 3 genres (A, B, C). At the default 0.5 threshold the predictions are:
+#   movie  truth    probs               pred
+#   m0     A . C    .9  .2  .4          A . .
+#   m1     . B .    .6  .7  .1          A B .
+#   m2     A B C    .8  .3  .2          A . .
+#   m3     . . C    .1  .4  .55         . . C
+LABELS = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]])
+PROBS = np.array([[0.9, 0.2, 0.4], [0.6, 0.7, 0.1], [0.8, 0.3, 0.2], [0.1, 0.4, 0.55]])
+NAMES = ["A", "B", "C"]
+
+
+def test_f1_family_matches_hand_computation():
+    m = compute_metrics(PROBS, LABELS, NAMES)
+    # Per genre: A tp=2 fp=1 fn=0 -> P 2/3, R 1,   F1 = 2*2/(2*2+1+0) = 4/5
+    #            B tp=1 fp=0 fn=1 -> P 1,   R 1/2, F1 = 2/(2+0+1)     = 2/3
+    #            C tp=1 fp=0 fn=2 -> P 1,   R 1/3, F1 = 2/(2+0+2)     = 1/2
+    a, b, c = (m["per_genre"][n] for n in NAMES)
+    assert (a["precision"], a["recall"], a["f1"]) == pytest.approx((2 / 3, 1.0, 4 / 5))
+    assert (b["precision"], b["recall"], b["f1"]) == pytest.approx((1.0, 1 / 2, 2 / 3))
+    assert (c["precision"], c["recall"], c["f1"]) == pytest.approx((1.0, 1 / 3, 1 / 2))
+    assert [a["support"], b["support"], c["support"]] == [2, 2, 3]
+    assert [a["predicted"], b["predicted"], c["predicted"]] == [3, 1, 1]
+    # Micro: tp=4 fp=1 fn=3 -> P 4/5, R 4/7, F1 = 8/(8+1+3) = 2/3
+    assert m["micro_precision"] == pytest.approx(4 / 5)
+    assert m["micro_recall"] == pytest.approx(4 / 7)
+    assert m["micro_f1"] == pytest.approx(2 / 3)
+    # Macro: (4/5 + 2/3 + 1/2) / 3 = 59/90; weighted by support (2, 2, 3): (1.6 + 4/3 + 1.5) / 7 = 19/30
+    assert m["macro_f1"] == pytest.approx(59 / 90)
+    assert m["weighted_f1"] == pytest.approx(19 / 30)
+    assert m["macro_precision"] == pytest.approx((2 / 3 + 1 + 1) / 3)
+    assert m["macro_recall"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    # Samples: m0 {A,C} vs {A} -> 2/3; m1 {B} vs {A,B} -> 2/3; m2 {A,B,C} vs {A} -> 2/4; m3 {C} vs {C} -> 1
+    #          mean = (2/3 + 2/3 + 1/2 + 1) / 4 = 17/24
+    assert m["samples_f1"] == pytest.approx(17 / 24)
+    # Only m3 is exactly right; 4 of the 12 cells are wrong (m0 C, m1 A, m2 B, m2 C).
+    assert m["subset_accuracy"] == pytest.approx(1 / 4)
+    assert m["hamming_loss"] == pytest.approx(4 / 12)
+    assert m["n_samples"] == 4
+
+
+def test_average_precision_matches_hand_computation():
+    m = compute_metrics(PROBS, LABELS, NAMES)
+    # A ranks .9(+) .8(+) .6 .1 -> AP 1. B ranks .7(+) .4 .3(+) .2 -> AP (1 + 2/3)/2 = 5/6.
+    # C ranks .55(+) .4(+) .2(+) .1 -> AP 1. mAP = (1 + 5/6 + 1)/3 = 17/18.
+    assert [m["per_genre"][n]["ap"] for n in NAMES] == pytest.approx([1.0, 5 / 6, 1.0])
+    assert m["mAP"] == pytest.approx(17 / 18)
+
+
+def test_per_genre_thresholds_change_decisions():
+    # Lowering C's threshold to 0.15 makes m0 (.4) and m2 (.2) positives for C -> C is perfect (F1 1).
+    m = compute_metrics(PROBS, LABELS, NAMES, thresholds=[0.5, 0.5, 0.15])
+    assert m["per_genre"]["C"]["f1"] == pytest.approx(1.0)
+    assert m["per_genre"]["C"]["threshold"] == pytest.approx(0.15)
+    assert m["per_genre"]["A"]["f1"] == pytest.approx(4 / 5)
+    # A single float applies to every genre.
+    m = compute_metrics(PROBS, LABELS, NAMES, thresholds=0.95)
+    assert m["micro_f1"] == 0.0 and all(g["predicted"] == 0 for g in m["per_genre"].values())
+
+
+def test_genre_without_positives_has_no_ap_and_no_warnings():
+    labels = np.hstack([LABELS, np.zeros((4, 1), dtype=int)])
+    probs = np.hstack([PROBS, np.array([[0.7], [0.1], [0.2], [0.3]])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn's UndefinedMetricWarning would fail the test
+        m = compute_metrics(probs, labels, NAMES + ["D"])
+    d = m["per_genre"]["D"]
+    assert d["ap"] is None and d["support"] == 0 and d["f1"] == 0.0 and d["predicted"] == 1
+    assert m["genres_without_positives"] == ["D"]
+    assert m["mAP"] == pytest.approx(17 / 18)  # D is excluded, not counted as 0
+    assert m["macro_f1"] == pytest.approx((4 / 5 + 2 / 3 + 1 / 2 + 0) / 4)
+
+
+def test_argmax_scores_top_genre_only():
+    m = compute_metrics(PROBS, LABELS, NAMES, argmax=True)
+    # Top genres: m0 A, m1 B, m2 A, m3 C -> all four are true positives, none of the 7 truths beyond those.
+    assert m["micro_precision"] == pytest.approx(1.0)
+    assert m["micro_recall"] == pytest.approx(4 / 7)
+    assert binarize(PROBS, argmax=True).sum(axis=1).tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "probs, labels, names, match",
+    [
+        (PROBS, LABELS[:3], NAMES, "same shape"),
+        (PROBS, LABELS, ["A", "B"], "label_names has 2"),
+        (PROBS[:, 0], LABELS[:, 0], NAMES, "2-D"),
+        (np.where(PROBS > 0.8, np.nan, PROBS), LABELS, NAMES, "NaN"),
+        (PROBS, LABELS * 2, NAMES, r"\{0, 1\}"),
+        (PROBS[:0], LABELS[:0], NAMES, "No samples"),
+    ],
+)
+def test_bad_inputs_are_named(probs, labels, names, match):
+    with pytest.raises(ValueError, match=match):
+        compute_metrics(probs, labels, names)
+
+
+def test_resolve_thresholds_rejects_wrong_length_and_range():
+    assert resolve_thresholds(None, 2).tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match="3 per-genre"):
+        resolve_thresholds([0.5, 0.5], 3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        resolve_thresholds([0.5, 1.5], 2)
+
+
+def test_tune_thresholds_separable_genre_lands_between_classes_and_rare_genre_falls_back():
+    rng = np.random.default_rng(0)
+    n = 40
+    sep_truth = np.arange(n) < 10  # 10 positives scored 0.30-0.40, negatives 0.05-0.20
+    sep = np.where(sep_truth, rng.uniform(0.30, 0.40, n), rng.uniform(0.05, 0.20, n))
+    rare_truth = np.arange(n) == 3  # one positive: too few to tune on
+    rare = rng.uniform(0, 1, n)
+    probs = np.stack([sep, rare], axis=1)
+    labels = np.stack([sep_truth, rare_truth], axis=1).astype(int)
+
+    thr = tune_thresholds(probs, labels, min_positives=5, default=0.42)
+    assert sep[~sep_truth].max() < thr[0] <= sep[sep_truth].min()
+    # The middle of the perfect plateau, not its lowest edge.
+    assert thr[0] == pytest.approx((sep[~sep_truth].max() + sep[sep_truth].min()) / 2, abs=0.011)
+    assert thr[1] == 0.42
+    assert compute_metrics(probs, labels, ["sep", "rare"], thr)["per_genre"]["sep"]["f1"] == 1.0
+    # With the guard lowered, the single positive is fitted (the overfitting the guard prevents).
+    assert tune_thresholds(probs, labels, min_positives=1, default=0.42)[1] != 0.42
+
+
+def test_tune_thresholds_respects_grid_and_validates():
+    probs = np.array([[0.1], [0.2], [0.8], [0.9]])
+    labels = np.array([[0], [0], [1], [1]])
+    # Grid points 0.3 and 0.7 both separate perfectly; the plateau's middle is 0.5.
+    assert tune_thresholds(probs, labels, min_positives=2, grid=[0.3, 0.7])[0] == pytest.approx(0.5)
+    assert tune_thresholds(probs, labels, min_positives=2, grid=[0.85])[0] == pytest.approx(0.85)
+    with pytest.raises(ValueError, match="grid"):
+        tune_thresholds(probs, labels, grid=[])
+    with pytest.raises(ValueError, match="default"):
+        tune_thresholds(probs, labels, default=2.0)
+
+
+def test_tune_global_threshold_maximizes_micro_f1():
+    probs = np.array([[0.9, 0.35], [0.3, 0.1], [0.45, 0.05], [0.2, 0.6]])
+    labels = np.array([[1, 1], [0, 0], [1, 0], [0, 1]])
+    # Positives score .9 .35 .45 .6, negatives .3 .1 .05 .2: anything in (0.3, 0.35] is perfect.
+    t = tune_global_threshold(probs, labels)
+    assert 0.3 < t <= 0.35
+    assert compute_metrics(probs, labels, ["x", "y"], t)["micro_f1"] == 1.0
+
+
+HISTORY = [
+    {"epoch": 1, "train_loss": 0.9, "val_loss": 0.8, "val_micro_f1": 0.30, "val_macro_f1": 0.20, "lr": 1e-3},
+    {"epoch": 2, "train_loss": 0.6, "val_loss": 0.7, "val_micro_f1": 0.45, "val_macro_f1": 0.31, "lr": 5e-4},
+]
+
+
+def _png_ok(path):
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_write_run_report_writes_plots_and_table(tmp_path):
+    m = compute_metrics(PROBS, LABELS, NAMES)
+    written = write_run_report(tmp_path / "run", HISTORY, m, NAMES)
+    assert set(written) == {"training_curves", "per_genre_f1", "metrics_table"}
+    assert _png_ok(written["training_curves"]) and _png_ok(written["per_genre_f1"])
+    table = written["metrics_table"].read_text()
+    assert "| C | 1.000 | 0.333 | 0.500 | 1.000 | 3 | 1 | 0.500 |" in table
+    assert "| Micro F1 | 0.667 |" in table
+
+
+def test_report_handles_history_without_curves_and_mismatched_labels(tmp_path):
+    m = compute_metrics(PROBS, LABELS, NAMES)
+    written = write_run_report(tmp_path, [{"epoch": 1, "note": "no numbers"}], m, NAMES)
+    assert "training_curves" not in written and _png_ok(written["per_genre_f1"])
+    with pytest.raises(ValueError, match="Z"):
+        write_run_report(tmp_path, HISTORY, m, NAMES + ["Z"])
+
+
+def test_console_table_lists_every_genre():
+    text = format_metrics_table(compute_metrics(PROBS, LABELS, NAMES), markdown=False)
+    lines = text.splitlines()
+    assert any(line.startswith("Micro F1") and line.endswith("0.667") for line in lines)
+    assert sum(line.split()[0] in NAMES for line in lines if line.strip()) == 3
+
+
+def test_model_index_and_card(tmp_path):
+    m = compute_metrics(PROBS, LABELS, NAMES)
+    index = model_index(m, model_name="mmgcs-fusion", dataset_name="TMDB 5000", dataset_type="tmdb5000")
+    result = index[0]["results"][0]
+    assert index[0]["name"] == "mmgcs-fusion"
+    assert result["task"]["type"] and result["dataset"] == {"name": "TMDB 5000", "type": "tmdb5000", "split": "test"}
+    by_name = {x["name"]: x for x in result["metrics"]}
+    assert by_name["Micro F1"] == {"type": "f1", "value": round(2 / 3, 4), "name": "Micro F1", "args": {"average": "micro"}}
+    assert by_name["Mean average precision"]["value"] == round(17 / 18, 4)
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: apache-2.0\nlibrary_name: mmgcs\n---\n# Card body\n", encoding="utf-8")
+    fill_model_card(card, m, model_name="mmgcs-fusion", dataset_name="TMDB 5000", dataset_type="tmdb5000")
+    from huggingface_hub import ModelCard
+
+    loaded = ModelCard.load(card)
+    assert loaded.data.library_name == "mmgcs" and "# Card body" in loaded.text
+    assert {(r.metric_name, r.metric_value) for r in loaded.data.eval_results} >= {("Micro F1", round(2 / 3, 4))}
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        fill_model_card(tmp_path / "nope.md", m, model_name="x", dataset_name="d", dataset_type="t")
