@@ -1,0 +1,471 @@
+"""Score a saved model on a held-out movie set: ``python -m mmgcs.evaluate --model DIR --data PATH [--split test]``.
+
+``--data`` is either a dataset built by ``python -m mmgcs.data build`` (a folder in Hub layout, or a Hub id) or a
+raw source folder in any format the data builder reads (``movies.jsonl`` + posters, MM-IMDb, CSV), so any movie
+set can be scored without building it first. Genres are matched to the model's labels by name; genres the model
+does not know and every row that cannot be scored are reported by id, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from mmgcs.metrics import compute_metrics, resolve_thresholds
+from mmgcs.report import format_metrics_table
+
+
+@dataclass
+class EvalRow:
+    id: Any
+    plot: Optional[str]
+    poster: Any  # anything mmgcs.data.images.load_image accepts, or None
+    genres: list[str]
+    title: Optional[str] = None
+
+
+@dataclass
+class EvalData:
+    """Rows to score plus what was learnt while reading them."""
+
+    rows: Iterable[EvalRow]
+    kind: str  # "dataset" or "source:<format>"
+    vocabulary: Optional[list[str]]  # the data's label names when known (built dataset), else None
+    skipped: list[dict] = field(default_factory=list)  # rows the reader could not read
+    notes: Counter = field(default_factory=Counter)
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name).lower()
+
+
+class GenreMapper:
+    """Maps data genre names to model label columns: exact name, a known spelling variant, or ``--rename-genre``."""
+
+    def __init__(self, labels: Sequence[str], renames: Optional[dict[str, str]] = None):
+        self.labels = list(labels)
+        self.index = {name: i for i, name in enumerate(self.labels)}
+        self.by_key = {_key(name): i for i, name in enumerate(self.labels)}
+        self.renames = dict(renames or {})
+        bad = {new for new in self.renames.values() if new not in self.index}
+        if bad:
+            raise ValueError(f"--rename-genre targets {sorted(bad)} are not labels of the model; its labels: {self.labels}")
+        self.unknown: Counter = Counter()
+
+    def column(self, name: str) -> Optional[int]:
+        from mmgcs.data.genres import canonical_genre
+
+        name = self.renames.get(name, name)
+        for candidate in (name, canonical_genre(name)[0]):
+            if candidate in self.index:
+                return self.index[candidate]
+            if _key(candidate) in self.by_key:
+                return self.by_key[_key(candidate)]
+        return None
+
+    def encode(self, genres: Iterable[str]) -> np.ndarray:
+        out = np.zeros(len(self.labels), dtype=np.int64)
+        for g in genres:
+            j = self.column(g)
+            if j is None:
+                self.unknown[g] += 1
+            else:
+                out[j] = 1
+        return out
+
+
+# ---------------------------------------------------------------- reading data
+
+
+def is_source_folder(path: str | Path) -> bool:
+    """True when ``path`` is a raw source the data builder can read rather than a built dataset."""
+    p = Path(path)
+    if not p.exists():
+        return False
+    if (p / "data").is_dir() and any((p / "data").glob("*.parquet")):
+        return False
+    if (p / "dataset_dict.json").is_file():
+        return False
+    from mmgcs.data.sources import FORMATS
+
+    return any(f.detect(p) for f in FORMATS.values())
+
+
+def read_dataset(path: str, split: str) -> EvalData:
+    import datasets
+
+    from mmgcs.data import load_movies
+
+    dd = load_movies(path)
+    if split not in dd:
+        raise ValueError(f"Dataset {path!r} has no split {split!r}; its splits: {sorted(dd)}. Pick one with --split.")
+    ds = dd[split]
+    missing = {"id", "genres"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"Split {split!r} of {path!r} lacks columns {sorted(missing)}; rebuild it with python -m mmgcs.data build")
+    names = ds.features["genres"].feature.names
+    if "poster" in ds.column_names:
+        # Undecoded: a corrupt poster then fails on its own row (and is reported) instead of aborting the scan.
+        ds = ds.cast_column("poster", datasets.Image(decode=False))
+
+    def rows() -> Iterator[EvalRow]:
+        for batch in ds.iter(batch_size=256):
+            n = len(batch["id"])
+            for i in range(n):
+                yield EvalRow(
+                    id=batch["id"][i],
+                    plot=batch["plot"][i] if "plot" in batch else None,
+                    poster=batch["poster"][i] if "poster" in batch else None,
+                    genres=[names[j] for j in batch["genres"][i]],
+                    title=batch["title"][i] if "title" in batch else None,
+                )
+
+    return EvalData(rows=rows(), kind="dataset", vocabulary=list(names))
+
+
+def read_source(path: str, fmt: Optional[str] = None) -> EvalData:
+    from mmgcs.data.records import BuildReport
+    from mmgcs.data.sources import detect_format, get_format, source_name
+
+    p = Path(path)
+    source = get_format(fmt) if fmt else detect_format(p)
+    report = BuildReport()
+    data = EvalData(rows=[], kind=f"source:{source.name}", vocabulary=None)
+
+    seen = 0
+
+    def collect_drops() -> None:
+        # The reader records unreadable lines in `report` as it goes; surface them as skipped rows.
+        nonlocal seen
+        for event in report.events[seen:]:
+            if event["action"] == "dropped":
+                data.skipped.append({"id": event["id"], "reason": event["reason"], "detail": event["detail"]})
+        seen = len(report.events)
+
+    def rows() -> Iterator[EvalRow]:
+        for movie in source.read(p, source_name(p), report):
+            collect_drops()
+            poster = movie.poster_file
+            if poster is None and movie.poster_url:
+                data.notes["poster_url_not_fetched"] += 1  # evaluation never downloads; the row is scored without it
+            yield EvalRow(id=movie.id, plot=movie.plot, poster=poster, genres=movie.genres, title=movie.title)
+        collect_drops()
+
+    data.rows = rows()
+    return data
+
+
+def read_data(path: str, split: str = "test", fmt: Optional[str] = None) -> EvalData:
+    """A built dataset's split, or every movie of a raw source folder (``split`` is then ignored)."""
+    if fmt or is_source_folder(path):
+        return read_source(path, fmt)
+    return read_dataset(path, split)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _batches(it: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _plot_or_none(plot: Any) -> Optional[str]:
+    return plot if isinstance(plot, str) and plot.strip() else None
+
+
+def _has_poster(poster: Any) -> bool:
+    if poster is None:
+        return False
+    if isinstance(poster, dict):
+        return bool(poster.get("bytes") or poster.get("path"))
+    return True
+
+
+def predict_probs(model, plots: list, posters: list) -> np.ndarray:
+    """Probabilities (B, L) of a batch: sigmoid for multi-label models, softmax for single-label ones."""
+    import torch
+
+    batch = model.preprocess(plots, posters)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    with torch.inference_mode():
+        logits = model(**batch)["logits"].float()
+    if getattr(model.config, "task", "multilabel") == "singlelabel":
+        return torch.softmax(logits, dim=-1).cpu().numpy()
+    return torch.sigmoid(logits).cpu().numpy()
+
+
+def model_thresholds(model, override: Optional[float] = None) -> tuple[np.ndarray, str]:
+    """The decision thresholds to use and where they came from."""
+    n = len(model.config.labels)
+    if override is not None:
+        return resolve_thresholds(float(override), n), "command line (--threshold)"
+    if getattr(model.config, "thresholds", None):
+        return resolve_thresholds(model.config.thresholds, n), "bundle (per-genre, tuned on validation)"
+    return resolve_thresholds(float(getattr(model.config, "threshold", 0.5)), n), "bundle (global)"
+
+
+def evaluate(
+    model,
+    data: EvalData,
+    *,
+    batch_size: int = 32,
+    threshold: Optional[float] = None,
+    modality: str = "both",
+    renames: Optional[dict[str, str]] = None,
+    limit: int = 0,
+    predictions_path: Optional[str | Path] = None,
+    progress: bool = False,
+) -> dict:
+    """Score ``model`` on ``data``; returns the report (counts, skipped rows, unknown genres, metrics)."""
+    from mmgcs.data.images import InvalidImageError, load_image
+
+    if modality not in ("both", "text", "image"):
+        raise ValueError(f"modality must be both, text or image; got {modality!r}")
+    labels = list(model.config.labels)
+    mapper = GenreMapper(labels, renames)
+    use_text = modality in ("both", "text") and getattr(model, "text_tower", None) is not None
+    use_image = modality in ("both", "image") and getattr(model, "image_tower", None) is not None
+    if not (use_text or use_image):
+        raise ValueError(f"The model has no tower for --modality {modality}; use --modality both")
+    thresholds, threshold_source = model_thresholds(model, threshold)
+
+    # A built dataset's vocabulary says which model genres the data annotates; others cannot be judged here.
+    if data.vocabulary is not None:
+        vocab = GenreMapper(labels, renames)
+        annotated = {vocab.column(g) for g in data.vocabulary} - {None}
+        evaluated = [j for j in range(len(labels)) if j in annotated]
+        if not evaluated:
+            raise ValueError(
+                f"None of the model's genres {labels} is a label of the data ({data.vocabulary}); "
+                "map names with --rename-genre DATA=MODEL"
+            )
+    else:
+        evaluated = list(range(len(labels)))
+
+    skipped, bad_posters = [], []
+    counts = Counter()
+    all_probs, all_labels, ids = [], [], []
+    pred_file = open(predictions_path, "w", encoding="utf-8") if predictions_path else None
+    rows = iter(data.rows)
+    if limit:
+        import itertools
+
+        rows = itertools.islice(rows, limit)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="scoring", unit="movie", file=sys.stderr)
+    try:
+        for chunk in _batches(rows, batch_size):
+            plots, posters, keep = [], [], []
+            for row in chunk:
+                counts["rows"] += 1
+                target = mapper.encode(row.genres)
+                if not target.any():
+                    reason = "no genres" if not row.genres else "no genre known to the model"
+                    skipped.append({"id": row.id, "reason": reason, "detail": f"genres: {row.genres}"})
+                    continue
+                plot = _plot_or_none(row.plot) if use_text else None
+                image = None
+                if use_image and _has_poster(row.poster):
+                    try:
+                        image = load_image(row.poster)
+                    except (InvalidImageError, OSError) as e:
+                        bad_posters.append({"id": row.id, "error": str(e)})
+                if plot is None and image is None:
+                    wanted = {"both": "plot or poster", "text": "plot", "image": "poster"}[modality]
+                    skipped.append({"id": row.id, "reason": "no input", "detail": f"no usable {wanted}"})
+                    continue
+                counts["with_plot"] += plot is not None
+                counts["with_poster"] += image is not None
+                plots.append(plot)
+                posters.append(image)
+                keep.append((row, target))
+            if keep:
+                probs = predict_probs(model, plots, posters)
+                for (row, target), p in zip(keep, probs):
+                    all_probs.append(p)
+                    all_labels.append(target)
+                    ids.append(row.id)
+                    if pred_file:
+                        pred_file.write(json.dumps(_prediction_record(row, p, target, labels, thresholds, model)) + "\n")
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if pred_file:
+            pred_file.close()
+        if bar is not None:
+            bar.close()
+
+    skipped = data.skipped + skipped  # reader drops are known only once the rows have been read
+    counts["scored"] = len(ids)
+    counts["skipped"] = len(skipped)
+    counts["bad_posters"] = len(bad_posters)
+    counts.update(data.notes)
+    report = {
+        "data_kind": data.kind,
+        "labels": labels,
+        "evaluated_labels": [labels[j] for j in evaluated],
+        "labels_not_in_data": [labels[j] for j in range(len(labels)) if j not in evaluated],
+        "modality": modality,
+        "threshold_source": threshold_source,
+        "counts": dict(counts),
+        "unknown_genres": dict(mapper.unknown.most_common()),
+        "skipped": skipped,
+        "bad_posters": bad_posters,
+        "metrics": None,
+    }
+    if not ids:
+        return report
+    probs = np.stack(all_probs)[:, evaluated]
+    targets = np.stack(all_labels)[:, evaluated]
+    names = report["evaluated_labels"]
+    argmax = getattr(model.config, "task", "multilabel") == "singlelabel"
+    report["metrics"] = compute_metrics(probs, targets, names, thresholds[evaluated], argmax=argmax)
+    if not argmax and threshold is None and getattr(model.config, "thresholds", None):
+        # What the tuned thresholds bought, against the single global threshold.
+        glob = compute_metrics(probs, targets, names, float(getattr(model.config, "threshold", 0.5)))
+        report["metrics_at_global_threshold"] = {k: v for k, v in glob.items() if k != "per_genre"}
+    return report
+
+
+def _prediction_record(row: EvalRow, probs: np.ndarray, target: np.ndarray, labels, thresholds, model) -> dict:
+    if getattr(model.config, "task", "multilabel") == "singlelabel":
+        predicted = [labels[int(np.argmax(probs))]]
+    else:
+        predicted = [labels[j] for j in range(len(labels)) if probs[j] >= thresholds[j]]
+    return {
+        "id": row.id,
+        "title": row.title,
+        "true": [labels[j] for j in np.flatnonzero(target)],
+        "predicted": predicted,
+        "scores": {labels[j]: round(float(probs[j]), 4) for j in range(len(labels))},
+    }
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _parse_renames(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--rename-genre {item!r} must look like DATA_NAME=MODEL_NAME (e.g. 'Sci-Fi=Science Fiction')")
+        old, new = item.split("=", 1)
+        out[old.strip()] = new.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mmgcs.evaluate",
+        description="Score a saved MMGCS model on a built dataset split or a raw movie source folder.",
+    )
+    p.add_argument("--model", required=True, help="model bundle folder (save_pretrained) or Hub model id")
+    p.add_argument("--data", required=True, help="built dataset folder / Hub dataset id, or a raw source folder "
+                   "(movies.jsonl + posters, MM-IMDb, CSV)")
+    p.add_argument("--split", default="test", help="split of a built dataset (default: test); ignored for raw sources")
+    p.add_argument("--format", default=None, help="raw source format when it cannot be detected (jsonl, mmimdb, csv)")
+    p.add_argument("--out", default=None, help="write the full report (metrics, counts, skipped rows) to this JSON file")
+    p.add_argument("--predictions", default=None, help="write one JSON line per scored movie (true, predicted, scores)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="one global threshold instead of the bundle's (per-genre) thresholds")
+    p.add_argument("--modality", choices=("both", "text", "image"), default="both",
+                   help="score with the plot only, the poster only, or both (default)")
+    p.add_argument("--rename-genre", action="append", default=[], metavar="DATA=MODEL",
+                   help="map a data genre name to a model label, e.g. 'Sci-Fi=Science Fiction' (repeatable)")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N movies (0 = all)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    return p
+
+
+def _summary(result: dict) -> str:
+    c = result["counts"]
+    lines = [
+        f"model: {result['model']}",
+        f"data: {result['data']} ({result['data_kind']}{', split ' + result['split'] if result['split'] else ''})",
+        f"movies read: {c.get('rows', 0)}, scored: {c.get('scored', 0)}, skipped: {c.get('skipped', 0)}, "
+        f"with plot: {c.get('with_plot', 0)}, with poster: {c.get('with_poster', 0)}, bad posters: {c.get('bad_posters', 0)}",
+        f"thresholds: {result['threshold_source']}",
+    ]
+    if result["labels_not_in_data"]:
+        lines.append(f"model genres the data does not annotate (not scored): {', '.join(result['labels_not_in_data'])}")
+    if result["unknown_genres"]:
+        shown = ", ".join(f"{g} ({n})" for g, n in result["unknown_genres"].items())
+        lines.append(f"data genres the model does not know (ignored; map with --rename-genre): {shown}")
+    if result["skipped"]:
+        by_reason = Counter(s["reason"] for s in result["skipped"])
+        lines.append("skipped rows: " + ", ".join(f"{r} ({n})" for r, n in by_reason.items())
+                     + (" — ids in the --out report" if not result.get("out") else f" — ids in {result['out']}"))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from mmgcs import GenreClassifier
+
+    renames = _parse_renames(args.rename_genre)
+    if args.batch_size < 1:
+        raise SystemExit("--batch-size must be at least 1")
+    try:
+        model = GenreClassifier.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"Could not load the model from {args.model!r}: {e}") from e
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).eval()
+
+    data = read_data(args.data, args.split, args.format)
+    result = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "split": args.split if data.kind == "dataset" else None,
+        "out": args.out,
+    }
+    result.update(
+        evaluate(
+            model,
+            data,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            modality=args.modality,
+            renames=renames,
+            limit=args.limit,
+            predictions_path=args.predictions,
+            progress=sys.stderr.isatty(),
+        )
+    )
+    print(_summary(result))
+    if result["metrics"] is not None:
+        print()
+        print(format_metrics_table(result["metrics"], markdown=False))
+    else:
+        print("No movie could be scored: see the skipped rows (reasons above).")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    main()
