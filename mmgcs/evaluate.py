@@ -258,7 +258,7 @@ def evaluate(
     else:
         evaluated = list(range(len(labels)))
 
-    skipped, bad_posters = [], []
+    skipped, bad_posters, without_model_genre = [], [], []
     counts = Counter()
     all_probs, all_labels, ids = [], [], []
     pred_file = open(predictions_path, "w", encoding="utf-8") if predictions_path else None
@@ -278,10 +278,13 @@ def evaluate(
             for row in chunk:
                 counts["rows"] += 1
                 target = mapper.encode(row.genres)
-                if not target.any():
-                    reason = "no genres" if not row.genres else "no genre known to the model"
-                    skipped.append({"id": row.id, "reason": reason, "detail": f"genres: {row.genres}"})
+                if not row.genres and data.vocabulary is None:
+                    # A raw row without genres has no ground truth. (A built dataset's empty list means "none of
+                    # the label set", a real all-negative row, scored as training scores it.)
+                    skipped.append({"id": row.id, "reason": "no genres", "detail": "the movie lists no genre"})
                     continue
+                if not target.any():
+                    without_model_genre.append(row.id)
                 plot = _plot_or_none(row.plot) if use_text else None
                 image = None
                 if use_image and _has_poster(row.poster):
@@ -315,9 +318,11 @@ def evaluate(
             bar.close()
 
     skipped = data.skipped + skipped  # reader drops are known only once the rows have been read
+    counts["rows"] += len(data.skipped)  # so that rows == scored + skipped
     counts["scored"] = len(ids)
     counts["skipped"] = len(skipped)
     counts["bad_posters"] = len(bad_posters)
+    counts["without_model_genre"] = len(without_model_genre)
     counts.update(data.notes)
     report = {
         "data_kind": data.kind,
@@ -330,6 +335,8 @@ def evaluate(
         "unknown_genres": dict(mapper.unknown.most_common()),
         "skipped": skipped,
         "bad_posters": bad_posters,
+        # Scored as all-negative rows: the right answer for them is "none of the model's genres".
+        "rows_without_model_genre": without_model_genre,
         "metrics": None,
     }
     if not ids:
@@ -411,6 +418,8 @@ def _summary(result: dict) -> str:
     if result["unknown_genres"]:
         shown = ", ".join(f"{g} ({n})" for g, n in result["unknown_genres"].items())
         lines.append(f"data genres the model does not know (ignored; map with --rename-genre): {shown}")
+    if result["rows_without_model_genre"]:
+        lines.append(f"movies with none of the model's genres (scored as all-negative): {len(result['rows_without_model_genre'])}")
     if result["skipped"]:
         by_reason = Counter(s["reason"] for s in result["skipped"])
         lines.append("skipped rows: " + ", ".join(f"{r} ({n})" for r, n in by_reason.items())

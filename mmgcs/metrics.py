@@ -97,6 +97,7 @@ def compute_metrics(
     genres_without_positives`` and ``per_genre: {name: {precision, recall, f1, support, predicted, ap,
     threshold}}``. ``macro_*`` average over all genres (a genre without positives counts as 0, as in
     scikit-learn); ``mAP`` averages AP over the genres that have positives, and is ``None`` if none do.
+    In ``samples_f1`` a movie with no true and no predicted genre scores 1 (it is exactly right).
     """
     probs, labels = _check_inputs(probs, labels, label_names)
     n_labels = probs.shape[1]
@@ -104,7 +105,8 @@ def compute_metrics(
     preds = binarize(probs, thr, argmax=argmax)
 
     def f1(avg: str) -> float:
-        return float(f1_score(labels, preds, average=avg, zero_division=0))
+        # samples: a movie with none of the genres, predicted as none, is exactly right (1), not undefined (0).
+        return float(f1_score(labels, preds, average=avg, zero_division=1 if avg == "samples" else 0))
 
     micro_p, micro_r, _, _ = precision_recall_fscore_support(labels, preds, average="micro", zero_division=0)
     macro_p, macro_r, _, _ = precision_recall_fscore_support(labels, preds, average="macro", zero_division=0)

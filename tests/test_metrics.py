@@ -80,6 +80,18 @@ def test_genre_without_positives_has_no_ap_and_no_warnings():
     assert m["macro_f1"] == pytest.approx((4 / 5 + 2 / 3 + 1 / 2 + 0) / 4)
 
 
+def test_samples_f1_counts_a_correct_empty_prediction_as_right():
+    # Movie 0: {a} predicted {a} -> 1. Movie 1: no genre, none predicted -> exactly right, 1.
+    # Movie 2: no genre, but a predicted -> 0. Mean 2/3.
+    labels = np.array([[1, 0], [0, 0], [0, 0]])
+    probs = np.array([[0.9, 0.1], [0.1, 0.1], [0.7, 0.1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = compute_metrics(probs, labels, ["a", "b"])
+    assert m["samples_f1"] == pytest.approx(2 / 3)
+    assert m["per_genre"]["a"]["precision"] == pytest.approx(1 / 2)
+
+
 def test_argmax_scores_top_genre_only():
     m = compute_metrics(PROBS, LABELS, NAMES, argmax=True)
     # Top genres: m0 A, m1 B, m2 A, m3 C -> all four are true positives, none of the 7 truths beyond those.
