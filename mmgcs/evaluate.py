@@ -205,6 +205,8 @@ def predict_probs(model, plots: list, posters: list) -> np.ndarray:
     batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
     with torch.inference_mode():
         logits = model(**batch)["logits"].float()
+        if hasattr(model, "probabilities"):
+            return model.probabilities(logits).cpu().numpy()
     if getattr(model.config, "task", "multilabel") == "singlelabel":
         return torch.softmax(logits, dim=-1).cpu().numpy()
     return torch.sigmoid(logits).cpu().numpy()

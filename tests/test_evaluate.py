@@ -1,0 +1,177 @@
+"""`python -m mmgcs.evaluate` on a saved tiny model, for a built dataset and for a raw source folder."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmgcs.evaluate import main
+
+LABELS = ["Action", "Comedy", "Drama"]
+GENRE_CYCLE = [["Action"], ["Comedy"], ["Drama"], ["Action", "Comedy"], ["Comedy", "Drama"], ["Action", "Drama"]]
+
+
+def _poster(path: Path, i: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (24, 36), (20 * i % 256, 120, 200 - 10 * i % 200)).save(path, quality=90)
+    return f"posters/{path.name}"
+
+
+def _write_jsonl(folder: Path, rows: list, extra_lines: tuple = ()) -> Path:
+    lines = [json.dumps(r) for r in rows] + list(extra_lines)
+    (folder / "movies.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def _clean_rows(folder: Path, n: int) -> list:
+    return [
+        {
+            "id": i,
+            "title": f"Movie {i}",
+            "plot": f"Plot of movie {i}: a story with a beginning, a middle and an end.",
+            "genres": GENRE_CYCLE[i % len(GENRE_CYCLE)],
+            "poster_file": _poster(folder / "posters" / f"{i}.jpg", i),
+        }
+        for i in range(1, n + 1)
+    ]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
+    out = tmp_path_factory.mktemp("bundle")
+    model = testing.tiny_model(LABELS)
+    model.config.thresholds = [0.45, 0.5, 0.55]  # as if tuned on validation
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw_source(tmp_path_factory):
+    """A raw jsonl folder holding every kind of row evaluation must handle and report."""
+    folder = tmp_path_factory.mktemp("raw")
+    rows = _clean_rows(folder, 6)
+    (folder / "posters" / "bad.jpg").write_bytes(b"this is not a jpeg")
+    rows += [
+        # corrupt poster: reported, scored with its plot
+        {"id": 101, "title": "Bad poster", "plot": "A plot.", "genres": ["Drama"], "poster_file": "posters/bad.jpg"},
+        # nothing to score on: skipped by id
+        {"id": 102, "title": "Empty", "plot": "  ", "genres": ["Comedy"]},
+        # genre spelled differently: mapped to "Comedy"
+        {"id": 103, "title": "Lower", "plot": "Jokes.", "genres": ["comedy"]},
+        # only a genre the model does not know: scored as all-negative, genre reported
+        {"id": 104, "title": "Cowboys", "plot": "Horses.", "genres": ["Western"]},
+        # no genres at all: no ground truth, skipped
+        {"id": 105, "title": "Unlabelled", "plot": "Something.", "genres": []},
+        # poster only
+        {"id": 106, "title": "Poster only", "plot": None, "genres": ["Action", "Western"],
+         "poster_file": _poster(folder / "posters" / "106.jpg", 7)},
+    ]
+    return _write_jsonl(folder, rows, extra_lines=("{this line is broken",))
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "report.json"
+    returned = main([*args, "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["counts"] == returned["counts"]
+    return written
+
+
+def test_raw_source_folder_reports_every_row(model_dir, raw_source, tmp_path):
+    preds = tmp_path / "preds.jsonl"
+    r = _run(tmp_path, "--model", str(model_dir), "--data", str(raw_source), "--predictions", str(preds), "--batch-size", "4")
+    c = r["counts"]
+    assert r["data_kind"] == "source:jsonl" and r["split"] is None
+    assert c["rows"] == 13  # 12 movies + 1 unreadable line
+    assert c["scored"] == 10 and c["skipped"] == 3 and c["rows"] == c["scored"] + c["skipped"]
+    assert {(s["id"], s["reason"]) for s in r["skipped"]} == {(None, "malformed_line"), (102, "no input"), (105, "no genres")}
+    assert [b["id"] for b in r["bad_posters"]] == [101]
+    assert c["with_poster"] == 7 and c["with_plot"] == 9
+    assert r["unknown_genres"] == {"Western": 2}
+    assert r["rows_without_model_genre"] == [104]
+    assert r["threshold_source"].startswith("bundle (per-genre")
+
+    m = r["metrics"]
+    assert m["n_samples"] == 10
+    assert set(m["per_genre"]) == set(LABELS)
+    # Supports from the rows above: Action 1,4,6,106 / Comedy 2,4,5,103 / Drama 3,5,6,101.
+    assert {g: m["per_genre"][g]["support"] for g in LABELS} == {"Action": 4, "Comedy": 4, "Drama": 4}
+    assert [m["per_genre"][g]["threshold"] for g in LABELS] == [0.45, 0.5, 0.55]
+    for key in ("micro_f1", "macro_f1", "weighted_f1", "samples_f1", "mAP"):
+        assert 0.0 <= m[key] <= 1.0
+    assert "metrics_at_global_threshold" in r
+
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert len(lines) == 10 and {x["id"] for x in lines} >= {101, 103, 104, 106}
+    by_id = {x["id"]: x for x in lines}
+    assert by_id[103]["true"] == ["Comedy"] and by_id[104]["true"] == []
+    # Predictions follow the bundle's per-genre thresholds.
+    for x in lines:
+        for g, t in zip(LABELS, [0.45, 0.5, 0.55]):
+            if abs(x["scores"][g] - t) > 1e-4:  # scores are rounded to 4 places in the file
+                assert (g in x["predicted"]) == (x["scores"][g] >= t)
+
+
+def test_modality_and_threshold_options(model_dir, raw_source, tmp_path):
+    r = _run(tmp_path, "--model", str(model_dir), "--data", str(raw_source), "--modality", "text", "--threshold", "0.3")
+    assert r["counts"]["with_poster"] == 0 and r["counts"]["with_plot"] == 9
+    # The poster-only movie now has nothing to score on.
+    assert {s["id"] for s in r["skipped"] if s["reason"] == "no input"} == {102, 106}
+    assert r["threshold_source"].startswith("command line")
+    assert {g["threshold"] for g in r["metrics"]["per_genre"].values()} == {0.3}
+    assert "metrics_at_global_threshold" not in r
+
+
+def test_rename_genre_maps_unknown_names(model_dir, raw_source, tmp_path):
+    r = _run(tmp_path, "--model", str(model_dir), "--data", str(raw_source), "--rename-genre", "Western=Action")
+    assert r["unknown_genres"] == {}
+    assert r["metrics"]["per_genre"]["Action"]["support"] == 5  # 104 joins 1, 4, 6, 106
+    with pytest.raises(ValueError, match="not labels of the model"):
+        main(["--model", str(model_dir), "--data", str(raw_source), "--rename-genre", "Western=Horse"])
+
+
+@pytest.fixture(scope="module")
+def built_dataset(tmp_path_factory):
+    build_mod = pytest.importorskip("mmgcs.data.build")
+    src = tmp_path_factory.mktemp("clean")
+    _write_jsonl(src, _clean_rows(src, 16))
+    out = tmp_path_factory.mktemp("built")
+    build_mod.build(
+        build_mod.BuildOptions(sources=[str(src)], out=str(out), min_genre_count=1, split_ratios=(0.5, 0.25, 0.25), progress=False)
+    )
+    return out
+
+
+def test_built_dataset_split(model_dir, built_dataset, tmp_path):
+    from mmgcs.data import load_movies
+
+    test_split = load_movies(built_dataset)["test"]
+    r = _run(tmp_path, "--model", str(model_dir), "--data", str(built_dataset), "--split", "test")
+    assert r["data_kind"] == "dataset" and r["split"] == "test"
+    assert r["counts"]["scored"] == len(test_split) > 0 and r["counts"]["skipped"] == 0
+    assert r["counts"]["with_poster"] == len(test_split)
+    assert r["labels_not_in_data"] == [] and r["unknown_genres"] == {}
+    names = test_split.features["genres"].feature.names
+    expected = {g: sum(names.index(g) in row for row in test_split["genres"]) for g in LABELS}
+    assert {g: r["metrics"]["per_genre"][g]["support"] for g in LABELS} == expected
+
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        main(["--model", str(model_dir), "--data", str(built_dataset), "--split", "dev"])
+
+
+def test_model_genre_missing_from_dataset_is_not_scored(built_dataset, tmp_path):
+    testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
+    bundle = tmp_path / "bundle"
+    testing.tiny_model(LABELS + ["Horror"], image=False).save_pretrained(bundle)
+    r = _run(tmp_path, "--model", str(bundle), "--data", str(built_dataset), "--split", "validation")
+    assert r["labels_not_in_data"] == ["Horror"]
+    assert set(r["metrics"]["per_genre"]) == set(LABELS)
+    assert r["counts"]["with_poster"] == 0  # a text-only model never decodes posters
+    assert r["threshold_source"] == "bundle (global)"
+
+
+def test_missing_data_path_is_a_clear_error(model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="mmgcs.data build"):
+        main(["--model", str(model_dir), "--data", str(tmp_path / "nowhere")])
