@@ -4,4 +4,22 @@ __version__ = "0.1.0"
 
 from mmgcs.config import ModelConfig, RunConfig, load_config  # noqa: E402
 
-__all__ = ["ModelConfig", "RunConfig", "__version__", "load_config"]
+# Model classes import torch/transformers/timm: load them on first use so `import mmgcs` stays light.
+_LAZY = {
+    "GenreClassifier": "mmgcs.models.classifier",
+    "create_model": "mmgcs.models.classifier",
+    "Predictor": "mmgcs.inference",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mmgcs' has no attribute {name!r}")
+
+
+__all__ = ["GenreClassifier", "ModelConfig", "Predictor", "RunConfig", "__version__", "create_model", "load_config"]

