@@ -94,8 +94,8 @@ def compute_metrics(
 
     Returns a JSON-serializable dict: ``micro_f1, macro_f1, weighted_f1, samples_f1, micro_precision,
     micro_recall, macro_precision, macro_recall, mAP, micro_ap, subset_accuracy, hamming_loss, n_samples,
-    genres_without_positives`` and ``per_genre: {name: {precision, recall, f1, support, predicted, ap,
-    threshold}}``. ``macro_*`` average over all genres (a genre without positives counts as 0, as in
+    genres_without_positives`` (plus top-1 ``accuracy`` when ``argmax``) and
+    ``per_genre: {name: {precision, recall, f1, support, predicted, ap, threshold}}``. ``macro_*`` average over all genres (a genre without positives counts as 0, as in
     scikit-learn); ``mAP`` averages AP over the genres that have positives, and is ``None`` if none do.
     In ``samples_f1`` a movie with no true and no predicted genre scores 1 (it is exactly right).
     """
@@ -127,7 +127,12 @@ def compute_metrics(
         }
         for j, name in enumerate(label_names)
     }
+    extra = {}
+    if argmax:
+        # Top-1 accuracy: the single predicted genre is one of the movie's genres.
+        extra["accuracy"] = float(labels[np.arange(len(labels)), probs.argmax(axis=1)].mean())
     return {
+        **extra,
         "n_samples": int(probs.shape[0]),
         "micro_f1": f1("micro"),
         "macro_f1": f1("macro"),

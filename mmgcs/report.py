@@ -1,4 +1,4 @@
-"""Human-facing outputs of a run or an evaluation: PNG plots, per-genre tables, the model card's model-index."""
+"""Human-facing outputs of a run or an evaluation: PNG plots, per-genre tables, the model card's test metrics."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-HEADLINE_METRICS = (
-    ("micro_f1", "f1", "micro", "Micro F1"),
-    ("macro_f1", "f1", "macro", "Macro F1"),
-    ("weighted_f1", "f1", "weighted", "Weighted F1"),
-    ("samples_f1", "f1", "samples", "Samples F1"),
-    ("mAP", "map", "macro", "Mean average precision"),
+HEADLINE_METRICS = (  # compute_metrics key, display name
+    ("micro_f1", "Micro F1"),
+    ("macro_f1", "Macro F1"),
+    ("weighted_f1", "Weighted F1"),
+    ("samples_f1", "Samples F1"),
+    ("mAP", "Mean average precision"),
 )
 
 
@@ -129,7 +129,7 @@ def _fmt(v: Any) -> str:
 
 def format_metrics_table(metrics: Mapping, markdown: bool = True) -> str:
     """The headline numbers and a per-genre table (precision, recall, F1, AP, support, threshold)."""
-    head = [(label, metrics.get(key)) for key, _, _, label in HEADLINE_METRICS]
+    head = [(label, metrics.get(key)) for key, label in HEADLINE_METRICS]
     head.append(("Samples", metrics.get("n_samples")))
     cols = ["genre", "precision", "recall", "f1", "ap", "support", "predicted", "threshold"]
     rows = [
@@ -176,84 +176,33 @@ def write_run_report(
     return written
 
 
-def eval_results(
-    test_metrics: Mapping,
-    *,
-    dataset_name: str,
-    dataset_type: str,
-    dataset_split: str = "test",
-    task_type: str = "text-classification",
-    task_name: str = "Multi-label movie genre classification",
-) -> list:
-    """``huggingface_hub.EvalResult`` entries for a model card's ``model-index`` from test metrics.
+def model_index(test_metrics: Mapping, model_config, dataset_id: Optional[str] = None) -> list[dict]:
+    """The ``model-index`` block (plain data) a model card gets for ``test_metrics``.
 
-    The Hub requires task.type, dataset.type, dataset.name and each metric's type and value; metrics that are
-    None (e.g. mAP when no genre has positives) are left out rather than written as null.
+    Built by the bundle's card renderer (:func:`mmgcs.hub.card_metadata`), so a card written at save time and one
+    filled later carry the same metric names.
     """
-    from huggingface_hub import EvalResult
+    from mmgcs.hub import card_metadata
 
-    results = []
-    for key, metric_type, average, label in HEADLINE_METRICS:
-        value = test_metrics.get(key)
-        if not _is_number(value):
-            continue
-        results.append(
-            EvalResult(
-                task_type=task_type,
-                task_name=task_name,
-                dataset_type=dataset_type,
-                dataset_name=dataset_name,
-                dataset_split=dataset_split,
-                metric_type=metric_type,
-                metric_name=label,
-                metric_value=round(float(value), 4),
-                metric_args={"average": average},
-            )
-        )
-    return results
+    return card_metadata(model_config, dict(test_metrics), dataset_id).to_dict().get("model-index", [])
 
 
-def model_index(test_metrics: Mapping, *, model_name: str, **kwargs) -> list[dict]:
-    """The ``model-index`` YAML block (as plain data) for ``test_metrics``; kwargs as in :func:`eval_results`."""
-    from huggingface_hub.repocard_data import eval_results_to_model_index
+def fill_model_card(bundle_dir: str | Path, test_metrics: Mapping, dataset_id: Optional[str] = None) -> Path:
+    """Re-render a saved bundle's README.md with its test metrics (``model-index`` metadata and metrics tables).
 
-    return eval_results_to_model_index(model_name, eval_results(test_metrics, **kwargs))
-
-
-def fill_model_card(
-    card_path: str | Path,
-    test_metrics: Mapping,
-    *,
-    model_name: str,
-    dataset_name: str,
-    dataset_type: str,
-    dataset_split: str = "test",
-    task_type: str = "text-classification",
-) -> Path:
-    """Set the ``model-index`` of an existing model card (README.md with YAML front matter) from test metrics.
-
-    The rest of the card (text and other metadata) is kept; a previous model-index is replaced.
+    For a bundle saved before the test split was scored (the engine saves the best epoch, then tests it).
     """
-    from huggingface_hub import ModelCard
+    from mmgcs.hub import read_config, render_model_card
 
-    card_path = Path(card_path)
-    if not card_path.is_file():
-        raise FileNotFoundError(f"Model card {card_path} not found; save the model (save_pretrained) first")
-    card = ModelCard.load(card_path)
-    card.data.model_name = model_name
-    card.data.eval_results = eval_results(
-        test_metrics,
-        dataset_name=dataset_name,
-        dataset_type=dataset_type,
-        dataset_split=dataset_split,
-        task_type=task_type,
-    )
-    card.save(card_path)
-    return card_path
+    folder = Path(bundle_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a saved model (no config.json); save it with model.save_pretrained first")
+    card = folder / "README.md"
+    card.write_text(render_model_card(read_config(folder), dict(test_metrics), dataset_id), encoding="utf-8")
+    return card
 
 
 __all__ = [
-    "eval_results",
     "fill_model_card",
     "format_metrics_table",
     "model_index",

@@ -98,6 +98,11 @@ def test_argmax_scores_top_genre_only():
     assert m["micro_precision"] == pytest.approx(1.0)
     assert m["micro_recall"] == pytest.approx(4 / 7)
     assert binarize(PROBS, argmax=True).sum(axis=1).tolist() == [1, 1, 1, 1]
+    assert m["accuracy"] == 1.0 and m["per_genre"]["A"]["threshold"] is None
+    # m3's top genre becomes B (not its genre): top-1 accuracy 3/4.
+    probs = PROBS.copy()
+    probs[3, 1] = 0.9
+    assert compute_metrics(probs, LABELS, NAMES, argmax=True)["accuracy"] == pytest.approx(3 / 4)
 
 
 @pytest.mark.parametrize(
@@ -201,23 +206,22 @@ def test_console_table_lists_every_genre():
     assert sum(line.split()[0] in NAMES for line in lines if line.strip()) == 3
 
 
-def test_model_index_and_card(tmp_path):
-    m = compute_metrics(PROBS, LABELS, NAMES)
-    index = model_index(m, model_name="mmgcs-fusion", dataset_name="TMDB 5000", dataset_type="tmdb5000")
-    result = index[0]["results"][0]
-    assert index[0]["name"] == "mmgcs-fusion"
-    assert result["task"]["type"] and result["dataset"] == {"name": "TMDB 5000", "type": "tmdb5000", "split": "test"}
-    by_name = {x["name"]: x for x in result["metrics"]}
-    assert by_name["Micro F1"] == {"type": "f1", "value": round(2 / 3, 4), "name": "Micro F1", "args": {"average": "micro"}}
-    assert by_name["Mean average precision"]["value"] == round(17 / 18, 4)
-
-    card = tmp_path / "README.md"
-    card.write_text("---\nlicense: apache-2.0\nlibrary_name: mmgcs\n---\n# Card body\n", encoding="utf-8")
-    fill_model_card(card, m, model_name="mmgcs-fusion", dataset_name="TMDB 5000", dataset_type="tmdb5000")
+def test_model_card_gets_test_metrics(tmp_path):
+    testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
     from huggingface_hub import ModelCard
 
-    loaded = ModelCard.load(card)
-    assert loaded.data.library_name == "mmgcs" and "# Card body" in loaded.text
-    assert {(r.metric_name, r.metric_value) for r in loaded.data.eval_results} >= {("Micro F1", round(2 / 3, 4))}
+    model = testing.tiny_model(NAMES)
+    model.save_pretrained(tmp_path)
+    m = compute_metrics(PROBS, LABELS, NAMES)
+    index = model_index(m, model.config, "someone/movies")
+    metrics = {x["name"]: x for x in index[0]["results"][0]["metrics"]}
+    assert metrics["Micro F1"]["value"] == round(2 / 3, 4) and metrics["Micro F1"]["type"] == "f1"
+    assert any(x["value"] == round(17 / 18, 4) for x in metrics.values())  # mAP
+
+    card_path = fill_model_card(tmp_path, m, "someone/movies")
+    card = ModelCard.load(card_path)
+    assert card.data.library_name == "mmgcs"
+    assert {(r.metric_name, r.metric_value) for r in card.data.eval_results} >= {("Micro F1", round(2 / 3, 4))}
+    assert all(r.dataset_split == "test" and r.task_type and r.dataset_type for r in card.data.eval_results)
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
-        fill_model_card(tmp_path / "nope.md", m, model_name="x", dataset_name="d", dataset_type="t")
+        fill_model_card(tmp_path / "nope", m)
