@@ -237,10 +237,16 @@ def _choose_labels(movies: list[Movie], opts: BuildOptions, report: BuildReport)
 def _assign_splits(movies: list[Movie], labels: list[str], opts: BuildOptions) -> None:
     rest = [m for m in movies if m.split is None]
     index = {g: i for i, g in enumerate(labels)}
-    y = np.zeros((len(rest), len(labels)), dtype=bool)
+    # Besides the genres, stratify over the source and poster presence, so every split gets its share of
+    # poster-less movies and of each source (evaluation by modality stays comparable across splits).
+    strata = sorted({(m.source, m.poster is not None) for m in rest})
+    extra = {k: len(labels) + i for i, k in enumerate(strata)} if len(strata) > 1 else {}
+    y = np.zeros((len(rest), len(labels) + len(extra)), dtype=bool)
     for r, m in enumerate(rest):
         for g in m.genres:
             y[r, index[g]] = True
+        if extra:
+            y[r, extra[(m.source, m.poster is not None)]] = True
     assigned = stratified_split([m.id for m in rest], y, opts.split_ratios, opts.seed)
     for m in rest:
         m.split = assigned[m.id]
@@ -287,16 +293,16 @@ def _to_dataset(movies: list[Movie], labels: list[str]):
 
 
 def _write(dataset, summary: dict, out: Path) -> None:
-    from datasets.utils import logging as ds_logging
+    import datasets as ds_bars
 
     # datasets' own per-step bars ("Map", "Creating parquet") would bury ours
-    was_disabled = ds_logging.are_progress_bars_disabled()
-    ds_logging.disable_progress_bars()
+    was_disabled = ds_bars.are_progress_bars_disabled()
+    ds_bars.disable_progress_bars()
     try:
         _write_files(dataset, summary, out)
     finally:
         if not was_disabled:
-            ds_logging.enable_progress_bars()
+            ds_bars.enable_progress_bars()
 
 
 def _write_files(dataset, summary: dict, out: Path) -> None:
