@@ -176,33 +176,97 @@ def write_run_report(
     return written
 
 
-def model_index(test_metrics: Mapping, model_config, dataset_id: Optional[str] = None) -> list[dict]:
-    """The ``model-index`` block (plain data) a model card gets for ``test_metrics``.
+def eval_results(
+    test_metrics: Mapping,
+    *,
+    dataset_name: str,
+    dataset_type: str,
+    dataset_split: str = "test",
+    task_type: str = "text-classification",
+    task_name: str = "Multi-label movie genre classification",
+) -> list:
+    """``huggingface_hub.EvalResult`` entries for a model card's ``model-index``.
 
-    Built by the bundle's card renderer (:func:`mmgcs.hub.card_metadata`), so a card written at save time and one
-    filled later carry the same metric names.
+    Metric names and types are the bundle card renderer's (``mmgcs.hub.METRIC_NAMES``), so a card rendered at save
+    time and one filled later agree. The Hub needs task.type, dataset.type/name and each metric's type and value;
+    metrics that are None (e.g. mAP when no genre has positives) are left out rather than written as null.
     """
-    from mmgcs.hub import card_metadata
+    from huggingface_hub import EvalResult
 
-    return card_metadata(model_config, dict(test_metrics), dataset_id).to_dict().get("model-index", [])
+    from mmgcs.hub import METRIC_NAMES
+
+    results = []
+    for key, (metric_type, metric_name, metric_config) in METRIC_NAMES.items():
+        value = test_metrics.get(key)
+        if not _is_number(value):
+            continue
+        results.append(
+            EvalResult(
+                task_type=task_type,
+                task_name=task_name,
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_split=dataset_split,
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_config=metric_config,
+                metric_value=round(float(value), 4),
+            )
+        )
+    return results
 
 
-def fill_model_card(bundle_dir: str | Path, test_metrics: Mapping, dataset_id: Optional[str] = None) -> Path:
-    """Re-render a saved bundle's README.md with its test metrics (``model-index`` metadata and metrics tables).
+def model_index(test_metrics: Mapping, *, model_name: str, **kwargs) -> list[dict]:
+    """The ``model-index`` YAML block (as plain data) for ``test_metrics``; kwargs as in :func:`eval_results`."""
+    from huggingface_hub.repocard_data import eval_results_to_model_index
 
-    For a bundle saved before the test split was scored (the engine saves the best epoch, then tests it).
+    return eval_results_to_model_index(model_name, eval_results(test_metrics, **kwargs))
+
+
+def fill_model_card(
+    card_path: str | Path,
+    test_metrics: Mapping,
+    *,
+    model_name: str,
+    dataset_name: str,
+    dataset_type: str,
+    dataset_split: str = "test",
+    task_type: str = "text-classification",
+) -> Path:
+    """Put test metrics into a saved model card (``README.md``, or the bundle folder holding it).
+
+    Sets the ``model-index``; when the card sits in a bundle (``config.json`` beside it) the card is first
+    re-rendered by :func:`mmgcs.hub.render_model_card`, so its metrics tables show the same numbers. For a bundle
+    saved before the test split was scored (the engine saves the best epoch, then tests it).
     """
-    from mmgcs.hub import read_config, render_model_card
+    from huggingface_hub import ModelCard
 
-    folder = Path(bundle_dir)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a saved model (no config.json); save it with model.save_pretrained first")
-    card = folder / "README.md"
-    card.write_text(render_model_card(read_config(folder), dict(test_metrics), dataset_id), encoding="utf-8")
-    return card
+    card_path = Path(card_path)
+    if card_path.is_dir():
+        card_path = card_path / "README.md"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"Model card {card_path} not found; save the model with model.save_pretrained first")
+    card = ModelCard.load(card_path)
+    if (card_path.parent / "config.json").is_file():
+        from mmgcs.hub import read_config, render_model_card
+
+        datasets = card.data.datasets
+        dataset_id = datasets[0] if isinstance(datasets, list) and len(datasets) == 1 else datasets or None
+        card = ModelCard(render_model_card(read_config(card_path.parent), dict(test_metrics), dataset_id))
+    card.data.model_name = model_name
+    card.data.eval_results = eval_results(
+        test_metrics,
+        dataset_name=dataset_name,
+        dataset_type=dataset_type,
+        dataset_split=dataset_split,
+        task_type=task_type,
+    )
+    card.save(card_path)
+    return card_path
 
 
 __all__ = [
+    "eval_results",
     "fill_model_card",
     "format_metrics_table",
     "model_index",

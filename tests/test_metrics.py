@@ -206,22 +206,41 @@ def test_console_table_lists_every_genre():
     assert sum(line.split()[0] in NAMES for line in lines if line.strip()) == 3
 
 
-def test_model_card_gets_test_metrics(tmp_path):
+def test_model_index_has_the_fields_the_hub_requires():
+    m = compute_metrics(PROBS, LABELS, NAMES)
+    index = model_index(m, model_name="mmgcs-fusion", dataset_name="movies", dataset_type="movies")
+    result = index[0]["results"][0]
+    assert index[0]["name"] == "mmgcs-fusion" and result["task"]["type"] == "text-classification"
+    assert result["dataset"] == {"name": "movies", "type": "movies", "split": "test"}
+    by_name = {x["name"]: x for x in result["metrics"]}
+    assert by_name["Micro F1"]["type"] == "f1" and by_name["Micro F1"]["value"] == round(2 / 3, 4)
+    assert by_name["Macro F1"]["value"] == round(59 / 90, 4)
+    assert round(17 / 18, 4) in {x["value"] for x in result["metrics"]}  # mAP
+    # A metric that is None is left out, never written as null.
+    m["mAP"] = None
+    values = [x["value"] for x in model_index(m, model_name="x", dataset_name="d", dataset_type="d")[0]["results"][0]["metrics"]]
+    assert None not in values and round(17 / 18, 4) not in values
+
+
+def test_fill_model_card_of_a_saved_bundle(tmp_path):
     testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
     from huggingface_hub import ModelCard
 
-    model = testing.tiny_model(NAMES)
-    model.save_pretrained(tmp_path)
+    testing.tiny_model(NAMES).save_pretrained(tmp_path)
     m = compute_metrics(PROBS, LABELS, NAMES)
-    index = model_index(m, model.config, "someone/movies")
-    metrics = {x["name"]: x for x in index[0]["results"][0]["metrics"]}
-    assert metrics["Micro F1"]["value"] == round(2 / 3, 4) and metrics["Micro F1"]["type"] == "f1"
-    assert any(x["value"] == round(17 / 18, 4) for x in metrics.values())  # mAP
-
-    card_path = fill_model_card(tmp_path, m, "someone/movies")
+    card_path = fill_model_card(tmp_path, m, model_name="mmgcs-test", dataset_name="movies", dataset_type="movies")
     card = ModelCard.load(card_path)
-    assert card.data.library_name == "mmgcs"
+    assert card.data.library_name == "mmgcs" and card.data.model_name == "mmgcs-test"
     assert {(r.metric_name, r.metric_value) for r in card.data.eval_results} >= {("Micro F1", round(2 / 3, 4))}
-    assert all(r.dataset_split == "test" and r.task_type and r.dataset_type for r in card.data.eval_results)
+    assert all(r.dataset_split == "test" and r.dataset_name == "movies" for r in card.data.eval_results)
+    assert "0.6667" in card.text  # the body's metrics table was re-rendered with the same numbers
+
+
+def test_fill_model_card_of_a_plain_card(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: apache-2.0\nlibrary_name: mmgcs\n---\n# Card body\n", encoding="utf-8")
+    fill_model_card(card, compute_metrics(PROBS, LABELS, NAMES), model_name="x", dataset_name="d", dataset_type="d")
+    text = card.read_text()
+    assert "model-index:" in text and "# Card body" in text and "license: apache-2.0" in text
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
-        fill_model_card(tmp_path / "nope", m)
+        fill_model_card(tmp_path / "nope", {}, model_name="x", dataset_name="d", dataset_type="d")
