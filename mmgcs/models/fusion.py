@@ -83,11 +83,14 @@ class GatedFusion(FusionHead):
     def __init__(self, in_dims, num_labels, fusion_dim, dropout, **kwargs):
         super().__init__(in_dims, num_labels, fusion_dim, dropout)
         self.hidden = nn.ModuleList(nn.Sequential(nn.Dropout(dropout), nn.Linear(d, fusion_dim), nn.Tanh()) for d in in_dims)
-        self.gate = nn.Linear(sum(in_dims), fusion_dim * len(in_dims))
+        # One modality: nothing to choose between, the unit is just tanh(W x) (a gate would get no gradient).
+        self.gate = nn.Linear(sum(in_dims), fusion_dim * len(in_dims)) if len(in_dims) > 1 else None
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(fusion_dim, num_labels))
         self.fusion_dim = fusion_dim
 
     def forward(self, features, masks):
+        if self.gate is None:
+            return self.classifier(_zero_missing(self.hidden[0](features[0]), masks[0]))
         joined = torch.cat([_zero_missing(x, m) for x, m in zip(features, masks)], dim=-1)
         gate_logits = self.gate(joined).view(joined.shape[0], len(features), self.fusion_dim)
         present = torch.stack(masks, dim=1).unsqueeze(-1)  # (B, M, 1)
