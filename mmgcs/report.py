@@ -40,40 +40,45 @@ def _flatten(record: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def _series(history: Sequence[Mapping]) -> tuple[list[float], dict[str, list[tuple[float, float]]]]:
-    """x values (the ``epoch`` field, else 1..n) and every numeric field as (x, y) points; nested dicts flatten."""
-    xs, series = [], {}
+def _series(history: Sequence[Mapping]) -> dict[str, list[tuple[float, float]]]:
+    """Every numeric field as (x, y) points, x being the ``epoch`` field (else 1..n); nested dicts flatten."""
+    series = {}
     for i, record in enumerate(history):
         flat = _flatten(record)
         x = flat.pop("epoch", float(i + 1))
-        for drop in ("step", "global_step", "lr", "learning_rate", "time", "seconds", "epoch_seconds"):
-            flat.pop(drop, None)
-        xs.append(x)
         for k, v in flat.items():
             series.setdefault(k, []).append((x, v))
-    return xs, series
+    return series
+
+
+def _is_lr(name: str) -> bool:
+    n = name.lower()
+    return n in ("lr", "learning_rate") or n.startswith(("lr_", "learning_rate_"))
 
 
 def plot_training_curves(history: Sequence[Mapping], path: str | Path) -> Optional[Path]:
-    """Losses (left) and F1/mAP scores (right) per epoch from the engine's history (a list of dicts).
+    """Losses, validation scores and (when recorded) learning rates per epoch, from the engine's history.
 
-    Any numeric field whose name holds ``loss`` goes left; names holding ``f1``, ``map`` or ``ap`` go right.
-    Returns None (and writes nothing) when the history holds no such field.
+    ``history`` is a list of per-epoch dicts. Numeric fields whose name holds ``loss`` are losses; names holding
+    ``f1``, ``map``, ``_ap`` or ``accuracy`` are scores; ``lr`` (or a dict of them per parameter group) are
+    learning rates. Returns None (and writes nothing) when the history holds neither losses nor scores.
     """
-    _, series = _series(history)
+    series = _series(history)
     losses = {k: v for k, v in series.items() if "loss" in k.lower()}
     scores = {
         k: v
         for k, v in series.items()
         if k not in losses and any(t in k.lower() for t in ("f1", "map", "_ap", "accuracy"))
     }
+    lrs = {k: v for k, v in series.items() if _is_lr(k) and any(y > 0 for _, y in v)}
     if not losses and not scores:
         return None
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for ax, group, title in ((axes[0], losses, "Loss"), (axes[1], scores, "Validation scores")):
+    panels = [(losses, "Loss"), (scores, "Validation scores")] + ([(lrs, "Learning rate")] if lrs else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), constrained_layout=True)
+    for ax, (group, title) in zip(axes, panels):
         for name, points in sorted(group.items()):
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
         ax.set_title(title)
@@ -86,6 +91,8 @@ def plot_training_curves(history: Sequence[Mapping], path: str | Path) -> Option
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
     if scores:
         axes[1].set_ylim(0, 1)
+    if lrs:
+        axes[2].set_yscale("log")  # warmup and decay span orders of magnitude
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -170,9 +170,12 @@ def test_tune_global_threshold_maximizes_micro_f1():
     assert compute_metrics(probs, labels, ["x", "y"], t)["micro_f1"] == 1.0
 
 
+# The engine's record shape: per-group learning rates nest in a dict; non-numeric fields are ignored.
 HISTORY = [
-    {"epoch": 1, "train_loss": 0.9, "val_loss": 0.8, "val_micro_f1": 0.30, "val_macro_f1": 0.20, "lr": 1e-3},
-    {"epoch": 2, "train_loss": 0.6, "val_loss": 0.7, "val_micro_f1": 0.45, "val_macro_f1": 0.31, "lr": 5e-4},
+    {"epoch": 1, "step": 10, "train_loss": 0.9, "val_loss": 0.8, "val_micro_f1": 0.30, "val_macro_f1": 0.20,
+     "val_mAP": 0.4, "lr": {"head": 1e-3, "towers": 2e-5}, "inputs": "features", "time_s": 3.2},
+    {"epoch": 2, "step": 20, "train_loss": 0.6, "val_loss": 0.7, "val_micro_f1": 0.45, "val_macro_f1": 0.31,
+     "val_mAP": 0.5, "lr": {"head": 5e-4, "towers": 1e-5}, "inputs": "features", "time_s": 3.1},
 ]
 
 
@@ -189,6 +192,25 @@ def test_write_run_report_writes_plots_and_table(tmp_path):
     table = written["metrics_table"].read_text()
     assert "| C | 1.000 | 0.333 | 0.500 | 1.000 | 3 | 1 | 0.500 |" in table
     assert "| Micro F1 | 0.667 |" in table
+
+
+def test_training_curves_pick_losses_scores_and_learning_rates(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    plotted = []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(ax, x, y, *args, label=None, **kwargs):
+        plotted.append((label, list(x), list(y)))
+        return original(ax, x, y, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    from mmgcs.report import plot_training_curves
+
+    assert _png_ok(plot_training_curves(HISTORY, tmp_path / "curves.png"))
+    labels = {p[0] for p in plotted}
+    assert labels == {"train_loss", "val_loss", "val_micro_f1", "val_macro_f1", "val_mAP", "lr_head", "lr_towers"}
+    assert ("train_loss", [1, 2], [0.9, 0.6]) in plotted
 
 
 def test_report_handles_history_without_curves_and_mismatched_labels(tmp_path):
