@@ -1,0 +1,207 @@
+"""Dataset rows → the batches a GenreClassifier takes (raw inputs through `model.preprocess`, or cached features).
+
+This is the only place where the training code knows about plots and posters; the loop itself just calls
+``model(**batch)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+INPUT_COLUMNS = ("plot", "poster")
+
+
+def label_names(split) -> list[str]:
+    """The genre vocabulary of a split built by ``mmgcs.data`` (a Sequence of ClassLabel)."""
+    try:
+        return list(split.features["genres"].feature.names)
+    except (KeyError, AttributeError):
+        raise ValueError(
+            "The dataset has no 'genres' column of genre class labels (Sequence(ClassLabel)); build it with "
+            "`python -m mmgcs.data build --source ... --out DIR` and pass data.path=DIR"
+        ) from None
+
+
+def label_map(dataset_labels: Sequence[str], model_labels: Sequence[str]) -> np.ndarray:
+    """Dataset class id → model output index (-1 for a genre the model does not predict)."""
+    unknown = [g for g in model_labels if g not in dataset_labels]
+    if unknown:
+        raise ValueError(
+            f"The model's labels {unknown} are not genres of this dataset; its genres are {list(dataset_labels)}. "
+            "Set model.labels to a subset of them (or leave it empty to use them all)"
+        )
+    index = {g: i for i, g in enumerate(model_labels)}
+    return np.array([index.get(g, -1) for g in dataset_labels], dtype=np.int64)
+
+
+def targets(genre_ids: Sequence[Sequence[int]], mapping: np.ndarray, n_labels: int, task: str) -> torch.Tensor:
+    """Multi-hot (B, L) float targets, or (B,) class indices (the first listed genre) for single-label models."""
+    if task == "singlelabel":
+        out = []
+        for ids in genre_ids:
+            mapped = [int(mapping[i]) for i in ids if mapping[i] >= 0]
+            out.append(mapped[0] if mapped else -100)  # -100: cross-entropy's ignore index
+        return torch.tensor(out, dtype=torch.long)
+    y = torch.zeros(len(genre_ids), n_labels, dtype=torch.float32)
+    for row, ids in enumerate(genre_ids):
+        for i in ids:
+            j = mapping[i]
+            if j >= 0:
+                y[row, j] = 1.0
+    return y
+
+
+def _present_plot(p) -> bool:
+    return isinstance(p, str) and bool(p.strip())
+
+
+def _present_poster(p) -> bool:
+    return p is not None and (not isinstance(p, dict) or p.get("bytes") is not None or bool(p.get("path")))
+
+
+def select_inputs(split, use_text: bool, use_image: bool):
+    """Keep the columns a model reads; posters stay encoded (decoded by the model's preprocessing)."""
+    from datasets import Image
+
+    keep = [c for c in ("id", "genres") if c in split.column_names]
+    if use_text:
+        if "plot" not in split.column_names:
+            raise ValueError("The model has a text tower but the dataset has no 'plot' column")
+        keep.append("plot")
+    if use_image:
+        if "poster" not in split.column_names:
+            raise ValueError("The model has an image tower but the dataset has no 'poster' column")
+        keep.append("poster")
+    split = split.select_columns(keep)
+    if use_image:
+        split = split.cast_column("poster", Image(decode=False))
+    return split
+
+
+def drop_unusable_rows(split, split_name: str, use_text: bool, use_image: bool, mapping: np.ndarray, task: str):
+    """Rows this model cannot learn from or be scored on are removed, and reported by id (never silently).
+
+    A row is unusable when it has none of the model's inputs (e.g. a plot-only movie for a poster model), or, for
+    a single-label model, none of the model's genres.
+    """
+
+    def usable(batch):
+        n = len(batch["genres"])
+        ok = np.zeros(n, dtype=bool)
+        if use_text:
+            ok |= np.array([_present_plot(p) for p in batch["plot"]], dtype=bool)
+        if use_image:
+            ok |= np.array([_present_poster(p) for p in batch["poster"]], dtype=bool)
+        if task == "singlelabel":
+            ok &= np.array([any(mapping[i] >= 0 for i in ids) for ids in batch["genres"]], dtype=bool)
+        return ok.tolist()
+
+    n_before = len(split)
+    flags = []
+    for start in range(0, n_before, 1000):
+        flags.extend(usable(split[start : start + 1000]))
+    flags = np.array(flags, dtype=bool)
+    if flags.all():
+        return split, []
+    ids = split["id"] if "id" in split.column_names else list(range(n_before))
+    dropped = [ids[i] for i in np.flatnonzero(~flags)]
+    needs = " or ".join(c for c, on in (("a plot", use_text), ("a poster", use_image)) if on)
+    logger.warning(
+        "%s: skipping %d of %d rows that have no %s%s (ids: %s%s)",
+        split_name,
+        len(dropped),
+        n_before,
+        needs,
+        " or none of the model's genres" if task == "singlelabel" else "",
+        ", ".join(str(i) for i in dropped[:20]),
+        ", ..." if len(dropped) > 20 else "",
+    )
+    return split.select(np.flatnonzero(flags).tolist()), dropped
+
+
+class RowCollator:
+    """Rows → ``model.preprocess(plots, posters, train=...)`` + targets; runs in DataLoader workers."""
+
+    def __init__(
+        self,
+        preprocess: Callable[..., dict],
+        mapping: np.ndarray,
+        n_labels: int,
+        task: str,
+        train: bool,
+    ) -> None:
+        self.preprocess = preprocess
+        self.mapping = mapping
+        self.n_labels = n_labels
+        self.task = task
+        self.train = train
+
+    def __call__(self, rows: list[dict]) -> dict:
+        plots = [r.get("plot") for r in rows]
+        posters = [r.get("poster") for r in rows]
+        batch = dict(self.preprocess(plots, posters, train=self.train))
+        batch["labels"] = targets([r["genres"] for r in rows], self.mapping, self.n_labels, self.task)
+        return batch
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Precomputed tower features (+ presence masks) and targets, one row per movie; batches by default collate."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        lengths = {k: len(v) for k, v in tensors.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"feature tensors disagree on the number of rows: {lengths}")
+        self.tensors = tensors
+        self.n = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+def feature_dataset(
+    split,
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    mapping: np.ndarray,
+    n_labels: int,
+    task: str,
+) -> FeatureDataset:
+    """``features``: modality → (features (N, D), mask (N,)) for the rows of ``split`` in order."""
+    tensors: dict[str, torch.Tensor] = {}
+    for modality, (feats, mask) in features.items():
+        if len(feats) != len(split):
+            raise ValueError(f"{modality} features hold {len(feats)} rows but the split has {len(split)}")
+        tensors[f"{modality}_features"] = feats.float()
+        tensors[f"{modality}_mask"] = mask.bool()
+    tensors["labels"] = targets(split["genres"], mapping, n_labels, task)
+    return FeatureDataset(tensors)
+
+
+def limit_rows(split, limit: int):
+    return split.select(range(min(limit, len(split)))) if limit else split
+
+
+def modality_flags(model) -> tuple[bool, bool]:
+    return getattr(model, "text_tower", None) is not None, getattr(model, "image_tower", None) is not None
+
+
+__all__ = [
+    "FeatureDataset",
+    "RowCollator",
+    "drop_unusable_rows",
+    "feature_dataset",
+    "label_map",
+    "label_names",
+    "limit_rows",
+    "modality_flags",
+    "select_inputs",
+    "targets",
+]
