@@ -175,3 +175,27 @@ def test_model_genre_missing_from_dataset_is_not_scored(built_dataset, tmp_path)
 def test_missing_data_path_is_a_clear_error(model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="mmgcs.data build"):
         main(["--model", str(model_dir), "--data", str(tmp_path / "nowhere")])
+
+
+def test_agrees_with_the_training_run_test_metrics(tmp_path):
+    """`evaluate` on a run's bundle and test split reproduces the engine's metrics.json (same rows, thresholds)."""
+    pytest.importorskip("mmgcs.engine")
+    import engine_helpers as eh
+    from huggingface_hub import ModelCard
+
+    from mmgcs.engine import main as train
+
+    data = eh.build_dataset(tmp_path, n=40)
+    bundle = eh.tiny_bundle(tmp_path / "init")
+    run = train(eh.quick_overrides(data, bundle, tmp_path / "run", train__epochs=1))["test"]
+    r = _run(tmp_path, "--model", str(tmp_path / "run" / "model"), "--data", str(data), "--split", "test")
+    m = r["metrics"]
+    assert m["n_samples"] == run["n_samples"] and r["counts"]["skipped"] == 0
+    for key in ("micro_f1", "macro_f1", "weighted_f1", "samples_f1", "mAP", "micro_ap"):
+        assert m[key] == pytest.approx(run[key], abs=1e-6), key
+    assert {g: v["threshold"] for g, v in m["per_genre"].items()} == {g: v["threshold"] for g, v in run["per_genre"].items()}
+    # The run's plots and its card's model-index come from this stream's report code.
+    assert (tmp_path / "run" / "per_genre_f1.png").stat().st_size > 2000
+    card = ModelCard.load(tmp_path / "run" / "model" / "README.md")
+    micro = {e.metric_name: e.metric_value for e in card.data.eval_results}["Micro F1"]
+    assert micro == pytest.approx(run["micro_f1"], abs=1e-4)
