@@ -312,8 +312,10 @@ def _metrics_table(cfg: ModelConfig, metrics: Optional[dict]) -> str:
     return "\n".join(rows)
 
 
-def render_model_card(model_config: ModelConfig, metrics: Optional[dict] = None, dataset_id: Optional[str] = None) -> str:
+def render_model_card(model_config: ModelConfig, metrics: Optional[dict] = None, dataset_id: Optional[str] = None,
+                      repo_id: Optional[str] = None) -> str:
     """The bundle's README.md: Hub metadata (library, tags, base models, model-index from `metrics`) + text."""
+    import jinja2
     from huggingface_hub import ModelCard
 
     cfg = model_config
@@ -333,12 +335,19 @@ def render_model_card(model_config: ModelConfig, metrics: Optional[dict] = None,
         thresholds="tuned per genre on the validation split" if cfg.thresholds else f"{cfg.threshold} for every genre",
         dataset=dataset_id or "a local movie dataset built with `python -m mmgcs.data build`",
         metrics_table=_metrics_table(cfg, metrics),
+        repo_id=repo_id or "<this repo id or a local folder>",
     )
     template = _template()
     if template is None:
         logger.warning("model_card.md template not found; writing a metadata-only model card")
         template = "---\n{{ card_data }}\n---\n\n# Movie genre classifier ({{ modalities }})\n\n{{ metrics_table }}\n"
-    return str(ModelCard.from_template(data, template_str=template, **values))
+    # Rendered with jinja2 directly (as huggingface_hub does) so the template's YAML comments survive.
+    text = jinja2.Template(template, keep_trailing_newline=True).render(card_data=data.to_yaml(), **values)
+    try:
+        ModelCard(text)  # the Hub's own parser must accept the metadata
+    except Exception as e:  # pragma: no cover - a broken template is a bug
+        raise ValueError(f"The rendered model card has invalid metadata: {e}") from None
+    return text
 
 
 __all__ = [

@@ -274,15 +274,38 @@ class GenreClassifier(
         return predict_batch(self, plots, posters, batch_size=batch_size, by_modality=by_modality)
 
     # ---------------------------------------------------------------------------------- save / load / push
+    def save_pretrained(self, save_directory: Union[str, Path], *, config=None, repo_id: Optional[str] = None,
+                        push_to_hub: bool = False, model_card_kwargs: Optional[dict] = None, **push_to_hub_kwargs):
+        """Write the bundle: model.safetensors, config.json, tokenizer files, README.md.
+
+        `model_card_kwargs` may carry `metrics` (test metrics → the card's model-index), `dataset_id`, `repo_id`.
+        """
+        if config is not None:
+            raise TypeError("save_pretrained takes no config: the bundle's config.json is always model.config")
+        card_kwargs = dict(model_card_kwargs or {})
+        if repo_id:
+            card_kwargs.setdefault("repo_id", repo_id)
+        super().save_pretrained(save_directory, model_card_kwargs=card_kwargs)
+        # The mixin's ModelCard.save re-serializes the YAML and drops the template's comments: write it as rendered.
+        (Path(save_directory) / "README.md").write_text(self._card(**card_kwargs), encoding="utf-8")
+        if push_to_hub:
+            from mmgcs.hub import push_bundle
+
+            return push_bundle(save_directory, repo_id or Path(save_directory).name, **push_to_hub_kwargs)
+        return None
+
     def _save_pretrained(self, save_directory: Path) -> None:
         from mmgcs.hub import save_bundle_files
 
         save_bundle_files(self, Path(save_directory))
 
-    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+    def _card(self, metrics=None, dataset_id=None, repo_id=None, **_unused) -> str:
         from mmgcs.hub import render_model_card
 
-        return ModelCard(render_model_card(self.config, kwargs.get("metrics"), kwargs.get("dataset_id")))
+        return render_model_card(self.config, metrics, dataset_id, repo_id)
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        return ModelCard(self._card(**kwargs))
 
     @classmethod
     def from_pretrained(
@@ -319,7 +342,7 @@ class GenreClassifier(
         from mmgcs.hub import default_bundle_dir, push_bundle
 
         folder = Path(save_directory) if save_directory is not None else default_bundle_dir(repo_id)
-        self.save_pretrained(folder, model_card_kwargs=model_card_kwargs)
+        self.save_pretrained(folder, repo_id=repo_id, model_card_kwargs=model_card_kwargs)
         return push_bundle(folder, repo_id, token=token, private=private, commit_message=commit_message, **kwargs)
 
     def extra_repr(self) -> str:

@@ -6,6 +6,7 @@ Each tower class has two builders:
 - `from_config(cfg)` rebuilds the same architecture from the stored config alone: no file, no network.
 """
 
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -107,7 +108,9 @@ class HFTextTower(Tower):
                 backbone = AutoModel.from_config(hf_config, **kwargs)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{_offline_hint(cfg.text_backbone)} ({type(e).__name__}: {e})") from None
-        cfg.text_backbone_config = backbone.config.to_dict()
+        # JSON-normalized now (int keys → str), so a loaded config equals the one it was saved from.
+        cfg.text_backbone_config = json.loads(backbone.config.to_json_string(use_diff=False))
+        cfg.text_backbone_config.pop("_name_or_path", None)  # a local path says nothing on the Hub
         cfg.backbone_weights["text"] = (f"pretrained: {where}" if cfg.pretrained else f"random init (architecture of {where})")
         return cls(backbone, cfg.text_pooling), tokenizer
 
