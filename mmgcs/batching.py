@@ -111,9 +111,9 @@ def drop_unusable_rows(split, split_name: str, use_text: bool, use_image: bool, 
         return split, []
     ids = split["id"] if "id" in split.column_names else list(range(n_before))
     dropped = [ids[i] for i in np.flatnonzero(~flags)]
-    needs = " or ".join(c for c, on in (("a plot", use_text), ("a poster", use_image)) if on)
+    needs = " or ".join(c for c, on in (("plot", use_text), ("poster", use_image)) if on)
     logger.warning(
-        "%s: skipping %d of %d rows that have no %s%s (ids: %s%s)",
+        "%s: skipping %d of %d rows with no %s%s (ids: %s%s)",
         split_name,
         len(dropped),
         n_before,

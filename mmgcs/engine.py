@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -319,12 +320,18 @@ class Trainer:
     def build_model(self):
         from mmgcs.models.classifier import GenreClassifier, create_model
 
-        if self.tcfg.init_from:
-            model = GenreClassifier.from_pretrained(self.tcfg.init_from)
-            logger.info("Starting from the bundle %s (its model settings are used; model.* is ignored)", self.tcfg.init_from)
-        else:
-            labels = list(self.cfg.model.labels) or list(self.dataset_labels)
-            model = create_model(labels=labels, config=self.cfg.model)
+        try:
+            if self.tcfg.init_from:
+                model = GenreClassifier.from_pretrained(self.tcfg.init_from)
+                logger.info("Starting from the bundle %s (its model settings are used; model.* is ignored)",
+                            self.tcfg.init_from)
+            else:
+                labels = list(self.cfg.model.labels) or list(self.dataset_labels)
+                model = create_model(labels=labels, config=self.cfg.model)
+        except (ValueError, TypeError, OSError) as e:
+            # Registries and loaders name the bad setting and the choices; show that, not a traceback.
+            source = f"train.init_from={self.tcfg.init_from}" if self.tcfg.init_from else "model settings"
+            raise TrainingError(f"Could not build the model from the {source}: {e}") from e
         return model
 
     def _apply_stage(self, model, epoch: int) -> bool:
@@ -350,7 +357,10 @@ class Trainer:
         self.use_text, self.use_image = modality_flags(model)
         self.task = model.config.task
         self.labels = list(model.config.labels)
-        self.mapping = label_map(self.dataset_labels, self.labels)
+        try:
+            self.mapping = label_map(self.dataset_labels, self.labels)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         out = {}
         for role, split in splits.items():
             split = select_inputs(split, self.use_text, self.use_image)
@@ -483,8 +493,12 @@ class Trainer:
                 **{f"val_{k}": v for k, v in val["summary"].items()},
                 "lr": self._lrs(),
                 "inputs": self.loader_kind,
+                "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                 "time_s": round(time.time() - t_epoch, 2),
             }
+            if acc.num_processes > 1:
+                record["processes"] = acc.num_processes
+                record["replicas_in_sync"] = self._check_replicas()
             self.history.append(record)
             improved = self._track_best(val["summary"], epoch + 1)
             self._step_epoch_schedule(val["summary"])
@@ -606,7 +620,7 @@ class Trainer:
             thresholds = self._tune(pred)
             metrics = self._score(pred, thresholds if thresholds is not None else self._default_threshold())
             metrics["loss"] = self._loss(pred)
-            summary = {k: metrics[k] for k in ("loss", "micro_f1", "macro_f1", "weighted_f1", "samples_f1", "mAP")}
+            summary = {k: metrics[k] for k in ("loss", "micro_f1", "macro_f1", "weighted_f1", "samples_f1", "mAP", "n_samples")}
             result = [{"summary": summary, "thresholds": thresholds}]
         broadcast_object_list(result)
         return result[0]
@@ -621,6 +635,24 @@ class Trainer:
         if self.task == "singlelabel":
             return float(-(y * p.log()).sum(1).mean())
         return float(torch.nn.functional.binary_cross_entropy(p, y))
+
+    def _check_replicas(self) -> bool:
+        """Every process must hold the same weights after an epoch; a launch that silently trains independent
+        copies (e.g. `--multi_gpu` without a GPU and without cpu=True) is stopped here rather than reported."""
+        from accelerate.utils import gather_object
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.accelerator.unwrap_model(self.model).state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digests = gather_object([digest.hexdigest()])
+        if len(set(digests)) != 1:
+            raise TrainingError(
+                f"The {len(digests)} processes hold different weights after an epoch: they are not training one "
+                "model together. Launch with `accelerate launch --multi_gpu` on GPUs, or let MMGCS force the CPU "
+                "backend (it does when no GPU is visible)"
+            )
+        return True
 
     def _track_best(self, summary: dict, epoch: int) -> bool:
         value = summary[self.tcfg.metric_for_best]
