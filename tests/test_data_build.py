@@ -307,7 +307,11 @@ def test_cli_reports_bad_arguments_without_a_traceback(tmp_path, capsys):
     assert main(["build", "--source", str(tmp_path / "odd"), "--format", "parquet", "--out", str(tmp_path / "o")]) == 2
     assert "available: ['csv', 'jsonl', 'mmimdb']" in capsys.readouterr().err
     assert main(["build", "--source", str(tmp_path / "odd"), "--split-ratios", "0.8,0.2", "--out", str(tmp_path / "o")]) == 2
-    assert "three non-negative numbers" in capsys.readouterr().err
+    assert "three positive numbers" in capsys.readouterr().err
+    rows, _ = balanced_rows(2, with_posters=False)  # 3 movies is the least that fills three splits
+    src = write_jsonl_source(tmp_path / "two", rows)
+    assert main(["build", "--source", str(src), "--min-genre-count", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "would be empty: 2 movies are too few" in capsys.readouterr().err
 
 
 def test_load_movies_names_the_remedy(tmp_path):
@@ -316,3 +320,10 @@ def test_load_movies_names_the_remedy(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no data/\\*.parquet"):
         load_movies(tmp_path / "empty")
+
+
+def test_tiny_datasets_still_get_three_non_empty_splits(tmp_path):
+    rows, _ = balanced_rows(4, with_posters=False)
+    src = write_jsonl_source(tmp_path / "src", rows)
+    result = build(_opts([src], tmp_path / "out", min_genre_count=1))
+    assert sorted(len(d) for d in result.dataset.values()) == [1, 1, 2]

@@ -7,9 +7,11 @@ lost silently. The output is reproducible bit for bit for the same inputs, optio
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import sys
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmgcs.data.genres import canonical_genre, select_labels
-from mmgcs.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InvalidImageError, prepare_poster
+from mmgcs.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InvalidImageError, PreparedPoster, prepare_poster
 from mmgcs.data.records import BuildReport, RawMovie
 from mmgcs.data.sources import detect_format, get_format, source_name
 from mmgcs.data.splits import SPLITS, stratified_split
@@ -70,24 +72,42 @@ class BuildResult:
     dataset: "datasets.DatasetDict"  # noqa: F821
     report: dict
     out: Path
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (kept out of the report: it must be reproducible)
 
 
 def build(opts: BuildOptions) -> BuildResult:
     out = Path(opts.out)
     report = BuildReport()
+    clock = _Clock()
     raw, source_info = _read_sources(opts, report)
     movies = _dedupe(raw, report)
     movies = [_clean(m, opts, report) for m in movies]
+    clock.lap("read")
     _attach_posters(movies, source_info, opts, report)
     movies = _drop_empty(movies, report)
+    clock.lap("posters")
     labels, removed = _choose_labels(movies, opts, report)
     if opts.drop_unlabeled:
         movies = [m for m in movies if m.genres or _drop(report, m, "no_label", "no genre left in the label set (--drop-unlabeled)")]
     _assign_splits(movies, labels, opts)
+    clock.lap("labels+splits")
     dataset = _to_dataset(movies, labels)
+    clock.lap("arrow")
     summary = _summarize(movies, labels, removed, source_info, opts, report)
     _write(dataset, summary, out)
-    return BuildResult(dataset, summary, out)
+    clock.lap("write")
+    return BuildResult(dataset, summary, out, clock.laps)
+
+
+class _Clock:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._t
+        self._t = now
 
 
 # ---------------------------------------------------------------- reading
@@ -142,8 +162,7 @@ def _dedupe(movies: list[Movie], report: BuildReport) -> list[Movie]:
 
 
 def _clean(m: Movie, opts: BuildOptions, report: BuildReport) -> Movie:
-    title = " ".join(m.title.split()) if m.title else None
-    m.title = title or None
+    m.title = m.title.strip() or None if m.title else None
     plot = m.plot.strip() if isinstance(m.plot, str) else None
     if not plot:
         if m.plot is not None:
@@ -186,21 +205,33 @@ def _attach_posters(movies, source_info, opts: BuildOptions, report: BuildReport
             else:
                 report.changed(m.source, m.id, "poster_download_failed", f"{m.poster_url}: {r.error}; poster stored as null", m.where)
     with_file = [m for m in movies if m.poster_file is not None]
-    for m in tqdm(with_file, desc="checking posters", unit=" posters", disable=not opts.progress, file=sys.stderr):
-        path = Path(m.poster_file)
-        if not path.is_file():
-            report.changed(m.source, m.id, "missing_poster_file", f"poster file {str(path)!r} not found; poster stored as null", m.where)
-            continue
-        try:
-            if path.stat().st_size > MAX_IMAGE_BYTES:  # checked before reading a huge file into memory
-                raise InvalidImageError(f"{path.name}: {path.stat().st_size / 2**20:.0f} MB is over the {MAX_IMAGE_BYTES // 2**20} MB poster limit. Resize it.")
-            prepared = prepare_poster(path.read_bytes(), max_pixels=opts.max_image_pixels, source=path.name)
-        except InvalidImageError as e:
-            report.changed(m.source, m.id, "invalid_poster", f"{e} Poster stored as null.", m.where)
-            continue
-        if prepared.change:
-            report.changed(m.source, m.id, "poster_normalized", f"{path.name}: {prepared.change}", m.where)
-        m.poster, m.poster_format = prepared.data, prepared.format
+    # PIL decodes without the GIL: threads use every core; results come back in order, so the report is stable.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        checked = pool.map(lambda m: _check_poster(Path(m.poster_file), opts.max_image_pixels), with_file)
+        bar = tqdm(zip(with_file, checked), total=len(with_file), desc="checking posters", unit=" posters",
+                   disable=not opts.progress, file=sys.stderr)
+        for m, (prepared, reason, detail) in bar:
+            if prepared is None:
+                report.changed(m.source, m.id, reason, detail, m.where)
+                continue
+            if prepared.change:
+                report.changed(m.source, m.id, "poster_normalized", f"{Path(m.poster_file).name}: {prepared.change}", m.where)
+            m.poster, m.poster_format = prepared.data, prepared.format
+
+
+def _check_poster(path: Path, max_pixels: int) -> tuple[PreparedPoster | None, str | None, str | None]:
+    """(prepared poster, None, None) or (None, reason, detail)."""
+    if not path.is_file():
+        return None, "missing_poster_file", f"poster file {str(path)!r} not found; poster stored as null"
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:  # checked before reading a huge file into memory
+            raise InvalidImageError(f"{path.name}: {size / 2**20:.0f} MB is over the {MAX_IMAGE_BYTES // 2**20} MB poster limit. Resize it.")
+        return prepare_poster(path.read_bytes(), max_pixels=max_pixels, source=path.name), None, None
+    except InvalidImageError as e:
+        return None, "invalid_poster", f"{e} Poster stored as null."
+    except OSError as e:  # unreadable file (permissions, I/O error)
+        return None, "invalid_poster", f"{path.name}: cannot read the file ({e}). Poster stored as null."
 
 
 def _drop(report: BuildReport, m: Movie, reason: str, detail: str) -> bool:
@@ -250,6 +281,13 @@ def _assign_splits(movies: list[Movie], labels: list[str], opts: BuildOptions) -
     assigned = stratified_split([m.id for m in rest], y, opts.split_ratios, opts.seed)
     for m in rest:
         m.split = assigned[m.id]
+    sizes = Counter(m.split for m in movies)
+    empty = [s for s in SPLITS if not sizes[s]]
+    if empty:  # datasets cannot load a split with no rows
+        raise ValueError(
+            f"Split(s) {empty} would be empty: {len(movies)} movies are too few for ratios {list(opts.split_ratios)}. "
+            "Add movies or change --split-ratios."
+        )
 
 
 # ---------------------------------------------------------------- dataset and files

@@ -66,7 +66,7 @@ def _body(dataset, labels, report, formats, pretty_name) -> str:
     lines = [f"# {pretty_name}", ""]
     lines += [
         "Movies with a plot summary, a poster (when one could be had) and their genres, for multi-label genre "
-        "classification from text, image or both. Built by [MMGCS](https://github.com/mmgcs) with "
+        "classification from text, image or both. Built by MMGCS with "
         "`python -m mmgcs.data build`; `build_report.json` beside this card lists every movie that was dropped "
         "or changed, with the reason.",
         "",

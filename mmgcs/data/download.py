@@ -24,7 +24,7 @@ import PIL.Image
 
 from mmgcs.data.images import MAX_IMAGE_BYTES
 
-USER_AGENT = "mmgcs-dataset-builder/0.1 (+https://github.com/mmgcs)"
+USER_AGENT = "mmgcs-dataset-builder/0.1"
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 

@@ -17,8 +17,11 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
         parts = tuple(float(x) for x in text.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"--split-ratios takes three non-negative numbers like 0.8,0.1,0.1; got {text!r}.")
+    if len(parts) != 3 or any(p <= 0 for p in parts):
+        raise ValueError(
+            f"--split-ratios takes three positive numbers like 0.8,0.1,0.1 (every split must have movies: "
+            f"an empty split cannot be loaded); got {text!r}."
+        )
     total = sum(parts)
     return tuple(p / total for p in parts)  # type: ignore[return-value]
 
@@ -38,4 +41,11 @@ def stratified_split(
     perm = rng.permutation(len(order))
     folds = np.empty(len(order), dtype=int)
     folds[perm] = IterativeStratification(labels=y[perm], r=np.asarray(ratios, dtype=float), random_state=rng)
+    # On a handful of rows the greedy algorithm can leave a split empty, which datasets cannot load:
+    # give each empty split one row from the largest split.
+    for f in range(len(ratios)):
+        counts = np.bincount(folds, minlength=len(ratios))
+        if counts[f] == 0 and counts.max() > 1:
+            donors = np.flatnonzero(folds == counts.argmax())
+            folds[donors[rng.randint(len(donors))]] = f
     return {int(ids[i]): SPLITS[f] for i, f in zip(order, folds)}
