@@ -1,0 +1,498 @@
+"""MMGCS Space: a movie's plot, poster, or both → its genres, and what each modality says on its own.
+
+Run `python app.py` (a Hugging Face Space runs this file as is). Settings come from the environment:
+
+- `MMGCS_MODEL`: a Hub model id or a folder saved by `save_pretrained` (default `runs/fusion/model`, where
+  `accelerate launch training/train_fusion.py` puts its best model).
+- `MMGCS_EXAMPLES`: a dataset built by `python -m mmgcs.data build` (folder or Hub id) whose test movies become
+  the examples (default `data/movies`; no examples when it is absent — posters are never shipped with the app).
+- `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`: the address (default 127.0.0.1:7860).
+- Limits: `MMGCS_MAX_PLOT_CHARS`, `MMGCS_MAX_IMAGE_PIXELS`, `MMGCS_MAX_FILE_MB`, `MMGCS_CONCURRENCY`,
+  `MMGCS_QUEUE_SIZE`, `MMGCS_MAX_BATCH` (defaults below).
+
+API (see the app's "Use via API" page): `/predict(plot, poster) -> {"scores", "genres", "by_modality"}` and
+`/model_info() -> {"labels", "thresholds", ...}`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import concurrent.futures
+import html
+import io
+import logging
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# The Space must not phone home; set before gradio is imported (it reads this at import time).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import PIL.Image  # noqa: E402
+
+from mmgcs.data.images import MAX_IMAGE_PIXELS, InvalidImageError, load_image  # noqa: E402
+
+log = logging.getLogger("mmgcs.app")
+
+DEFAULT_MODEL = "runs/fusion/model"
+DEFAULT_EXAMPLES = "data/movies"
+N_EXAMPLES = 4
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip().replace("_", "")
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={os.environ[name]!r} is not a whole number; unset it to use {default}.") from None
+    if value <= 0:
+        raise SystemExit(f"{name}={value} must be positive; unset it to use {default}.")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    # TMDb overviews are under 1,000 characters and Wikipedia plots a few thousand; the text tower reads only
+    # its first `max_text_length` tokens, so anything longer is refused rather than silently cut.
+    max_plot_chars: int = _env_int("MMGCS_MAX_PLOT_CHARS", 10_000)
+    max_image_pixels: int = _env_int("MMGCS_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
+    # A poster is ~15 KB-2 MB; 10 MB leaves room for a phone photo of one.
+    max_file_mb: int = _env_int("MMGCS_MAX_FILE_MB", 10)
+    # Requests validated and decoded at once; their model work is batched (see BatchingPredictor).
+    concurrency: int = _env_int("MMGCS_CONCURRENCY", 16)
+    queue_size: int = _env_int("MMGCS_QUEUE_SIZE", 256)
+    max_batch: int = _env_int("MMGCS_MAX_BATCH", 32)
+
+
+LIMITS = Limits()
+
+
+class ModelNotFoundError(RuntimeError):
+    """MMGCS_MODEL names nothing loadable; the message says how to get a model."""
+
+
+def load_model(source: str):
+    """Load a GenreClassifier from a folder or a Hub id, in eval mode, or explain what to do instead."""
+    from mmgcs import GenreClassifier
+
+    remedy = (
+        "Train one with `accelerate launch training/train_fusion.py` (it saves runs/fusion/model), or set "
+        "MMGCS_MODEL to a Hub model id or to a folder saved by `save_pretrained`."
+    )
+    local = Path(source).expanduser()
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
+    if not local.exists() and not looks_like_hub_id:
+        raise ModelNotFoundError(f"No model at {source!r}. {remedy}")
+    try:
+        model = GenreClassifier.from_pretrained(str(local) if local.exists() else source)
+    except Exception as e:
+        raise ModelNotFoundError(f"Could not load the model {source!r} ({type(e).__name__}: {e}). {remedy}") from e
+    return model.eval()
+
+
+def _jsonable(value: Any) -> Any:
+    """Model outputs (tensors, numpy floats) → plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+class BatchingPredictor:
+    """Runs the requests that arrive while the model is busy as one batch (dynamic batching).
+
+    Gradio's own `batch=True` fails every request of a batch when one input is bad, and its validator hook does
+    not work with batched multi-input events (Gradio 6.31); so each request is validated and decoded on its own
+    (and gets its own `gr.Error`), and only the model call is shared. A single caller pays no waiting time:
+    a batch is whatever is queued when the model becomes free.
+    """
+
+    def __init__(self, model, max_batch: int):
+        self.model = model
+        self.max_batch = max_batch
+        self.batch_sizes: list[int] = []  # recent batch sizes, for the benchmark's report
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._serve, name="mmgcs-batcher", daemon=True)
+        self._worker.start()
+
+    def __call__(self, plot: str | None, poster: PIL.Image.Image | None) -> dict:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._requests.put(((plot, poster), future))
+        return future.result()
+
+    def _serve(self) -> None:
+        while True:
+            batch = [self._requests.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._requests.get_nowait())
+                except queue.Empty:
+                    break
+            self.batch_sizes = self.batch_sizes[-999:] + [len(batch)]
+            self._run(batch)
+
+    def _run(self, batch: list) -> None:
+        try:
+            results = self._predict([item for item, _ in batch])
+        except Exception as e:
+            if len(batch) > 1:  # isolate the request that broke the batch; the others still get answers
+                for one in batch:
+                    self._run([one])
+            else:
+                batch[0][1].set_exception(e)
+            return
+        for (_, future), result in zip(batch, results):
+            future.set_result(result)
+
+    def _predict(self, items: list[tuple]) -> list[dict]:
+        plots = [plot for plot, _ in items]
+        posters = [poster for _, poster in items]
+        results = self.model.predict_batch(plots, posters, by_modality=True)
+        return [_jsonable(r) for r in results]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks: each bad input gets its own clear gr.Error; no server path or traceback reaches the user.
+
+
+def _undecoded_upload(payload) -> str | bytes | None:
+    """`gr.Image` preprocessing that hands the upload over undecoded: a path, or the bytes of an inline image.
+
+    `gr.Image` opens the file with PIL itself and turns a non-image into an opaque "Error"; the app instead
+    checks size and pixel count before decoding (`check_poster`) and says what is wrong. (Set on the instance:
+    a `gr.Image` subclass would make Gradio write an `app.pyi` stub next to this file.)
+    """
+    if payload is None:
+        return None
+    if payload.url and payload.url.startswith("data:"):
+        try:
+            return base64.b64decode(payload.url.split(",", 1)[1], validate=False)
+        except (ValueError, IndexError):
+            return b""
+    return str(payload.path) if payload.path else None
+
+
+def poster_input(**kwargs) -> gr.Image:
+    image = gr.Image(type="filepath", **kwargs)
+    image.preprocess = _undecoded_upload
+    return image
+
+
+def _user_error(message: str) -> gr.Error:
+    return gr.Error(message, title="Cannot predict", print_exception=False)
+
+
+def check_plot(plot: Any) -> str | None:
+    """The plot, stripped, or None when empty; refuses non-text and over-long plots."""
+    if plot is None:
+        return None
+    if not isinstance(plot, str):
+        raise _user_error(f"`plot` must be text, not {type(plot).__name__}.")
+    plot = plot.strip()
+    if not plot:
+        return None
+    if len(plot) > LIMITS.max_plot_chars:
+        raise _user_error(
+            f"The plot is {len(plot):,} characters long; the limit is {LIMITS.max_plot_chars:,}. Paste a summary "
+            "of a paragraph or two: the model reads only the beginning of the text."
+        )
+    return plot
+
+
+def check_poster(poster: Any) -> PIL.Image.Image | None:
+    """The decoded RGB poster, or None when none was given; refuses oversized, undecodable or non-image files."""
+    if poster is None or poster == "":
+        return None
+    max_bytes = LIMITS.max_file_mb * 2**20
+    if isinstance(poster, (bytes, bytearray)):
+        data, name = bytes(poster), "The poster"
+    elif isinstance(poster, (str, os.PathLike)):
+        path = Path(poster)
+        name = f"The poster {path.name!r}"  # the user's own file name, never the server's folder
+        try:
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise _user_error(f"{name} is {size / 2**20:.1f} MB; the limit is {LIMITS.max_file_mb} MB. Resize it.")
+            data = path.read_bytes()
+        except OSError:
+            raise _user_error("The poster upload could not be read on the server; upload it again.") from None
+    else:
+        raise _user_error(f"`poster` must be an image file, not {type(poster).__name__}.")
+    if len(data) > max_bytes:
+        raise _user_error(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {LIMITS.max_file_mb} MB. Resize it.")
+    stream = io.BytesIO(data)
+    stream.name = name  # load_image names the input by this in its messages
+    try:
+        return load_image(stream, max_pixels=LIMITS.max_image_pixels)
+    except InvalidImageError as e:
+        raise _user_error(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model, loaded once.
+
+MODEL_SOURCE = os.environ.get("MMGCS_MODEL", "").strip() or DEFAULT_MODEL
+model = load_model(MODEL_SOURCE)
+LABELS: list[str] = list(model.config.labels)
+READS_PLOT = getattr(model, "text_tower", None) is not None
+READS_POSTER = getattr(model, "image_tower", None) is not None
+
+
+def _thresholds() -> dict[str, float]:
+    per_genre = model.config.thresholds
+    if per_genre and len(per_genre) == len(LABELS):
+        return {g: float(t) for g, t in zip(LABELS, per_genre)}
+    return {g: float(model.config.threshold) for g in LABELS}
+
+
+THRESHOLDS = _thresholds()
+predictor = BatchingPredictor(model, LIMITS.max_batch)
+
+
+def predict(plot: str | None = None, poster: str | None = None) -> dict:
+    """Predict a movie's genres from its plot, its poster, or both.
+
+    Returns {"scores": {genre: probability}, "genres": [predicted genres, per-genre thresholds applied],
+    "by_modality": {"text": scores from the plot alone, "image": from the poster alone, "fused": from both}}.
+    """
+    plot_text = check_plot(plot)
+    image = check_poster(poster)
+    notes = []
+    if plot_text is not None and not READS_PLOT:
+        plot_text, notes = None, notes + ["This model reads posters only; the plot was ignored."]
+    if image is not None and not READS_POSTER:
+        image, notes = None, notes + ["This model reads plots only; the poster was ignored."]
+    if plot_text is None and image is None:
+        wanted = " and/or ".join(w for w, ok in (("a plot", READS_PLOT), ("a poster", READS_POSTER)) if ok)
+        raise _user_error(f"Nothing to classify: give {wanted}.")
+    try:
+        result = predictor(plot_text, image)
+    except Exception:
+        log.exception("prediction failed")  # the traceback stays in the server log
+        raise gr.Error(
+            "The model failed on this input. Try again; if it keeps failing, try another poster or plot.",
+            title="Prediction failed",
+            print_exception=False,
+        ) from None
+    if notes:
+        result = {**result, "notes": notes}
+    return result
+
+
+def model_info() -> dict:
+    """The model's genres, per-genre decision thresholds, backbones and this app's input limits."""
+    cfg = model.config
+    return {
+        "labels": LABELS,
+        "thresholds": THRESHOLDS,
+        "reads_plot": READS_PLOT,
+        "reads_poster": READS_POSTER,
+        "text_backbone": cfg.text_backbone if READS_PLOT else None,
+        "image_backbone": cfg.image_backbone if READS_POSTER else None,
+        "fusion": cfg.fusion,
+        "limits": asdict(LIMITS),
+    }
+
+
+def _warm_up() -> None:
+    """One prediction at start-up, so the first user does not pay for lazy initialisation."""
+    try:
+        predictor("A warm-up plot." if READS_PLOT else None, PIL.Image.new("RGB", (64, 96)) if READS_POSTER else None)
+    except Exception:
+        log.warning("warm-up prediction failed", exc_info=True)
+
+
+_warm_up()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering the /predict result for people.
+
+COLUMNS = ["Genre", "Plot only", "Poster only", "Plot + poster", "Threshold", "Predicted"]
+
+
+def _md_text(text: str) -> str:
+    """User text shown literally inside Markdown (no markup, no HTML)."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", html.escape(text))
+
+
+def _pct(p: float | None) -> str:
+    return "—" if p is None else f"{p:.0%}"
+
+
+def render(result: dict | None, title: str | None):
+    """The /predict JSON → (verdict Markdown, Label scores, per-modality table)."""
+    if not result:
+        return "", None, None
+    scores: dict = result["scores"]
+    genres: list = result["genres"]
+    by_mod: dict = result.get("by_modality") or {}
+    text, image = by_mod.get("text"), by_mod.get("image")
+    fused = by_mod.get("fused") or scores
+    lines = [f"### {_md_text(title.strip())}"] if title and title.strip() else []
+    if genres:
+        lines.append("**Predicted genres:** " + ", ".join(genres))
+    else:
+        best = max(scores, key=scores.get)
+        lines.append(f"**No genre passed its threshold.** The closest is {best} ({_pct(scores[best])}).")
+    used = "the plot and the poster" if text and image else "the plot only" if text else "the poster only"
+    lines.append(f"From {used}. The table shows what each input says on its own.")
+    lines += [f"*{_md_text(n)}*" for n in result.get("notes", [])]
+    order = sorted(fused, key=fused.get, reverse=True)
+    rows = [
+        [
+            g,
+            _pct(text.get(g) if text else None),
+            _pct(image.get(g) if image else None),
+            _pct(fused.get(g)),
+            _pct(THRESHOLDS.get(g)),
+            "✓" if g in genres else "",
+        ]
+        for g in order
+    ]
+    return "\n\n".join(lines), scores, gr.Dataframe(value=rows, headers=COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Examples: real movies from the user's own dataset (posters are never committed with the app).
+
+
+def load_examples(source: str, n: int = N_EXAMPLES) -> list[list]:
+    """[title, plot, poster file] for up to `n` test movies with a plot and a poster, covering varied genres.
+
+    The posters are copied to a temporary folder (removed at exit). Returns [] when the dataset is absent.
+    """
+    if not source:
+        return []
+    explicit = "MMGCS_EXAMPLES" in os.environ
+    if not Path(source).exists() and not explicit:
+        log.info("no examples: no dataset at %s (build one with `python -m mmgcs.data build`)", source)
+        return []
+    try:
+        import datasets
+
+        from mmgcs.data import load_movies
+
+        splits = load_movies(source)
+        split = splits["test"] if "test" in splits else next(iter(splits.values()))
+        genre_names = split.features["genres"].feature.names
+        split = split.cast_column("poster", datasets.Image(decode=False))
+    except Exception as e:
+        log.warning("no examples: could not load the dataset %s (%s: %s)", source, type(e).__name__, e)
+        return []
+    folder = Path(tempfile.mkdtemp(prefix="mmgcs-examples-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    chosen, seen = [], set()
+    for row in split.select(range(min(len(split), 300))):
+        if len(chosen) >= n:
+            break
+        genres = {genre_names[i] for i in row["genres"]}
+        if not row.get("plot") or not row.get("poster") or genres <= seen:
+            continue  # prefer movies that add a genre not shown yet
+        try:
+            poster = load_image(row["poster"])
+        except InvalidImageError:
+            continue
+        file = folder / f"{row['id']}.jpg"
+        poster.save(file, format="JPEG", quality=90)
+        chosen.append([row.get("title") or "", row["plot"], str(file)])
+        seen |= genres
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The page.
+
+DESCRIPTION = """\
+# MMGCS — movie genres from a plot and a poster
+Give a movie's **plot**, its **poster**, or both, and the model predicts its genres (several at once).
+The table shows the scores from the plot alone, the poster alone and both together, so you can see which input
+drove each genre."""
+
+
+def _about() -> str:
+    cfg = model.config
+    parts = []
+    if READS_PLOT:
+        parts.append(f"plot encoder `{cfg.text_backbone}`")
+    if READS_POSTER:
+        parts.append(f"poster encoder `{cfg.image_backbone}`")
+    return (
+        f"**Model:** {' + '.join(parts)}, `{cfg.fusion}` fusion, {len(LABELS)} genres. "
+        f"**Limits:** plot ≤ {LIMITS.max_plot_chars:,} characters; poster ≤ {LIMITS.max_file_mb} MB and "
+        f"≤ {LIMITS.max_image_pixels / 1e6:g} megapixels. Use it from code: see *Use via API* at the bottom.\n\n"
+        "Movie data and posters from [TMDb](https://www.themoviedb.org/). This product uses the TMDb API but is "
+        "not endorsed or certified by TMDb."
+    )
+
+
+def build_demo(examples: list[list]) -> gr.Blocks:
+    with gr.Blocks(title="MMGCS — movie genre classifier") as demo:
+        gr.Markdown(DESCRIPTION)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                title = gr.Textbox(label="Title (optional)", max_lines=1, max_length=300, elem_id="title")
+                plot = gr.Textbox(
+                    label="Plot",
+                    lines=6,
+                    max_length=LIMITS.max_plot_chars,
+                    placeholder="A young farm boy joins a rebellion to rescue a princess from an evil empire...",
+                    visible=READS_PLOT,
+                    elem_id="plot",
+                )
+                poster = poster_input(
+                    label="Poster",
+                    sources=["upload", "clipboard"],
+                    height=360,
+                    visible=READS_POSTER,
+                    elem_id="poster",
+                )
+                with gr.Row():
+                    clear = gr.ClearButton(value="Clear")
+                    submit = gr.Button("Predict genres", variant="primary", elem_id="predict")
+            with gr.Column(scale=1):
+                verdict = gr.Markdown(elem_id="verdict")
+                top = gr.Label(label="Top genres", num_top_classes=5, elem_id="top-genres")
+                table = gr.Dataframe(
+                    headers=COLUMNS, label="What each input says", interactive=False, elem_id="by-modality"
+                )
+                with gr.Accordion("API response (JSON)", open=False):
+                    raw = gr.JSON(label="/predict", elem_id="raw")
+        if examples:
+            gr.Examples(examples, inputs=[title, plot, poster], label="Examples from your dataset's test split")
+        gr.Markdown(_about())
+
+        submit.click(
+            predict,
+            inputs=[plot, poster],
+            outputs=raw,
+            api_name="predict",
+            concurrency_limit=LIMITS.concurrency,
+            concurrency_id="model",
+        ).success(render, inputs=[raw, title], outputs=[verdict, top, table], api_visibility="private", queue=False)
+        clear.add([title, plot, poster, verdict, top, table, raw])
+        gr.api(model_info, api_name="model_info", concurrency_limit=None)
+    demo.queue(default_concurrency_limit=LIMITS.concurrency, max_size=LIMITS.queue_size)
+    return demo
+
+
+demo = build_demo(load_examples(os.environ.get("MMGCS_EXAMPLES", DEFAULT_EXAMPLES).strip()))
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by launch(); show_error stays off so that unexpected
+    # exceptions reach users as a generic message, never as a traceback.
+    demo.launch(max_file_size=LIMITS.max_file_mb * 2**20, show_error=False)

@@ -1,0 +1,216 @@
+"""Load test of the Space: N concurrent `gradio_client` callers for T seconds against the running app.
+
+    python benchmarks/bench_app_load.py                       # starts app.py on a free loopback port
+    python benchmarks/bench_app_load.py --callers 1,4,16 --seconds 20 --model runs/fusion/model
+    python benchmarks/bench_app_load.py --url http://127.0.0.1:7860 --server-pid 1234   # an app already running
+
+Each caller sends real movies (plot + poster from ../shared/data/tmdb5000 when present, otherwise generated ones)
+through `/predict`, as a user's script would: a poster upload, then the queued call. Prints requests/s, errors,
+p50/p95/p99 round-trip latency and the server's peak memory (VmHWM of its process). Loopback only: it refuses
+any other host, and the callers run on the same machine as the server, so they share its CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MMGCS_SHARED_DATA", REPO.parent / "shared" / "data"))
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident memory of a process (Linux VmHWM), in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def movies(n: int, workdir: Path) -> tuple[list[tuple[str | None, str | None]], str]:
+    """Up to n (plot, poster path) pairs: real TMDb movies when the shared data is present, else generated."""
+    source = SHARED / "tmdb5000" / "movies.jsonl"
+    out = []
+    if source.is_file():
+        with source.open() as f:
+            for line in f:
+                row = json.loads(line)
+                poster = SHARED / "tmdb5000" / row["poster_file"] if row.get("poster_file") else None
+                if row.get("plot") and poster is not None and poster.is_file():
+                    out.append((row["plot"], str(poster)))
+                if len(out) >= n:
+                    break
+        return out, f"{len(out)} real TMDb movies (plot + poster)"
+    from PIL import Image
+
+    rng = random.Random(0)
+    words = "a detective hunts a killer while a family hides in the old house near the sea during the war".split()
+    for i in range(n):
+        file = workdir / f"poster{i}.jpg"
+        Image.new("RGB", (200, 300), tuple(rng.randrange(256) for _ in range(3))).save(file, quality=90)
+        out.append((" ".join(rng.choice(words) for _ in range(60)).capitalize() + ".", str(file)))
+    return out, f"{n} generated movies (60-word plot + 200x300 poster; shared data absent)"
+
+
+def start_app(model: str | None, port: int, extra_env: dict) -> subprocess.Popen:
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
+               MMGCS_EXAMPLES="", **extra_env)
+    if model:
+        env["MMGCS_MODEL"] = model
+    return subprocess.Popen([sys.executable, str(REPO / "app.py")], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until_up(url: str, proc: subprocess.Popen | None, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"app.py exited with code {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/gradio_api/info", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the app at {url} did not answer within {timeout:.0f} s")
+
+
+def run_level(url: str, callers: int, seconds: float, items: list, mode: str) -> dict:
+    from gradio_client import Client, handle_file
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    clients = [Client(url, verbose=False) for _ in range(callers)]  # connect before the clock starts
+    start_line = threading.Barrier(callers + 1)
+    deadline = [0.0]
+
+    def caller(k: int) -> None:
+        client = clients[k]
+        i = k
+        start_line.wait()
+        while time.perf_counter() < deadline[0]:
+            plot, poster = items[i % len(items)]
+            i += callers
+            kwargs = {"plot": plot if mode in ("both", "plot") else None,
+                      "poster": handle_file(poster) if mode in ("both", "poster") else None}
+            t0 = time.perf_counter()
+            try:
+                result = client.predict(**kwargs, api_name="/predict")
+                if not result.get("scores"):
+                    raise ValueError("empty scores")
+                ok = True
+            except Exception as e:  # noqa: BLE001 — every failure counts as an error of the run
+                ok, msg = False, f"{type(e).__name__}: {e}"
+            dt = time.perf_counter() - t0
+            with lock:
+                if ok:
+                    latencies.append(dt)
+                else:
+                    errors.append(msg)
+
+    threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(callers)]
+    for t in threads:
+        t.start()
+    t_start = time.perf_counter()
+    deadline[0] = t_start + seconds
+    start_line.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t_start
+    for c in clients:
+        c.close()
+    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) >= 2 else [float("nan")] * 99
+    return {"callers": callers, "ok": len(latencies), "errors": len(errors), "rps": len(latencies) / elapsed,
+            "p50": q[49] * 1000, "p95": q[94] * 1000, "p99": q[98] * 1000, "first_error": errors[0] if errors else ""}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="an app already running on loopback (default: start app.py here)")
+    ap.add_argument("--server-pid", type=int, help="with --url: the server's pid, to report its peak memory")
+    ap.add_argument("--model", help="MMGCS_MODEL for the app started here (default: the app's own default)")
+    ap.add_argument("--callers", default="1,16", help="comma-separated numbers of concurrent callers")
+    ap.add_argument("--seconds", type=float, default=20.0, help="duration of each level")
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds of untimed calls before each level")
+    ap.add_argument("--mode", choices=["both", "plot", "poster"], default="both", help="what each call sends")
+    ap.add_argument("--movies", type=int, default=256, help="distinct movies to cycle through")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env for the app")
+    args = ap.parse_args(argv)
+
+    proc = None
+    if args.url:
+        url = args.url.rstrip("/")
+        if urlparse(url).hostname not in LOOPBACK:
+            raise SystemExit(f"{url}: this benchmark only runs against loopback (127.0.0.1 / localhost)")
+        pid = args.server_pid
+    else:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_app(args.model, port, dict(kv.split("=", 1) for kv in args.env))
+        pid = proc.pid
+    try:
+        t0 = time.time()
+        wait_until_up(url, proc)
+        startup = time.time() - t0
+        from gradio_client import Client
+
+        info = Client(url, verbose=False).predict(api_name="/model_info")
+        with tempfile.TemporaryDirectory() as tmp:
+            items, what = movies(args.movies, Path(tmp))
+            rows = []
+            for n in [int(x) for x in args.callers.split(",")]:
+                if args.warmup > 0:
+                    run_level(url, n, args.warmup, items, args.mode)
+                rows.append(run_level(url, n, args.seconds, items, args.mode))
+        peak = peak_rss_mb(pid) if pid else None
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    print(f"\napp: {url}  model: text={info['text_backbone']} image={info['image_backbone']} fusion={info['fusion']}"
+          f" ({len(info['labels'])} genres)  limits: {info['limits']}")
+    print(f"inputs: {what}; mode={args.mode}; {args.seconds:g} s per level after {args.warmup:g} s warm-up; "
+          f"cpus={os.cpu_count()}" + (f"; app start-up {startup:.1f} s" if proc is not None else ""))
+    print("\n| callers | requests | movies/s | errors | p50 ms | p95 ms | p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['callers']} | {r['ok']} | {r['rps']:.1f} | {r['errors']} | {r['p50']:.0f} | {r['p95']:.0f} "
+              f"| {r['p99']:.0f} |")
+    print(f"\nserver peak memory (VmHWM): {peak:.0f} MB" if peak else "\nserver peak memory: unknown (pass --server-pid)")
+    for r in rows:
+        if r["first_error"]:
+            print(f"first error at {r['callers']} callers: {r['first_error'][:300]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The Space (app.py) through its API: started once in a subprocess with a tiny model, called with gradio_client."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from app_helpers import LABELS, REPO, TEST_LIMITS, THRESHOLDS, save_tiny_bundle, shared_app_server  # noqa: E402
+
+PLOTS = [
+    "A retired detective hunts a serial killer through the rainy streets of the city.",
+    "Two friends open a bakery in Paris and fall in love with the same singer.",
+    "A family moves into an old house where something waits in the cellar at night.",
+    "Soldiers cross the desert to rescue a captured pilot before the war ends.",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    return shared_app_server(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = Client(server.url, verbose=False)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    """The same bundle loaded in the test process: what the app must answer."""
+    from mmgcs import GenreClassifier
+
+    return GenreClassifier.from_pretrained(server.model_dir)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("posters")
+    rng = random.Random(0)
+
+    def noise(w, h):
+        return Image.frombytes("RGB", (w, h), bytes(rng.randrange(256) for _ in range(w * h * 3)))
+
+    out = {"good_png": d / "poster.png", "good_jpg": d / "poster.jpg"}
+    noise(60, 90).save(out["good_png"])
+    noise(80, 120).save(out["good_jpg"], quality=90)
+    out["text"] = d / "notes.png"  # a text file wearing an image's name
+    out["text"].write_text("This is the plot, not a poster.")
+    out["truncated"] = d / "truncated.jpg"
+    data = io.BytesIO()
+    noise(200, 300).save(data, format="JPEG", quality=95)
+    out["truncated"].write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+    out["too_many_pixels"] = d / "huge.png"  # 1.2 MP, over the test limit of 1 MP; a small file
+    Image.new("RGB", (1200, 1000), (200, 30, 30)).save(out["too_many_pixels"])
+    out["too_big_file"] = d / "big.png"  # incompressible noise: ~1.5 MB, over the 1 MB upload limit
+    noise(710, 710).save(out["too_big_file"])
+    return out
+
+
+def _close(a: dict, b: dict, tol: float = 1e-4) -> bool:
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol for k in a)
+
+
+def _check_result(result: dict, expected: dict) -> None:
+    """A /predict answer: JSON scores over exactly the model's genres, the thresholded genre set, the expected values."""
+    assert {"scores", "genres", "by_modality"} <= set(result)
+    scores = result["scores"]
+    assert list(scores) == LABELS
+    assert all(isinstance(p, float) and 0.0 <= p <= 1.0 for p in scores.values())
+    assert 0.0 < sum(scores.values()) < len(LABELS)  # independent sigmoids: not a distribution
+    thresholds = dict(zip(LABELS, THRESHOLDS))
+    assert set(result["genres"]) == {g for g, p in scores.items() if p >= thresholds[g]}
+    assert "Action" in result["genres"] and "Comedy" not in result["genres"]
+    assert _close(scores, expected["scores"], 1e-5), (scores, expected["scores"])
+    assert result["by_modality"]["fused"] == pytest.approx(scores)
+
+
+def test_api_page_lists_the_named_endpoints(client):
+    api = client.view_api(return_format="dict", print_info=False)
+    named = api["named_endpoints"]
+    assert set(named) == {"/predict", "/model_info"}  # the UI's rendering step stays private
+    params = named["/predict"]["parameters"]
+    assert [p["parameter_name"] for p in params] == ["plot", "poster"]
+    assert all(p["parameter_has_default"] for p in params)  # either may be left out
+
+
+def test_model_info_reports_labels_thresholds_and_limits(client):
+    info = client.predict(api_name="/model_info")
+    assert info["labels"] == LABELS
+    assert info["thresholds"] == dict(zip(LABELS, THRESHOLDS))
+    assert info["reads_plot"] and info["reads_poster"]
+    assert info["limits"]["max_plot_chars"] == int(TEST_LIMITS["MMGCS_MAX_PLOT_CHARS"])
+    assert info["limits"]["max_image_pixels"] == int(TEST_LIMITS["MMGCS_MAX_IMAGE_PIXELS"])
+
+
+def test_plot_only(client, reference):
+    result = client.predict(plot=PLOTS[0], api_name="/predict")
+    _check_result(result, reference.predict(plot=PLOTS[0]))
+    assert set(result["by_modality"]) == {"text", "fused"}
+    assert _close(result["by_modality"]["text"], result["scores"], 1e-6)
+
+
+def test_poster_only(client, reference, files):
+    result = client.predict(poster=handle_file(files["good_png"]), api_name="/predict")
+    _check_result(result, reference.predict(poster=Image.open(files["good_png"])))
+    assert set(result["by_modality"]) == {"image", "fused"}
+
+
+def test_plot_and_poster_shows_each_modality(client, reference, files):
+    result = client.predict(plot=PLOTS[1], poster=handle_file(files["good_jpg"]), api_name="/predict")
+    poster = Image.open(files["good_jpg"]).convert("RGB")
+    _check_result(result, reference.predict(plot=PLOTS[1], poster=poster))
+    views = result["by_modality"]
+    assert set(views) == {"text", "image", "fused"}
+    assert _close(views["text"], reference.predict(plot=PLOTS[1])["scores"], 1e-5)
+    assert _close(views["image"], reference.predict(poster=poster)["scores"], 1e-5)
+    assert not _close(views["fused"], views["text"], 1e-6)  # the poster changed the answer
+
+
+@pytest.mark.parametrize(
+    "inputs, expected",
+    [
+        (lambda f: {}, "Nothing to classify"),
+        (lambda f: {"plot": "  \n\t "}, "Nothing to classify"),
+        (lambda f: {"poster": handle_file(f["text"])}, "not a recognised image"),
+        (lambda f: {"plot": PLOTS[0], "poster": handle_file(f["truncated"])}, "truncated"),
+        (lambda f: {"poster": handle_file(f["too_many_pixels"])}, "over the limit of 1,000,000"),
+        (lambda f: {"plot": "word " * 500}, "limit is 2,000"),
+    ],
+    ids=["nothing", "blank-plot", "not-an-image", "truncated-jpeg", "too-many-pixels", "plot-too-long"],
+)
+def test_bad_input_gets_a_clear_error(client, files, inputs, expected):
+    with pytest.raises(AppError) as err:
+        client.predict(**inputs(files), api_name="/predict")
+    message = str(err.value)
+    assert expected in message
+    assert "Traceback" not in message and "/tmp" not in message and str(REPO) not in message
+
+
+def test_upload_over_the_size_limit_is_refused(client, server, files):
+    import httpx
+
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):  # the client reads the app's limit
+        client.predict(poster=handle_file(files["too_big_file"]), api_name="/predict")
+    with files["too_big_file"].open("rb") as f:  # and the server enforces it for any other client
+        response = httpx.post(server.url + "/gradio_api/upload", files={"files": f}, timeout=30)
+    assert response.status_code == 413
+    assert "1 MB" in response.text or "1048576" in response.text or "size" in response.text.lower()
+
+
+def test_concurrent_calls_are_batched_without_mixing_answers(server, reference, files):
+    """Good and bad requests at once: each good one gets its own movie's scores, each bad one its own error."""
+
+    def call(i: int):
+        c = Client(server.url, verbose=False)
+        try:
+            if i % 3 == 2:
+                return c.predict(plot=PLOTS[i % 4], poster=handle_file(files["text"]), api_name="/predict")
+            return c.predict(plot=PLOTS[i % 4], api_name="/predict")
+        except AppError as e:
+            return e
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(call, range(12)))
+    for i, result in enumerate(results):
+        if i % 3 == 2:
+            assert isinstance(result, AppError) and "not a recognised image" in str(result)
+        else:
+            assert isinstance(result, dict), result
+            assert _close(result["scores"], reference.predict(plot=PLOTS[i % 4])["scores"], 1e-4)
+
+
+def test_server_is_healthy_after_the_bad_inputs(client, server):
+    assert server.alive()
+    assert client.predict(plot=PLOTS[2], api_name="/predict")["scores"]
+    log = server.log_text()
+    assert "Traceback" not in log, log[-3000:]  # bad input is a user error, not a server failure
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# In-process: the parts of app.py not reachable through the API.
+
+
+@pytest.fixture(scope="module")
+def app_module(tmp_path_factory):
+    bundle = save_tiny_bundle(tmp_path_factory.mktemp("inproc") / "model")
+    env = {"MMGCS_MODEL": str(bundle), "MMGCS_EXAMPLES": "", **TEST_LIMITS}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        spec = importlib.util.spec_from_file_location("mmgcs_space_app", REPO / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert not (REPO / "app.pyi").exists()  # no Gradio stub written next to the app
+    return module
+
+
+def test_an_internal_failure_reaches_the_user_without_details(app_module, monkeypatch):
+    import gradio as gr
+
+    def broken(plot, poster):
+        raise RuntimeError("boom in /srv/secret/model.py")
+
+    monkeypatch.setattr(app_module, "predictor", broken)
+    with pytest.raises(gr.Error) as err:
+        app_module.predict(plot=PLOTS[0])
+    assert "/srv/secret" not in str(err.value) and "boom" not in str(err.value)
+    assert "Try again" in str(err.value)
+
+
+def test_render_shows_verdict_scores_and_each_modality(app_module):
+    result = app_module.predict(plot=PLOTS[3])
+    verdict, scores, table = app_module.render(result, "Dr. *Strange* <b>love</b>")
+    assert "Dr\\. \\*Strange\\* &lt;b&gt;love&lt;/b&gt;" in verdict  # the title is shown literally
+    assert "Predicted genres:" in verdict and "Action" in verdict and "plot only" in verdict
+    assert scores == result["scores"]
+    rows = table.value["data"]
+    assert [r[0] for r in rows] == sorted(LABELS, key=lambda g: -result["scores"][g])
+    by_genre = {r[0]: r for r in rows}
+    assert by_genre["Action"][5] == "✓" and by_genre["Comedy"][5] == ""
+    assert all(r[2] == "—" for r in rows)  # no poster: its column is empty
+    assert by_genre["Comedy"][4] == "100%"  # the per-genre threshold
+
+
+def test_missing_model_says_how_to_get_one(app_module):
+    with pytest.raises(app_module.ModelNotFoundError, match="train_fusion.py"):
+        app_module.load_model(str(REPO / "no-such-run" / "model"))
+
+
+def test_examples_come_from_the_users_dataset(app_module, tmp_path):
+    import datasets
+
+    features = datasets.Features(
+        {
+            "id": datasets.Value("int64"),
+            "title": datasets.Value("string"),
+            "plot": datasets.Value("string"),
+            "poster": datasets.Image(),
+            "genres": datasets.Sequence(datasets.ClassLabel(names=LABELS)),
+            "source": datasets.Value("string"),
+        }
+    )
+    poster = Image.new("RGB", (40, 60), (10, 90, 200))
+    rows = {
+        "id": [1, 2, 3, 4],
+        "title": ["No Poster", "Night House", "Same Genres", "Desert War"],
+        "plot": ["A plot.", PLOTS[2], PLOTS[2], PLOTS[3]],
+        "poster": [None, poster, poster, poster],
+        "genres": [[0], [3], [3], [0, 2]],
+        "source": ["test"] * 4,
+    }
+    (tmp_path / "data").mkdir()
+    for split in ("train", "validation", "test"):
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+        )
+    examples = app_module.load_examples(str(tmp_path), n=4)
+    # no poster → skipped; "Same Genres" adds no genre not already shown → skipped
+    assert [e[0] for e in examples] == ["Night House", "Desert War"]
+    for title, plot, file in examples:
+        assert Image.open(file).size == (40, 60)
+        assert not Path(file).is_relative_to(REPO)  # posters never land in the repository
+    assert app_module.load_examples(str(tmp_path / "absent")) == []
