@@ -39,12 +39,18 @@ class EvalData:
     rows: Iterable[EvalRow]
     kind: str  # "dataset" or "source:<format>"
     vocabulary: Optional[list[str]]  # the data's label names when known (built dataset), else None
+    split: Optional[str] = None  # the split scored: a built dataset's, or a raw source's official one (MM-IMDb)
     skipped: list[dict] = field(default_factory=list)  # rows the reader could not read
     notes: Counter = field(default_factory=Counter)
 
 
 def _key(name: str) -> str:
     return re.sub(r"[\s_\-]+", "", name).lower()
+
+
+# The same genre under the TMDb and IMDb vocabularies, so a model trained on one scores on the other.
+# Applied only when the data's name is not itself a model label, and reported.
+CROSS_VOCABULARY_ALIASES = {"Sci-Fi": "Science Fiction", "Science Fiction": "Sci-Fi"}
 
 
 class GenreMapper:
@@ -59,16 +65,22 @@ class GenreMapper:
         if bad:
             raise ValueError(f"--rename-genre targets {sorted(bad)} are not labels of the model; its labels: {self.labels}")
         self.unknown: Counter = Counter()
+        self.aliased: dict[str, str] = {}
 
     def column(self, name: str) -> Optional[int]:
         from mmgcs.data.genres import canonical_genre
 
         name = self.renames.get(name, name)
-        for candidate in (name, canonical_genre(name)[0]):
+        canonical = canonical_genre(name)[0]
+        for candidate in (name, canonical):
             if candidate in self.index:
                 return self.index[candidate]
             if _key(candidate) in self.by_key:
                 return self.by_key[_key(candidate)]
+        alias = CROSS_VOCABULARY_ALIASES.get(canonical)
+        if alias in self.index:
+            self.aliased[name] = alias
+            return self.index[alias]
         return None
 
     def encode(self, genres: Iterable[str]) -> np.ndarray:
@@ -128,10 +140,11 @@ def read_dataset(path: str, split: str) -> EvalData:
                     title=batch["title"][i] if "title" in batch else None,
                 )
 
-    return EvalData(rows=rows(), kind="dataset", vocabulary=list(names))
+    return EvalData(rows=rows(), kind="dataset", vocabulary=list(names), split=split)
 
 
-def read_source(path: str, fmt: Optional[str] = None) -> EvalData:
+def read_source(path: str, fmt: Optional[str] = None, split: Optional[str] = None) -> EvalData:
+    """Every movie of a raw source; when the source has official splits (MM-IMDb), only those of ``split``."""
     from mmgcs.data.records import BuildReport
     from mmgcs.data.sources import detect_format, get_format, source_name
 
@@ -153,6 +166,11 @@ def read_source(path: str, fmt: Optional[str] = None) -> EvalData:
     def rows() -> Iterator[EvalRow]:
         for movie in source.read(p, source_name(p), report):
             collect_drops()
+            if movie.split is not None and split:
+                data.split = split
+                if movie.split != split:
+                    data.notes["rows_of_other_splits"] += 1
+                    continue
             poster = movie.poster_file
             if poster is None and movie.poster_url:
                 data.notes["poster_url_not_fetched"] += 1  # evaluation never downloads; the row is scored without it
@@ -164,9 +182,10 @@ def read_source(path: str, fmt: Optional[str] = None) -> EvalData:
 
 
 def read_data(path: str, split: str = "test", fmt: Optional[str] = None) -> EvalData:
-    """A built dataset's split, or every movie of a raw source folder (``split`` is then ignored)."""
+    """A built dataset's split, or the movies of a raw source folder (all of them, unless the source has
+    official splits, as MM-IMDb does: then those of ``split``)."""
     if fmt or is_source_folder(path):
-        return read_source(path, fmt)
+        return read_source(path, fmt, split)
     return read_dataset(path, split)
 
 
@@ -335,6 +354,7 @@ def evaluate(
         "threshold_source": threshold_source,
         "counts": dict(counts),
         "unknown_genres": dict(mapper.unknown.most_common()),
+        "genre_aliases": dict(mapper.aliased),
         "skipped": skipped,
         "bad_posters": bad_posters,
         # Scored as all-negative rows: the right answer for them is "none of the model's genres".
@@ -390,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model bundle folder (save_pretrained) or Hub model id")
     p.add_argument("--data", required=True, help="built dataset folder / Hub dataset id, or a raw source folder "
                    "(movies.jsonl + posters, MM-IMDb, CSV)")
-    p.add_argument("--split", default="test", help="split of a built dataset (default: test); ignored for raw sources")
+    p.add_argument("--split", default="test", help="split to score (default: test): of a built dataset, or of a raw "
+                   "source with official splits (MM-IMDb); other raw sources are scored whole")
     p.add_argument("--format", default=None, help="raw source format when it cannot be detected (jsonl, mmimdb, csv)")
     p.add_argument("--out", default=None, help="write the full report (metrics, counts, skipped rows) to this JSON file")
     p.add_argument("--predictions", default=None, help="write one JSON line per scored movie (true, predicted, scores)")
@@ -417,6 +438,8 @@ def _summary(result: dict) -> str:
     ]
     if result["labels_not_in_data"]:
         lines.append(f"model genres the data does not annotate (not scored): {', '.join(result['labels_not_in_data'])}")
+    if result["genre_aliases"]:
+        lines.append("genres matched across vocabularies: " + ", ".join(f"{a} -> {b}" for a, b in result["genre_aliases"].items()))
     if result["unknown_genres"]:
         shown = ", ".join(f"{g} ({n})" for g, n in result["unknown_genres"].items())
         lines.append(f"data genres the model does not know (ignored; map with --rename-genre): {shown}")
@@ -449,7 +472,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     result = {
         "model": str(args.model),
         "data": str(args.data),
-        "split": args.split if data.kind == "dataset" else None,
+        "split": None,
         "out": args.out,
     }
     result.update(
@@ -465,6 +488,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             progress=sys.stderr.isatty(),
         )
     )
+    result["split"] = data.split  # known once the rows are read (a raw source's official split)
     print(_summary(result))
     if result["metrics"] is not None:
         print()

@@ -199,3 +199,36 @@ def test_agrees_with_the_training_run_test_metrics(tmp_path):
     card = ModelCard.load(tmp_path / "run" / "model" / "README.md")
     micro = {e.metric_name: e.metric_value for e in card.data.eval_results}["Micro F1"]
     assert micro == pytest.approx(run["micro_f1"], abs=1e-4)
+
+
+def test_mmimdb_official_split_and_cross_vocabulary_genres(tmp_path):
+    testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
+    bundle = tmp_path / "bundle"
+    testing.tiny_model(["Drama", "Science Fiction"], image=False).save_pretrained(bundle)
+    root = tmp_path / "mmimdb"
+    (root / "dataset").mkdir(parents=True)
+    genres = {"0000001": ["Drama"], "0000002": ["Sci-Fi"], "0000003": ["Drama", "Sci-Fi"], "0000004": ["Sci-Fi"]}
+    for stem, g in genres.items():
+        (root / "dataset" / f"{stem}.json").write_text(json.dumps({"title": stem, "plot": [f"plot {stem}", "a longer plot"], "genres": g}))
+    (root / "split.json").write_text(json.dumps({"train": ["0000001"], "dev": ["0000004"], "test": ["0000002", "0000003"]}))
+
+    r = _run(tmp_path, "--model", str(bundle), "--data", str(root), "--split", "test")
+    assert r["data_kind"] == "source:mmimdb" and r["split"] == "test"
+    assert r["counts"]["scored"] == 2 and r["counts"]["rows_of_other_splits"] == 2
+    assert r["genre_aliases"] == {"Sci-Fi": "Science Fiction"} and r["unknown_genres"] == {}
+    assert r["metrics"]["per_genre"]["Science Fiction"]["support"] == 2
+    assert r["metrics"]["per_genre"]["Drama"]["support"] == 1
+    r = _run(tmp_path, "--model", str(bundle), "--data", str(root), "--split", "validation")
+    assert r["counts"]["scored"] == 1 and r["split"] == "validation"
+
+
+def test_single_label_model_is_scored_by_its_top_genre(raw_source, tmp_path):
+    testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
+    bundle = tmp_path / "bundle"
+    testing.tiny_model(LABELS, task="singlelabel").save_pretrained(bundle)
+    preds = tmp_path / "p.jsonl"
+    r = _run(tmp_path, "--model", str(bundle), "--data", str(raw_source), "--predictions", str(preds))
+    m = r["metrics"]
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["per_genre"]["Action"]["threshold"] is None
+    assert sum(g["predicted"] for g in m["per_genre"].values()) == m["n_samples"] == 10
+    assert all(len(json.loads(x)["predicted"]) == 1 for x in preds.read_text().splitlines())
