@@ -74,10 +74,17 @@ def predict_batch(model, plots: Optional[list] = None, posters: Optional[list] =
         raise ValueError(f"Got {len(plots)} plots and {len(posters)} posters; pass one of each per movie (None when missing)")
     for i, (plot, poster) in enumerate(zip(plots, posters)):
         _check_usable(model, plot, poster, index=i if n > 1 else None)
-    if model.training:
-        model.eval()
+    was_training = model.training
+    model.eval()  # predictions never use dropout or update BatchNorm statistics
+    try:
+        return _predict_chunks(model, plots, posters, batch_size, by_modality)
+    finally:
+        model.train(was_training)
+
+
+def _predict_chunks(model, plots: list, posters: list, batch_size: int, by_modality: bool) -> list[dict]:
     out = []
-    for start in range(0, n, batch_size):
+    for start in range(0, len(plots), batch_size):
         chunk_plots, chunk_posters = plots[start:start + batch_size], posters[start:start + batch_size]
         batch = model.preprocess(chunk_plots, chunk_posters)
         probs, views = _run(model, batch, by_modality)
