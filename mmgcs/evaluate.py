@@ -265,6 +265,9 @@ def evaluate(
     if not (use_text or use_image):
         raise ValueError(f"The model has no tower for --modality {modality}; use --modality both")
     thresholds, threshold_source = model_thresholds(model, threshold)
+    single_label = getattr(model.config, "task", "multilabel") == "singlelabel"
+    if single_label:
+        threshold_source = "none (single-label: the top genre)"
 
     # A built dataset's vocabulary says which model genres the data annotates; others cannot be judged here.
     if data.vocabulary is not None:
@@ -304,8 +307,10 @@ def evaluate(
                     # the label set", a real all-negative row, scored as training scores it.)
                     skipped.append({"id": row.id, "reason": "no genres", "detail": "the movie lists no genre"})
                     continue
-                if not target.any():
-                    without_model_genre.append(row.id)
+                if not target.any() and single_label:
+                    # A single-label model has no right answer for it (training drops such rows too).
+                    skipped.append({"id": row.id, "reason": "no genre known to the model", "detail": f"genres: {row.genres}"})
+                    continue
                 plot = _plot_or_none(row.plot) if use_text else None
                 image = None
                 if use_image and _has_poster(row.poster):
@@ -317,6 +322,8 @@ def evaluate(
                     wanted = {"both": "plot or poster", "text": "plot", "image": "poster"}[modality]
                     skipped.append({"id": row.id, "reason": "no input", "detail": f"no usable {wanted}"})
                     continue
+                if not target.any():
+                    without_model_genre.append(row.id)
                 counts["with_plot"] += plot is not None
                 counts["with_poster"] += image is not None
                 plots.append(plot)
@@ -366,9 +373,8 @@ def evaluate(
     probs = np.stack(all_probs)[:, evaluated]
     targets = np.stack(all_labels)[:, evaluated]
     names = report["evaluated_labels"]
-    argmax = getattr(model.config, "task", "multilabel") == "singlelabel"
-    report["metrics"] = compute_metrics(probs, targets, names, thresholds[evaluated], argmax=argmax)
-    if not argmax and threshold is None and getattr(model.config, "thresholds", None):
+    report["metrics"] = compute_metrics(probs, targets, names, thresholds[evaluated], argmax=single_label)
+    if not single_label and threshold is None and getattr(model.config, "thresholds", None):
         # What the tuned thresholds bought, against the single global threshold.
         glob = compute_metrics(probs, targets, names, float(getattr(model.config, "threshold", 0.5)))
         report["metrics_at_global_threshold"] = {k: v for k, v in glob.items() if k != "per_genre"}
