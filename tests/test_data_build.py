@@ -156,7 +156,7 @@ def test_rare_genres_leave_the_labels_and_unlabeled_movies_are_reported(bad_buil
 def test_explicit_genres_and_bad_label_options(tmp_path):
     rows, posters = balanced_rows(20, with_posters=False)
     src = write_jsonl_source(tmp_path / "src", rows, posters)
-    result = build(_opts([src], tmp_path / "out", genres=["Romance", "Action"]))
+    result = build(_opts([src], tmp_path / "out", genres=["Romance", "action"]))
     assert result.dataset["train"].features["genres"].feature.names == ["Romance", "Action"]
     with pytest.raises(ValueError, match="no movie has them.*Drama"):
         build(_opts([src], tmp_path / "o2", genres=["Musical"]))
@@ -327,3 +327,14 @@ def test_tiny_datasets_still_get_three_non_empty_splits(tmp_path):
     src = write_jsonl_source(tmp_path / "src", rows)
     result = build(_opts([src], tmp_path / "out", min_genre_count=1))
     assert sorted(len(d) for d in result.dataset.values()) == [1, 1, 2]
+
+
+def test_rename_genre_fixes_a_misspelling_before_labels_are_chosen(tmp_path):
+    rows, _ = balanced_rows(20, with_posters=False)
+    rows[0]["genres"] = ["Comdy"]
+    src = write_jsonl_source(tmp_path / "src", rows)
+    result = build(_opts([src], tmp_path / "out", rename_genres={"Comdy": "Comedy"}))
+    kept = {r["id"]: r for split in result.dataset.values() for r in split}
+    names = result.dataset["train"].features["genres"].feature.names
+    assert [names[g] for g in kept[1000]["genres"]] == ["Comedy"]
+    assert [e["reason"] for e in result.report["events"]] == ["genre_renamed"]

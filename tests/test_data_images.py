@@ -124,3 +124,23 @@ def test_missing_file_and_unsupported_types_name_the_problem(tmp_path):
 
 def test_invalid_image_error_is_a_value_error():
     assert issubclass(InvalidImageError, ValueError)
+
+
+def test_concurrent_loads_stay_strict_and_restore_the_global_flag(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = image_bytes("JPEG", size=(120, 180))
+    cut = good[: len(good) // 2]
+    monkeypatch.setattr(PIL.ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+
+    def outcome(data):
+        try:
+            load_image(data)
+            return "ok"
+        except InvalidImageError:
+            return "refused"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(outcome, [good, cut] * 40))
+    assert results == ["ok", "refused"] * 40
+    assert PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True

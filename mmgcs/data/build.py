@@ -252,7 +252,8 @@ def _drop_empty(movies: list[Movie], report: BuildReport) -> list[Movie]:
 
 def _choose_labels(movies: list[Movie], opts: BuildOptions, report: BuildReport) -> tuple[list[str], dict[str, int]]:
     counts = Counter(g for m in movies for g in m.genres)
-    labels, removed = select_labels(counts, opts.min_genre_count, opts.genres)
+    wanted = [canonical_genre(g)[0] for g in opts.genres] if opts.genres else None  # "drama" means Drama
+    labels, removed = select_labels(counts, opts.min_genre_count, wanted)
     keep = set(labels)
     why = "not in --genres" if opts.genres else f"fewer than {opts.min_genre_count} movies"
     for m in movies:

@@ -42,7 +42,7 @@ def render_card(
         pretty_name=pretty_name,
         language=["en"],
         license="other",
-        license_name="tmdb-terms-of-use" if formats - {"mmimdb"} else "mm-imdb-research-only",
+        license_name="tmdb-terms-of-use" if formats - {"mmimdb"} else "mm-imdb",
         license_link=TMDB_TERMS_URL if formats - {"mmimdb"} else None,
         task_categories=["text-classification", "image-classification"],
         task_ids=["multi-label-classification", "multi-label-image-classification"],

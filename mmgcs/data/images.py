@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,11 +181,9 @@ def _open_bytes(data: bytes, max_pixels: int, name: str) -> PIL.Image.Image:
 
 def _ensure_loaded(img: PIL.Image.Image, name: str) -> PIL.Image.Image:
     """Decode every pixel now, so truncated or corrupt data fails here and not deep inside a DataLoader."""
-    # Other libraries may switch PIL to tolerate truncated files globally; a poster must be complete.
-    tolerant = PIL.ImageFile.LOAD_TRUNCATED_IMAGES
-    PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        img.load()
+        with _strict_truncation():
+            img.load()
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
     except PIL.Image.DecompressionBombError as e:
@@ -193,9 +193,31 @@ def _ensure_loaded(img: PIL.Image.Image, name: str) -> PIL.Image.Image:
         raise InvalidImageError(
             f"{name}: the image data is {reason} ({type(e).__name__}: {e}). Re-download or re-export the file."
         ) from None
-    finally:
-        PIL.ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
     return img
+
+
+_strict_lock = threading.Lock()
+_strict_depth = 0
+_saved_tolerance = False
+
+
+@contextmanager
+def _strict_truncation():
+    """Other libraries may set PIL's global LOAD_TRUNCATED_IMAGES; a poster must be complete. Counted, so that
+    concurrent loads in threads keep the flag off until the last one ends, then restore the caller's value."""
+    global _strict_depth, _saved_tolerance
+    with _strict_lock:
+        if _strict_depth == 0:
+            _saved_tolerance = PIL.ImageFile.LOAD_TRUNCATED_IMAGES
+            PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _strict_depth += 1
+    try:
+        yield
+    finally:
+        with _strict_lock:
+            _strict_depth -= 1
+            if _strict_depth == 0:
+                PIL.ImageFile.LOAD_TRUNCATED_IMAGES = _saved_tolerance
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
