@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from mmgcs.metrics import compute_metrics, resolve_thresholds
+from mmgcs.metrics import bootstrap_intervals, compute_metrics, resolve_thresholds
 from mmgcs.report import format_metrics_table
 
 
@@ -252,6 +252,7 @@ def evaluate(
     limit: int = 0,
     predictions_path: Optional[str | Path] = None,
     progress: bool = False,
+    n_boot: int = 1000,
 ) -> dict:
     """Score ``model`` on ``data``; returns the report (counts, skipped rows, unknown genres, metrics)."""
     from mmgcs.data.images import InvalidImageError, load_image
@@ -374,6 +375,12 @@ def evaluate(
     targets = np.stack(all_labels)[:, evaluated]
     names = report["evaluated_labels"]
     report["metrics"] = compute_metrics(probs, targets, names, thresholds[evaluated], argmax=single_label)
+    if n_boot:
+        report["intervals"] = {
+            "confidence": 0.95,
+            "n_boot": n_boot,
+            **bootstrap_intervals(probs, targets, thresholds[evaluated], n_boot=n_boot, argmax=single_label),
+        }
     if not single_label and threshold is None and getattr(model.config, "thresholds", None):
         # What the tuned thresholds bought, against the single global threshold.
         glob = compute_metrics(probs, targets, names, float(getattr(model.config, "threshold", 0.5)))
@@ -429,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rename-genre", action="append", default=[], metavar="DATA=MODEL",
                    help="map a data genre name to a model label, e.g. 'Sci-Fi=Science Fiction' (repeatable)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N movies (0 = all)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for 95%% intervals of micro/macro/samples F1 (0 = off)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     return p
 
@@ -467,6 +476,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     renames = _parse_renames(args.rename_genre)
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
+    if args.bootstrap < 0:
+        raise SystemExit("--bootstrap must be 0 (off) or a number of resamples")
     try:
         model = GenreClassifier.from_pretrained(args.model)
     except (OSError, ValueError) as e:
@@ -492,6 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             limit=args.limit,
             predictions_path=args.predictions,
             progress=sys.stderr.isatty(),
+            n_boot=args.bootstrap,
         )
     )
     result["split"] = data.split  # known once the rows are read (a raw source's official split)
@@ -499,6 +511,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if result["metrics"] is not None:
         print()
         print(format_metrics_table(result["metrics"], markdown=False))
+        if result.get("intervals"):
+            iv = result["intervals"]
+            print(f"\n{iv['confidence']:.0%} bootstrap intervals ({iv['n_boot']} resamples): " + ", ".join(
+                f"{k} [{iv[k][0]:.3f}, {iv[k][1]:.3f}]" for k in ("micro_f1", "macro_f1", "samples_f1")))
     else:
         print("No movie could be scored: see the skipped rows (reasons above).")
     if args.out:

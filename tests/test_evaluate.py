@@ -102,6 +102,8 @@ def test_raw_source_folder_reports_every_row(model_dir, raw_source, tmp_path):
     for key in ("micro_f1", "macro_f1", "weighted_f1", "samples_f1", "mAP"):
         assert 0.0 <= m[key] <= 1.0
     assert "metrics_at_global_threshold" in r
+    iv = r["intervals"]
+    assert iv["n_boot"] == 1000 and iv["micro_f1"][0] <= m["micro_f1"] <= iv["micro_f1"][1]
 
     lines = [json.loads(x) for x in preds.read_text().splitlines()]
     assert len(lines) == 10 and {x["id"] for x in lines} >= {101, 103, 104, 106}
@@ -115,7 +117,9 @@ def test_raw_source_folder_reports_every_row(model_dir, raw_source, tmp_path):
 
 
 def test_modality_and_threshold_options(model_dir, raw_source, tmp_path):
-    r = _run(tmp_path, "--model", str(model_dir), "--data", str(raw_source), "--modality", "text", "--threshold", "0.3")
+    r = _run(tmp_path, "--model", str(model_dir), "--data", str(raw_source), "--modality", "text", "--threshold", "0.3",
+             "--bootstrap", "0")
+    assert "intervals" not in r
     assert r["counts"]["with_poster"] == 0 and r["counts"]["with_plot"] == 9
     # The poster-only movie now has nothing to score on.
     assert {s["id"] for s in r["skipped"] if s["reason"] == "no input"} == {102, 106}

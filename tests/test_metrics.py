@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from mmgcs.metrics import binarize, compute_metrics, resolve_thresholds, tune_global_threshold, tune_thresholds
+from mmgcs.metrics import binarize, bootstrap_intervals, compute_metrics, resolve_thresholds, tune_global_threshold, tune_thresholds
 from mmgcs.report import fill_model_card, format_metrics_table, model_index, write_run_report
 
 # 4 movies x 3 genres (A, B, C). At the default 0.5 threshold the predictions are:
@@ -168,6 +168,28 @@ def test_tune_global_threshold_maximizes_micro_f1():
     t = tune_global_threshold(probs, labels)
     assert 0.3 < t <= 0.35
     assert compute_metrics(probs, labels, ["x", "y"], t)["micro_f1"] == 1.0
+
+
+def _noisy_predictions(n, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, 4)) < 0.3).astype(int)
+    probs = np.clip(0.35 * labels + 0.65 * rng.random((n, 4)), 0, 1)
+    return probs, labels
+
+
+def test_bootstrap_intervals_bracket_the_estimate_and_shrink_with_more_movies():
+    probs, labels = _noisy_predictions(200)
+    m = compute_metrics(probs, labels, list("abcd"))
+    ci = bootstrap_intervals(probs, labels, n_boot=400)
+    for key in ("micro_f1", "macro_f1", "samples_f1"):
+        low, high = ci[key]
+        assert low < m[key] < high, key
+    big = bootstrap_intervals(*_noisy_predictions(3200), n_boot=400)
+    # Width falls like 1/sqrt(n): 16x the movies, about a quarter of the width.
+    assert big["micro_f1"][1] - big["micro_f1"][0] < 0.5 * (ci["micro_f1"][1] - ci["micro_f1"][0])
+    assert bootstrap_intervals(probs, labels, n_boot=50, seed=3) == bootstrap_intervals(probs, labels, n_boot=50, seed=3)
+    # Perfect predictions have no spread.
+    assert bootstrap_intervals(labels.astype(float), labels, n_boot=50)["micro_f1"] == [1.0, 1.0]
 
 
 # The engine's record shape: per-group learning rates nest in a dict; non-numeric fields are ignored.
