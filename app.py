@@ -292,6 +292,13 @@ def predict(plot: str | None = None, poster: str | None = None) -> dict:
     return result
 
 
+def _backbone_name(name: str) -> str:
+    """A backbone's Hub id as is; a local folder by its last part only (no server paths on the page or API)."""
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or Path(name).is_dir():
+        return Path(name).name
+    return name
+
+
 def model_info() -> dict:
     """The model's genres, per-genre decision thresholds, backbones and this app's input limits."""
     cfg = model.config
@@ -300,8 +307,8 @@ def model_info() -> dict:
         "thresholds": THRESHOLDS,
         "reads_plot": READS_PLOT,
         "reads_poster": READS_POSTER,
-        "text_backbone": cfg.text_backbone if READS_PLOT else None,
-        "image_backbone": cfg.image_backbone if READS_POSTER else None,
+        "text_backbone": _backbone_name(cfg.text_backbone) if READS_PLOT else None,
+        "image_backbone": _backbone_name(cfg.image_backbone) if READS_POSTER else None,
         "fusion": cfg.fusion,
         "limits": asdict(LIMITS),
     }
@@ -424,14 +431,14 @@ drove each genre."""
 
 
 def _about() -> str:
-    cfg = model.config
+    info = model_info()
     parts = []
     if READS_PLOT:
-        parts.append(f"plot encoder `{cfg.text_backbone}`")
+        parts.append(f"plot encoder `{info['text_backbone']}`")
     if READS_POSTER:
-        parts.append(f"poster encoder `{cfg.image_backbone}`")
+        parts.append(f"poster encoder `{info['image_backbone']}`")
     return (
-        f"**Model:** {' + '.join(parts)}, `{cfg.fusion}` fusion, {len(LABELS)} genres. "
+        f"**Model:** {' + '.join(parts)}, `{info['fusion']}` fusion, {len(LABELS)} genres. "
         f"**Limits:** plot ≤ {LIMITS.max_plot_chars:,} characters; poster ≤ {LIMITS.max_file_mb} MB and "
         f"≤ {LIMITS.max_image_pixels / 1e6:g} megapixels. Use it from code: see *Use via API* at the bottom.\n\n"
         "Movie data and posters from [TMDb](https://www.themoviedb.org/). This product uses the TMDb API but is "

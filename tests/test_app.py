@@ -103,6 +103,7 @@ def test_model_info_reports_labels_thresholds_and_limits(client):
     assert info["labels"] == LABELS
     assert info["thresholds"] == dict(zip(LABELS, THRESHOLDS))
     assert info["reads_plot"] and info["reads_poster"]
+    assert "/" not in info["text_backbone"]  # the tiny BERT lives in a temp folder: only its name is shown
     assert info["limits"]["max_plot_chars"] == int(TEST_LIMITS["MMGCS_MAX_PLOT_CHARS"])
     assert info["limits"]["max_image_pixels"] == int(TEST_LIMITS["MMGCS_MAX_IMAGE_PIXELS"])
 

@@ -1,0 +1,133 @@
+"""The Space in a real browser: headless Chromium (Debian's package) types a plot, uploads a poster, clicks, and
+reads the genres off the page. Saves a screenshot (also copied to artifacts/screenshot-app.png).
+
+Needs `chromium` + `chromedriver` (`apt-get install chromium chromium-driver`; `make test` installs them as root)
+and `selenium` (`pip install -e '.[dev]'`). Browsers cannot be downloaded here, so Selenium is given the Debian
+driver and never asked to fetch one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from app_helpers import LABELS, REPO, shared_app_server
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+INSTALL = "install it with `apt-get install -y chromium chromium-driver` (as root) and `pip install selenium`"
+PLOT = "A young woman and her dog cross a haunted forest to rescue her brother from a witch."
+TIMEOUT = 60
+
+
+def _missing() -> str | None:
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        return f"BROWSER TEST SKIPPED: no chromium/chromedriver on PATH; {INSTALL}"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return f"BROWSER TEST SKIPPED: selenium is not installed; {INSTALL}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not try to download a browser or driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-extensions", "--window-size=1400,1300",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(TIMEOUT)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page(browser, tmp_path_factory):
+    """The app freshly loaded (no toast or output left from an earlier test)."""
+    server = shared_app_server(tmp_path_factory)
+    browser.get(server.url)
+    return browser
+
+
+def _wait(driver, condition, what: str):
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, TIMEOUT, poll_frequency=0.2).until(condition)
+    except TimeoutException:
+        pytest.fail(f"timed out waiting for {what}; page text:\n{driver.find_element('tag name', 'body').text[:2000]}")
+
+
+def _element(driver, css: str):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    return _wait(driver, ec.presence_of_element_located((By.CSS_SELECTOR, css)), css)
+
+
+def test_nothing_given_shows_the_error_in_the_page(page):
+    from selenium.webdriver.common.by import By
+
+    _element(page, "#predict").click()
+    _wait(page, lambda d: "Nothing to classify" in d.find_element(By.TAG_NAME, "body").text, "the error message")
+
+
+def test_type_plot_upload_poster_and_read_the_genres(page, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    poster = tmp_path / "poster.png"
+    img = Image.new("RGB", (200, 300), (25, 40, 90))
+    img.paste((230, 200, 40), (40, 60, 160, 180))
+    img.save(poster)
+
+    _element(page, "#plot textarea").send_keys(PLOT)
+    _element(page, "#poster input[type=file]").send_keys(str(poster))
+    _wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#poster img"), "the poster preview")
+    _element(page, "#predict").click()
+    verdict = _wait(
+        page,
+        lambda d: (t := d.find_element(By.CSS_SELECTOR, "#verdict").text) and "Predicted genres" in t and t,
+        "the predicted genres",
+    )
+    line = next(x for x in verdict.splitlines() if x.startswith("Predicted genres:"))
+    genres = [g.strip() for g in line.split(":", 1)[1].split(",")]
+    assert genres and set(genres) <= set(LABELS)
+    assert "Action" in genres and "Comedy" not in genres  # the bundle's per-genre thresholds (0.0 and 1.0)
+    assert "the plot and the poster" in verdict
+
+    top = page.find_element(By.CSS_SELECTOR, "#top-genres").text
+    assert any(g in top for g in LABELS)
+    table = _wait(
+        page, lambda d: (t := d.find_element(By.CSS_SELECTOR, "#by-modality").text) and "Horror" in t and t,
+        "the per-modality table",
+    )
+    assert "Poster only" in table and "Plot only" in table and "%" in table
+    assert "/tmp" not in page.find_element(By.TAG_NAME, "body").text  # no server path on the page
+
+    shot = tmp_path / "screenshot-app.png"
+    assert page.save_screenshot(str(shot))
+    assert Image.open(shot).size[0] >= 1000
+    artifacts = REPO / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(shot, artifacts / "screenshot-app.png")
+    print(f"screenshot: {shot} (copied to {artifacts / 'screenshot-app.png'})")
