@@ -338,3 +338,14 @@ def test_rename_genre_fixes_a_misspelling_before_labels_are_chosen(tmp_path):
     names = result.dataset["train"].features["genres"].feature.names
     assert [names[g] for g in kept[1000]["genres"]] == ["Comedy"]
     assert [e["reason"] for e in result.report["events"]] == ["genre_renamed"]
+
+
+def test_non_text_plot_is_reported_not_silently_emptied(tmp_path):
+    rows, posters = balanced_rows(12)
+    rows[0]["plot"] = 42  # has a poster: kept without plot
+    rows[1]["plot"] = ["a", "list"]
+    rows[1].pop("poster_file")  # and no poster: dropped
+    src = write_jsonl_source(tmp_path / "src", rows, posters)
+    report = build(_opts([src], tmp_path / "out", min_genre_count=1)).report
+    assert [(e["id"], e["reason"]) for e in report["events"] if e["reason"] in ("bad_plot_field", "no_plot_no_poster")] == [
+        (1000, "bad_plot_field"), (1001, "bad_plot_field"), (1001, "no_plot_no_poster")]

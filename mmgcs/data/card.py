@@ -82,7 +82,7 @@ def _body(dataset, labels, report, formats, pretty_name) -> str:
         "|---|---|---|",
         "| `id` | int64 | source id (TMDb id, or IMDb number for MM-IMDb); unique across splits |",
         "| `title` | string | may be null |",
-        "| `plot` | string | plot summary; null when the source has none (then the poster is present) |",
+        "| `plot` | string | plot summary, surrounding whitespace stripped; null when the source has none (then the poster is present) |",
         "| `poster` | image | the poster, RGB, bytes embedded; null when missing or unusable |",
         "| `genres` | list of class labels | multi-label; may be empty when all of a movie's genres are too rare |",
         "| `source` | string | which source the row came from |",

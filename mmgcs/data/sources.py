@@ -106,13 +106,16 @@ def _movie_from_mapping(row: dict, source: str, where: str, base: Path, report: 
     if problem:
         report.changed(source, movie_id, "bad_genres_field", problem, where)
     plot = row.get("plot", row.get("overview"))
+    if plot is not None and not isinstance(plot, str):
+        report.changed(source, movie_id, "bad_plot_field", f"plot has type {type(plot).__name__}, not text; stored as null", where)
+        plot = None
     poster_file = row.get("poster_file")
     return RawMovie(
         source=source,
         where=where,
         id=movie_id,
         title=_str_or_none(row.get("title")),
-        plot=plot if isinstance(plot, str) else None,
+        plot=plot,
         genres=genres,
         poster_file=(base / poster_file) if isinstance(poster_file, str) and poster_file.strip() else None,
         poster_url=_str_or_none(row.get("poster_url")),
