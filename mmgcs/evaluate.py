@@ -451,6 +451,10 @@ def _summary(result: dict) -> str:
         f"with plot: {c.get('with_plot', 0)}, with poster: {c.get('with_poster', 0)}, bad posters: {c.get('bad_posters', 0)}",
         f"thresholds: {result['threshold_source']}",
     ]
+    if c.get("poster_url_not_fetched"):
+        lines.append(f"posters given only as URLs (never downloaded here; scored without them): {c['poster_url_not_fetched']}")
+    if c.get("rows_of_other_splits"):
+        lines.append(f"movies of the source's other official splits (not scored): {c['rows_of_other_splits']}")
     if result["labels_not_in_data"]:
         lines.append(f"model genres the data does not annotate (not scored): {', '.join(result['labels_not_in_data'])}")
     if result["genre_aliases"]:
