@@ -349,3 +349,42 @@ def test_non_text_plot_is_reported_not_silently_emptied(tmp_path):
     report = build(_opts([src], tmp_path / "out", min_genre_count=1)).report
     assert [(e["id"], e["reason"]) for e in report["events"] if e["reason"] in ("bad_plot_field", "no_plot_no_poster")] == [
         (1000, "bad_plot_field"), (1001, "bad_plot_field"), (1001, "no_plot_no_poster")]
+
+
+def test_push_uploads_the_whole_folder_as_a_dataset_repo(bad_build, monkeypatch):
+    import huggingface_hub
+
+    from mmgcs.data.publish import push_folder
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", kw["repo_id"], kw))
+            return type("Info", (), {"commit_url": f"https://hub/{kw['repo_id']}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert push_folder(bad_build.out, "me/movies") == "https://hub/me/movies/commit/1"
+    (_, _, create), (_, _, upload) = calls
+    assert create["repo_type"] == "dataset" and create["exist_ok"]
+    assert upload["repo_type"] == "dataset" and upload["folder_path"] == str(bad_build.out)
+    assert upload["delete_patterns"] == ["data/*.parquet"]  # stale shards on the Hub are replaced
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    rows, _ = balanced_rows(12, with_posters=False)
+    src = write_jsonl_source(tmp_path / "src", rows)
+    done = subprocess.run([sys.executable, "-m", "mmgcs.data", "build", "--source", str(src), "--out", str(tmp_path / "out"),
+                           "--min-genre-count", "2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "12 movies kept of 12 read" in done.stdout and "reading src" in done.stderr  # summary + progress bar
+    assert (tmp_path / "out" / "build_report.json").is_file()
