@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from pathlib import Path
@@ -29,8 +30,9 @@ def animated_gif(size=(20, 30)) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=2)
 def bomb_png(side: int = 20000) -> bytes:
-    """A 1-bit PNG of side x side pixels: a few KB on disk, 400 MP once decoded."""
+    """A 1-bit PNG of side x side pixels: a few KB on disk, 400 MP once decoded (made once, it takes ~1 s)."""
     buf = io.BytesIO()
     PIL.Image.new("1", (side, side)).save(buf, format="PNG")
     return buf.getvalue()
