@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import datasets
-import numpy as np
 import PIL.Image
 import pytest
 import yaml
@@ -172,7 +171,7 @@ def test_splits_are_stratified_disjoint_and_reproducible(tmp_path):
     rows, _ = balanced_rows(200, with_posters=False)
     src = write_jsonl_source(tmp_path / "src", rows)
     a = build(_opts([src], tmp_path / "a", seed=7))
-    b = build(_opts([src], tmp_path / "b", seed=7))
+    build(_opts([src], tmp_path / "b", seed=7))
     c = build(_opts([src], tmp_path / "c", seed=8))
     ids = {s: set(a.dataset[s]["id"]) for s in a.dataset}
     assert not ids["train"] & ids["validation"] and not ids["train"] & ids["test"] and not ids["validation"] & ids["test"]

@@ -15,6 +15,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -24,6 +25,9 @@ from mmgcs.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InvalidImageErr
 from mmgcs.data.records import BuildReport, RawMovie
 from mmgcs.data.sources import detect_format, get_format, source_name
 from mmgcs.data.splits import SPLITS, stratified_split
+
+if TYPE_CHECKING:
+    import datasets
 
 DEFAULT_POSTER_CACHE = ".cache/posters"
 MAX_SHARD_BYTES = 500 * 1024 * 1024  # the Hub's usual parquet shard size
@@ -70,7 +74,7 @@ class Movie:
 
 @dataclass
 class BuildResult:
-    dataset: "datasets.DatasetDict"  # noqa: F821
+    dataset: datasets.DatasetDict
     report: dict
     out: Path
     # stage -> (seconds, peak RSS MB so far); kept out of the report, which must be reproducible
