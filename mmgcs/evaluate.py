@@ -483,33 +483,40 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.bootstrap < 0:
         raise SystemExit("--bootstrap must be 0 (off) or a number of resamples")
     try:
+        # The data first: a wrong path fails in a second instead of after loading the model.
+        data = read_data(args.data, args.split, args.format)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"Cannot read --data {args.data!r}: {e}") from e
+    try:
         model = GenreClassifier.from_pretrained(args.model)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"Could not load the model from {args.model!r}: {e}") from e
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
 
-    data = read_data(args.data, args.split, args.format)
     result = {
         "model": str(args.model),
         "data": str(args.data),
         "split": None,
         "out": args.out,
     }
-    result.update(
-        evaluate(
-            model,
-            data,
-            batch_size=args.batch_size,
-            threshold=args.threshold,
-            modality=args.modality,
-            renames=renames,
-            limit=args.limit,
-            predictions_path=args.predictions,
-            progress=sys.stderr.isatty(),
-            n_boot=args.bootstrap,
+    try:
+        result.update(
+            evaluate(
+                model,
+                data,
+                batch_size=args.batch_size,
+                threshold=args.threshold,
+                modality=args.modality,
+                renames=renames,
+                limit=args.limit,
+                predictions_path=args.predictions,
+                progress=sys.stderr.isatty(),
+                n_boot=args.bootstrap,
+            )
         )
-    )
+    except (FileNotFoundError, ValueError) as e:  # bad options or data, each message naming the remedy
+        raise SystemExit(str(e)) from e
     result["split"] = data.split  # known once the rows are read (a raw source's official split)
     print(_summary(result))
     if result["metrics"] is not None:

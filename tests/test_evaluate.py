@@ -132,7 +132,7 @@ def test_rename_genre_maps_unknown_names(model_dir, raw_source, tmp_path):
     r = _run(tmp_path, "--model", str(model_dir), "--data", str(raw_source), "--rename-genre", "Western=Action")
     assert r["unknown_genres"] == {}
     assert r["metrics"]["per_genre"]["Action"]["support"] == 5  # 104 joins 1, 4, 6, 106
-    with pytest.raises(ValueError, match="not labels of the model"):
+    with pytest.raises(SystemExit, match="not labels of the model"):
         main(["--model", str(model_dir), "--data", str(raw_source), "--rename-genre", "Western=Horse"])
 
 
@@ -161,7 +161,7 @@ def test_built_dataset_split(model_dir, built_dataset, tmp_path):
     expected = {g: sum(names.index(g) in row for row in test_split["genres"]) for g in LABELS}
     assert {g: r["metrics"]["per_genre"][g]["support"] for g in LABELS} == expected
 
-    with pytest.raises(ValueError, match="no split 'dev'"):
+    with pytest.raises(SystemExit, match="no split 'dev'"):
         main(["--model", str(model_dir), "--data", str(built_dataset), "--split", "dev"])
 
 
@@ -177,8 +177,17 @@ def test_model_genre_missing_from_dataset_is_not_scored(built_dataset, tmp_path)
 
 
 def test_missing_data_path_is_a_clear_error(model_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="mmgcs.data build"):
+    with pytest.raises(SystemExit, match="mmgcs.data build"):
         main(["--model", str(model_dir), "--data", str(tmp_path / "nowhere")])
+
+
+def test_bad_options_are_clear_errors(model_dir, raw_source, tmp_path):
+    with pytest.raises(SystemExit, match=r"\[0, 1\]"):
+        main(["--model", str(model_dir), "--data", str(raw_source), "--threshold", "1.5"])
+    with pytest.raises(SystemExit, match="save_pretrained"):
+        main(["--model", str(tmp_path / "no-model"), "--data", str(raw_source)])
+    with pytest.raises(SystemExit, match="DATA_NAME=MODEL_NAME"):
+        main(["--model", str(model_dir), "--data", str(raw_source), "--rename-genre", "Western"])
 
 
 def test_agrees_with_the_training_run_test_metrics(tmp_path):
