@@ -247,3 +247,16 @@ def test_single_label_model_is_scored_by_its_top_genre(raw_source, tmp_path):
     assert {s["id"]: s["reason"] for s in r["skipped"]}[104] == "no genre known to the model"
     assert sum(g["predicted"] for g in m["per_genre"].values()) == m["n_samples"] == 9
     assert all(len(json.loads(x)["predicted"]) == 1 for x in preds.read_text().splitlines())
+
+
+@pytest.mark.shared_data
+def test_real_tmdb_sources(model_dir, shared_data, tmp_path):
+    """The real held-out formats: tmdb5000 (plot + poster) and tmdb-plots-extra (plot, poster only by URL)."""
+    r = _run(tmp_path, "--model", str(model_dir), "--data", str(shared_data / "tmdb5000"), "--limit", "24")
+    c = r["counts"]
+    assert c["rows"] == c["scored"] + c["skipped"] == 24
+    assert c["with_poster"] == c["with_plot"] == c["scored"] and not r["bad_posters"]
+    assert "Science Fiction" in r["unknown_genres"]  # real genres outside the tiny model's three are reported
+    r = _run(tmp_path, "--model", str(model_dir), "--data", str(shared_data / "tmdb-plots-extra"), "--limit", "24")
+    assert r["counts"]["with_poster"] == 0 and r["counts"]["poster_url_not_fetched"] == 24
+    assert r["counts"]["scored"] == 24
