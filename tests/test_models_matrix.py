@@ -233,3 +233,19 @@ def test_bilstm_with_glove_file(tmp_path):
     bad.write_text("the 0.1 0.2\n")
     with pytest.raises(ValueError, match="word_embedding_dim"):
         tiny_model(LABELS, text_tower="bilstm", glove_path=str(bad), word_embedding_dim=dim, image=False)
+
+
+def test_inference_skips_a_tower_whose_input_is_missing_everywhere_but_training_runs_it():
+    model = build("hf", "timm", "gated")
+    calls = []
+    model.image_tower.register_forward_hook(lambda *a: calls.append(1))
+    batch = model.preprocess(PLOTS, [None, None])
+    model.eval()
+    with torch.no_grad():
+        skipped = model(**batch)["logits"]
+        ran = model(**dict(batch, image_mask=torch.tensor([False, True])))["logits"]
+    assert len(calls) == 1
+    torch.testing.assert_close(skipped[0], ran[0])  # row 0 has no poster either way
+    model.train()
+    model(**batch)
+    assert len(calls) == 2, "in training every tower runs (DDP needs every parameter in the graph)"

@@ -133,7 +133,7 @@ class GenreClassifier(
         if self.text_tower is not None:
             if text_features is not None:
                 feats = text_features.to(self.device, torch.float32)
-            elif input_ids is not None:
+            elif input_ids is not None and self._needed(text_mask):
                 if attention_mask is None:
                     attention_mask = torch.ones_like(input_ids)
                 feats = self.encode_text(input_ids, attention_mask)
@@ -146,7 +146,7 @@ class GenreClassifier(
         if self.image_tower is not None:
             if image_features is not None:
                 feats = image_features.to(self.device, torch.float32)
-            elif pixel_values is not None:
+            elif pixel_values is not None and self._needed(image_mask):
                 feats = self.encode_image(pixel_values)
             else:
                 feats, image_mask = None, torch.zeros(batch_size, dtype=torch.bool, device=self.device)
@@ -163,6 +163,12 @@ class GenreClassifier(
         logits = self.fusion(features, masks)
         loss = self.loss(logits, labels) if labels is not None else None
         return {"loss": loss, "logits": logits}
+
+    def _needed(self, mask: Optional[torch.Tensor]) -> bool:
+        """Whether to run a tower. At inference a tower whose input is missing from every row is skipped
+        (a plot-only prediction does not pay for the image backbone); in training it always runs, so every
+        parameter stays in the graph (DistributedDataParallel requires it)."""
+        return self.training or mask is None or bool(mask.any())
 
     def _mask(self, mask: Optional[torch.Tensor], batch_size: int) -> torch.Tensor:
         if mask is None:

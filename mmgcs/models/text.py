@@ -65,6 +65,35 @@ def _layer_stack(model: nn.Module) -> Optional[nn.ModuleList]:
     return best
 
 
+def _load_pretrained(source: str, local_only: bool, kwargs: dict) -> nn.Module:
+    """AutoModel.from_pretrained, stricter: a backbone tensor left at random init is an error, not a log line."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # our own report below replaces transformers' load table
+    hf_logging.disable_progress_bar()
+    try:
+        backbone, info = AutoModel.from_pretrained(
+            source, local_files_only=local_only, trust_remote_code=False, output_loading_info=True, **kwargs
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    if missing or info.get("mismatched_keys"):
+        raise ValueError(
+            f"{source} lacks weights for {missing[:5] or info.get('mismatched_keys')[:5]}: it is not a complete "
+            "pretrained encoder checkpoint"
+        )
+    unexpected = [k for k in info.get("unexpected_keys") or [] if not k.startswith("pooler.")]  # we pool ourselves
+    if unexpected:
+        logger.info("Ignored %d tensors of %s not used by the text tower: %s", len(unexpected), source, unexpected[:5])
+    return backbone
+
+
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
@@ -103,7 +132,7 @@ class HFTextTower(Tower):
             model_cls = AutoModel._model_mapping[type(hf_config)]
             kwargs = cls._model_kwargs(model_cls)
             if cfg.pretrained:
-                backbone = AutoModel.from_pretrained(source, local_files_only=local_only, trust_remote_code=False, **kwargs)
+                backbone = _load_pretrained(source, local_only, kwargs)
             else:
                 backbone = AutoModel.from_config(hf_config, **kwargs)
         except (OSError, ValueError, KeyError) as e:

@@ -1,0 +1,124 @@
+"""CPU speed of `predict`: single-movie latency (p50/p95) and `predict_batch` throughput.
+
+    python benchmarks/bench_predict.py                          # the default fused model (MiniLM + EfficientNet-Lite0)
+    python benchmarks/bench_predict.py --model runs/fusion/model --threads 2 --repeats 50
+    python benchmarks/bench_predict.py --inputs plot,poster,both --batch-sizes 1,8,32
+
+Inputs are real movies (plot + poster from ../shared/data/tmdb5000) when present, generated ones otherwise.
+Latency covers the whole call: poster decode + resize, tokenization, forward, thresholding. The first calls are
+warm-up and not counted. Prints a markdown table.
+"""
+
+import argparse
+import io
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded backbones; no 20-50 s of Hub retries
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MMGCS_SHARED_DATA", REPO.parent / "shared" / "data"))
+DEFAULT_LABELS = ["Drama", "Comedy", "Thriller", "Action", "Romance", "Adventure", "Crime", "Science Fiction", "Horror",
+                  "Family", "Fantasy", "Mystery", "Animation", "History", "Music", "War", "Documentary", "Western"]
+
+
+def movies(n: int) -> tuple[list[str], list, str]:
+    source = SHARED / "tmdb5000" / "movies.jsonl"
+    if source.is_file():
+        rows = []
+        with source.open(encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                poster = source.parent / row["poster_file"]
+                if row.get("plot") and poster.is_file():
+                    rows.append((row["plot"], poster.read_bytes()))
+                if len(rows) >= n:
+                    break
+        return [r[0] for r in rows], [r[1] for r in rows], f"real TMDb movies from {source.parent}"
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(0)
+    plots, posters = [], []
+    for i in range(n):
+        buf = io.BytesIO()
+        PIL.Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        posters.append(buf.getvalue())
+        plots.append(f"Movie {i}: a young detective must stop a gang of thieves before the city falls. " * 2)
+    return plots, posters, "generated movies (../shared/data not found)"
+
+
+def pick(kind: str, plots: list, posters: list) -> tuple[list, list]:
+    if kind == "plot":
+        return plots, [None] * len(plots)
+    if kind == "poster":
+        return [None] * len(posters), posters
+    return plots, posters
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="bundle folder or Hub id (default: a new default fused model)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--repeats", type=int, default=40, help="single-movie calls per input kind")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--inputs", default="both,plot,poster")
+    parser.add_argument("--batch-sizes", default="8,32")
+    parser.add_argument("--batches", type=int, default=3, help="timed batches per batch size")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from mmgcs import GenreClassifier, create_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = GenreClassifier.from_pretrained(args.model) if args.model else create_model(labels=DEFAULT_LABELS).eval()
+    load_s = time.perf_counter() - t0
+    sizes = [int(s) for s in args.batch_sizes.split(",") if s]
+    plots, posters, origin = movies(max([args.repeats + args.warmup] + [b * (args.batches + 1) for b in sizes]))
+    cfg = model.config
+    print(f"model: {args.model or 'create_model() default'} — text {cfg.text_tower}:{cfg.text_backbone}, "
+          f"image {cfg.image_tower}:{cfg.image_backbone} @ {cfg.image_size}px, fusion {cfg.fusion}, {len(cfg.labels)} genres")
+    print(f"build/load {load_s:.1f} s; torch threads {torch.get_num_threads()}; inputs: {origin}\n")
+
+    rows = []
+    for kind in [k for k in args.inputs.split(",") if k]:
+        kp, kq = pick(kind, plots, posters)
+        for i in range(args.warmup):
+            model.predict(plot=kp[i], poster=kq[i])
+        times = []
+        for i in range(args.warmup, args.warmup + args.repeats):
+            start = time.perf_counter()
+            model.predict(plot=kp[i], poster=kq[i])
+            times.append((time.perf_counter() - start) * 1000)
+        rows.append((f"predict ({kind})", 1, f"{statistics.median(times):.1f}", f"{pct(times, 0.95):.1f}", f"{1000 / statistics.mean(times):.1f}"))
+        for size in sizes:
+            model.predict_batch(kp[:size], kq[:size], batch_size=size)  # warm-up
+            elapsed = []
+            for b in range(1, args.batches + 1):
+                chunk = slice(b * size, (b + 1) * size)
+                start = time.perf_counter()
+                model.predict_batch(kp[chunk], kq[chunk], batch_size=size)
+                elapsed.append(time.perf_counter() - start)
+            per_batch = [e * 1000 for e in elapsed]
+            rows.append((f"predict_batch ({kind})", size, f"{statistics.median(per_batch):.1f}", f"{pct(per_batch, 0.95):.1f}",
+                         f"{size * len(elapsed) / sum(elapsed):.1f}"))
+
+    print("| call | batch | p50 ms | p95 ms | movies/s |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
