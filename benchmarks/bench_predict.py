@@ -89,7 +89,9 @@ def main(argv=None) -> None:
     cfg = model.config
     print(f"model: {args.model or 'create_model() default'} — text {cfg.text_tower}:{cfg.text_backbone}, "
           f"image {cfg.image_tower}:{cfg.image_backbone} @ {cfg.image_size}px, fusion {cfg.fusion}, {len(cfg.labels)} genres")
-    print(f"build/load {load_s:.1f} s; torch threads {torch.get_num_threads()}; inputs: {origin}\n")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"build/load {load_s:.1f} s; torch threads {torch.get_num_threads()} on {os.cpu_count()} cores "
+          f"(load average {load}: other processes slow every number); inputs: {origin}\n")
 
     rows = []
     for kind in [k for k in args.inputs.split(",") if k]:

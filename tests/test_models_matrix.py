@@ -229,6 +229,18 @@ def test_bilstm_with_glove_file(tmp_path):
                            freeze_word_embeddings=False)
     assert trainable.text_tower.embedding.weight.requires_grad
 
+    # the word tokenizer and the vectors travel in the bundle: no GloVe file needed to load
+    from mmgcs import GenreClassifier
+
+    model.save_pretrained(tmp_path / "bundle")
+    glove.unlink()
+    loaded = GenreClassifier.from_pretrained(tmp_path / "bundle")
+    assert loaded.tokenizer(["The SOLDIER, unknownword"])["input_ids"][0] == ids
+    batch = model.preprocess(PLOTS, None)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch)["logits"], model(**batch)["logits"], rtol=0, atol=0)
+
     bad = tmp_path / "bad.txt"
     bad.write_text("the 0.1 0.2\n")
     with pytest.raises(ValueError, match="word_embedding_dim"):
