@@ -103,7 +103,7 @@ def plot_training_curves(history: Sequence[Mapping], path: str | Path) -> Option
 def plot_per_genre_f1(metrics: Mapping, path: str | Path, title: str = "Per-genre F1 (test)") -> Path:
     """Horizontal bars of each genre's F1 (sorted), labelled with its support."""
     per_genre = metrics["per_genre"]
-    rows = sorted(per_genre.items(), key=lambda kv: kv[1]["f1"])
+    rows = sorted(per_genre.items(), key=lambda kv: (kv[1]["f1"], kv[1]["support"]))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.4), constrained_layout=True)
     names = [name for name, _ in rows]
