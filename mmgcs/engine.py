@@ -459,11 +459,12 @@ class Trainer:
             ", ".join(n for n, on in (("text", self.use_text), ("image", self.use_image)) if on),
         )
 
-        # Optimizer over what trains in the final stage; a first frozen stage simply leaves towers without grads.
+        # Optimizer and DDP wrapper over what trains in the final stage (DDP only syncs the parameters that need
+        # grads when it is built); a first frozen stage then leaves the towers without grads.
         self._apply_stage(model, self.tcfg.epochs)
         optimizer = build_optimizer(model, self.tcfg)
-        self._apply_stage(model, 0)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self._apply_stage(acc.unwrap_model(self.model), 0)
         self._prepared: dict = {}
         loaders = self._loaders_for(0)
         steps_per_epoch = math.ceil(len(loaders["train"]) / self.tcfg.grad_accum_steps)
@@ -758,12 +759,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- finish
     def _load_best(self) -> None:
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file
 
         weights = self.out / BUNDLE / "model.safetensors"
         if not weights.is_file():
             raise TrainingError(f"The best model bundle {weights} is missing; the run cannot be finished")
-        load_model(self.accelerator.unwrap_model(self.model), str(weights), strict=True, device=str(self.accelerator.device))
+        # Loaded on the CPU and copied into place: the model keeps its device (a DDP CPU run reports "cpu:0").
+        self.accelerator.unwrap_model(self.model).load_state_dict(load_file(str(weights)), strict=True)
 
     def _finish(self, train_time: float) -> dict:
         acc = self.accelerator
