@@ -15,14 +15,12 @@ HEADLINE_METRICS = (  # compute_metrics key, display name
 )
 
 
-def _pyplot():
-    # Agg: runs write PNGs on headless machines and inside DDP workers without a display.
-    import matplotlib
+def _figure(width: float, height: float):
+    # A bare Figure renders with the Agg canvas: no display needed (servers, DDP workers), and unlike pyplot it
+    # neither switches the caller's backend (a notebook keeps inline plots) nor keeps global state.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def _is_number(v: Any) -> bool:
@@ -73,11 +71,11 @@ def plot_training_curves(history: Sequence[Mapping], path: str | Path) -> Option
     lrs = {k: v for k, v in series.items() if _is_lr(k) and any(y > 0 for _, y in v)}
     if not losses and not scores:
         return None
-    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     panels = [(losses, "Loss"), (scores, "Validation scores")] + ([(lrs, "Learning rate")] if lrs else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), constrained_layout=True)
+    fig = _figure(5.5 * len(panels), 4)
+    axes = fig.subplots(1, len(panels))
     for ax, (group, title) in zip(axes, panels):
         for name, points in sorted(group.items()):
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
@@ -96,7 +94,6 @@ def plot_training_curves(history: Sequence[Mapping], path: str | Path) -> Option
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -104,8 +101,8 @@ def plot_per_genre_f1(metrics: Mapping, path: str | Path, title: str = "Per-genr
     """Horizontal bars of each genre's F1 (sorted), labelled with its support."""
     per_genre = metrics["per_genre"]
     rows = sorted(per_genre.items(), key=lambda kv: (kv[1]["f1"], kv[1]["support"]))
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.4), constrained_layout=True)
+    fig = _figure(8, 0.32 * len(rows) + 1.4)
+    ax = fig.subplots()
     names = [name for name, _ in rows]
     f1s = [m["f1"] for _, m in rows]
     bars = ax.barh(names, f1s, color="#4C72B0")
@@ -122,7 +119,6 @@ def plot_per_genre_f1(metrics: Mapping, path: str | Path, title: str = "Per-genr
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
