@@ -69,3 +69,14 @@ def test_import_mmgcs_stays_light():
     code = "import sys, mmgcs; print('torch' in sys.modules); from mmgcs import GenreClassifier; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+def test_config_values_checked_before_use():
+    with pytest.raises(ValueError, match="image_crop_mode 'zoom'; available"):
+        tiny_model(LABELS, image_crop_mode="zoom")
+    with pytest.raises(ValueError, match="Unknown text_pooling 'max'"):
+        tiny_model(LABELS, text_pooling="max")
+    with pytest.raises(ValueError, match="max_text_length=100 exceeds the text backbone's 64 positions"):
+        tiny_model(LABELS, max_text_length=100)
+    with pytest.raises(ValueError, match="modality_dropout"):
+        tiny_model(LABELS, modality_dropout=1.0)

@@ -23,6 +23,7 @@ from mmgcs.models.text import create_text_tower, text_tower_from_config
 from mmgcs.models.tower import Tower
 
 TASKS = ("multilabel", "singlelabel")
+CROP_MODES = ("squash", "center", "border")
 
 
 def validate_config(cfg: ModelConfig) -> None:
@@ -50,6 +51,15 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError(f"config.modality_dropout must be in [0, 1), got {cfg.modality_dropout}")
     if cfg.image_size <= 0 or cfg.max_text_length <= 0:
         raise ValueError("config.image_size and config.max_text_length must be positive")
+    if cfg.image_crop_mode not in CROP_MODES:
+        raise ValueError(f"Unknown image_crop_mode {cfg.image_crop_mode!r}; available: {list(CROP_MODES)}")
+    if cfg.text_pooling not in ("mean", "cls"):
+        raise ValueError(f"Unknown text_pooling {cfg.text_pooling!r}; available: ['cls', 'mean']")
+    positions = (cfg.text_backbone_config or {}).get("max_position_embeddings")
+    if cfg.text_tower == "hf" and isinstance(positions, int) and cfg.max_text_length > positions:
+        raise ValueError(
+            f"max_text_length={cfg.max_text_length} exceeds the text backbone's {positions} positions; lower it"
+        )
 
 
 class GenreClassifier(
@@ -349,6 +359,9 @@ class GenreClassifier(
 
         folder = Path(save_directory) if save_directory is not None else default_bundle_dir(repo_id)
         self.save_pretrained(folder, repo_id=repo_id, model_card_kwargs=model_card_kwargs)
+        if "branch" in kwargs:  # the mixin's name for upload_folder's `revision`
+            kwargs["revision"] = kwargs.pop("branch")
+        kwargs.pop("config", None)
         return push_bundle(folder, repo_id, token=token, private=private, commit_message=commit_message, **kwargs)
 
     def extra_repr(self) -> str:
