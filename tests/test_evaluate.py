@@ -112,8 +112,27 @@ def test_raw_source_folder_reports_every_row(model_dir, raw_source, tmp_path):
     # Predictions follow the bundle's per-genre thresholds.
     for x in lines:
         for g, t in zip(LABELS, [0.45, 0.5, 0.55]):
-            if abs(x["scores"][g] - t) > 1e-4:  # scores are rounded to 4 places in the file
+            if abs(x["scores"][g] - t) > 1e-6:  # scores are rounded to 6 places in the file
                 assert (g in x["predicted"]) == (x["scores"][g] >= t)
+
+
+def test_plot_only_and_poster_only_scores_match_withholding_the_other_input(model_dir, raw_source, tmp_path):
+    from mmgcs.metrics import compute_metrics
+
+    r = _run(tmp_path, "--model", str(model_dir), "--data", str(raw_source), "--bootstrap", "0")
+    b = r["by_input"]
+    assert b["movies"] == 6  # ids 1-6 have a plot and a poster
+    thresholds = [0.45, 0.5, 0.55]
+    for modality, name in (("both", "fused"), ("text", "plot_only"), ("image", "poster_only")):
+        preds = tmp_path / f"{modality}.jsonl"
+        main(["--model", str(model_dir), "--data", str(raw_source), "--modality", modality, "--bootstrap", "0",
+              "--predictions", str(preds)])
+        rows = [x for x in map(json.loads, preds.read_text().splitlines()) if x["id"] in range(1, 7)]
+        probs = [[x["scores"][g] for g in LABELS] for x in rows]
+        truth = [[int(g in x["true"]) for g in LABELS] for x in rows]
+        expected = compute_metrics(probs, truth, LABELS, thresholds)
+        assert b[name]["micro_f1"] == pytest.approx(expected["micro_f1"]), name
+        assert b[name]["mAP"] == pytest.approx(expected["mAP"], abs=1e-3), name
 
 
 def test_modality_and_threshold_options(model_dir, raw_source, tmp_path):
