@@ -4,6 +4,13 @@
 raw source folder in any format the data builder reads (``movies.jsonl`` + posters, MM-IMDb, CSV), so any movie
 set can be scored without building it first. Genres are matched to the model's labels by name; genres the model
 does not know and every row that cannot be scored are reported by id, never dropped silently.
+
+The report (printed, and written whole with ``--out FILE``) holds: ``counts`` (rows == scored + skipped),
+``skipped`` and ``bad_posters`` (by id, with the reason), ``unknown_genres``, ``rows_without_model_genre``,
+``metrics`` (:func:`mmgcs.metrics.compute_metrics` at the bundle's thresholds), ``intervals`` (bootstrap 95%),
+``by_input`` (fused vs plot-only vs poster-only on the movies that have both) and, when the bundle has tuned
+per-genre thresholds, ``metrics_at_global_threshold`` for comparison. ``--predictions FILE`` adds one JSON line
+per movie.
 """
 
 from __future__ import annotations
