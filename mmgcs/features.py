@@ -50,6 +50,8 @@ DEFAULT_CACHE_DIR = ".cache/mmgcs-features"
 # Rows per forward pass on CPU: EfficientNet-style towers run faster per image in small batches (their
 # activations stay in cache); measured on a 2-core EPYC, 8-16 beat 64 by about 1.5x. See benchmarks/bench_featurize.py.
 CPU_FORWARD_BATCH = 16
+# Tracing and freezing the image tower costs about a second; below this many posters eager mode is faster overall.
+MIN_POSTERS_TO_OPTIMIZE = 256
 # Plots are tokenized this many at a time (sorted by length inside a group), bounding memory on huge datasets.
 TEXT_GROUP = 4096
 
@@ -78,7 +80,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is not None and hasattr(backend, "to_str"):
-        h.update(backend.to_str().encode())
+        definition = json.loads(backend.to_str())
+        # Each call sets the backend's truncation/padding state; what it means for a plot is fixed by
+        # max_text_length (also in the key), so the state left by the last call must not change the digest.
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        h.update(json.dumps(definition, sort_keys=True).encode())
     elif hasattr(tokenizer, "get_vocab"):
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     else:
@@ -499,7 +506,8 @@ def compute_image_features(
             pixels = pixels.to(device)
             if encoder is None:
                 with torch.inference_mode(False), torch.no_grad():
-                    encoder = FastImageEncoder(model, pixels[: min(4, len(pixels))].clone())
+                    sample = pixels[: min(4, len(pixels))].clone()
+                    encoder = FastImageEncoder(model, sample, optimize=len(rows) >= MIN_POSTERS_TO_OPTIMIZE)
             for s in range(0, len(pixels), forward_batch):
                 out = encoder(pixels[s : s + forward_batch])
                 features[batch_rows[s : s + forward_batch]] = out.float().cpu()
@@ -527,11 +535,11 @@ class FastImageEncoder:
 
     RTOL = 1e-3
 
-    def __init__(self, model, sample: torch.Tensor):
+    def __init__(self, model, sample: torch.Tensor, optimize: bool = True):
         self.model = model
         self.kind = "encode_image"
         self._fn = model.encode_image
-        if sample.device.type != "cpu":
+        if not optimize or sample.device.type != "cpu":
             return
         reference = model.encode_image(sample.contiguous())
         try:

@@ -1,0 +1,310 @@
+"""The on-disk feature cache: hit / miss / invalidation, missing rows, corrupt files, and that cached features
+are exactly what the model computes on raw inputs."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Image, Sequence, Value
+
+import mmgcs.features as F
+from mmgcs.features import FeatureCache, FeatureCacheWarning
+from mmgcs.testing import tiny_model
+
+LABELS = ["Action", "Comedy", "Drama"]
+PLOTS = [
+    "a soldier must fight a battle to save the city",
+    "love",
+    None,  # missing plot
+    "   ",  # blank plot counts as missing
+    "the ghost of a dark house haunts a family at night while a young detective tries to find the killer",
+    "friends",
+    "a princess meets a dragon",
+    "war",
+]
+
+
+def _jpeg(seed: int, size=(30, 45)) -> bytes:
+    rng = np.random.RandomState(seed)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(rng.randint(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _posters():
+    posters = [{"bytes": _jpeg(i), "path": None} for i in range(len(PLOTS))]
+    posters[1] = None  # missing poster
+    posters[5] = {"bytes": b"<html>not an image</html>", "path": None}  # corrupt poster
+    return posters
+
+
+def make_split(plots=PLOTS, posters=None) -> Dataset:
+    posters = _posters() if posters is None else posters
+    features = Features(
+        {
+            "id": Value("int64"),
+            "plot": Value("string"),
+            "poster": Image(),
+            "genres": Sequence(ClassLabel(names=LABELS)),
+        }
+    )
+    return Dataset.from_dict(
+        {"id": [100 + i for i in range(len(plots))], "plot": list(plots), "poster": posters, "genres": [[0]] * len(plots)},
+        features=features,
+    )
+
+
+@pytest.fixture(scope="module")
+def split() -> Dataset:
+    return make_split()
+
+
+@pytest.fixture()
+def model():
+    return tiny_model(LABELS, seed=0)
+
+
+@pytest.fixture()
+def cache(tmp_path) -> FeatureCache:
+    return FeatureCache(tmp_path / "cache")
+
+
+def _get(cache, model, split, modality, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FeatureCacheWarning)  # the deliberately corrupt poster
+        return cache.get_or_compute(model, split, modality, batch_size=kw.pop("batch_size", 3), num_workers=kw.pop("num_workers", 0), **kw)
+
+
+class CountingCompute:
+    """Wraps mmgcs.features.compute_features to count real computations."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = F.compute_features
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(F, "compute_features", counted)
+
+
+# ------------------------------------------------------------------------------------- correctness
+def test_image_features_equal_encode_image_of_preprocess(cache, model, split, monkeypatch):
+    monkeypatch.setattr(F, "MIN_POSTERS_TO_OPTIMIZE", 0)  # the optimized (traced, BatchNorm-folded) encoder too
+    with pytest.warns(FeatureCacheWarning, match=r"id 105: .*not a recognised image"):
+        feats, mask = cache.get_or_compute(model, split, "image", batch_size=3, num_workers=0)
+    assert mask.tolist() == [True, False, True, True, True, False, True, True]
+    assert feats.dtype == torch.float32 and feats.shape == (len(split), model.image_tower.out_dim)
+    assert torch.all(feats[~mask] == 0)
+    rows = [i for i in range(len(split)) if mask[i]]
+    raw = split.cast_column("poster", Image(decode=False))["poster"]
+    model.eval()
+    with torch.no_grad():
+        expected = model.encode_image(model.preprocess(posters=[raw[i] for i in rows])["pixel_values"])
+    torch.testing.assert_close(feats[rows], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_text_features_equal_encode_text_of_preprocess(cache, model, split):
+    # batch_size=2 with plots of very different lengths: batches are length-sorted, then put back in row order
+    feats, mask = cache.get_or_compute(model, split, "text", batch_size=2)
+    assert mask.tolist() == [True, True, False, False, True, True, True, True]
+    assert torch.all(feats[~mask] == 0)
+    rows = [i for i in range(len(split)) if mask[i]]
+    model.eval()
+    with torch.no_grad():
+        batch = model.preprocess(plots=[PLOTS[i] for i in rows])
+        expected = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(feats[rows], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_features_do_not_change_the_models_mode_or_layout(cache, model, split):
+    model.train()
+    before = {k: v.clone() for k, v in model.image_tower.state_dict().items()}
+    _get(cache, model, split, "image")
+    assert model.training and model.image_tower.training
+    after = model.image_tower.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.is_contiguous() for p in model.image_tower.parameters())  # no channels-last leaking into the model
+
+
+def test_worker_processes_give_the_same_features(tmp_path, model, split):
+    one, mask_one = _get(FeatureCache(tmp_path / "a"), model, split, "image", num_workers=0)
+    two, mask_two = _get(FeatureCache(tmp_path / "b"), model, split, "image", num_workers=2, batch_size=2)
+    assert torch.equal(mask_one, mask_two)
+    torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-6)  # batch composition changes float rounding only
+
+
+def test_optimized_encoder_is_checked_against_encode_image(model, monkeypatch):
+    sample = torch.randn(2, 3, 64, 64)
+    model.eval()
+    assert F.FastImageEncoder(model, sample).kind == "torchscript-frozen"
+
+    def wrong(model, sample):
+        return lambda x: torch.zeros(x.shape[0], model.image_tower.out_dim)
+
+    monkeypatch.setattr(F.FastImageEncoder, "_trace", staticmethod(wrong))
+    encoder = F.FastImageEncoder(model, sample)
+    assert encoder.kind == "encode_image"
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(sample), model.encode_image(sample))
+
+
+# ------------------------------------------------------------------------------------- hit / miss
+def test_miss_stores_then_a_later_run_loads_without_recomputing(tmp_path, split, monkeypatch):
+    counter = CountingCompute(monkeypatch)
+    first = FeatureCache(tmp_path / "cache")
+    feats, mask = _get(first, tiny_model(LABELS, seed=0), split, "text")
+    assert (first.misses, first.hits, counter.calls) == (1, 0, 1)
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
+    assert not any(name.startswith(".tmp-") for name in files)
+
+    # "a later run": a new cache object and a new model object with the same weights
+    later = FeatureCache(tmp_path / "cache")
+    feats2, mask2 = _get(later, tiny_model(LABELS, seed=0), split, "text")
+    assert (later.misses, later.hits, counter.calls) == (0, 1, 1)
+    assert torch.equal(feats, feats2) and torch.equal(mask, mask2)
+    assert later.entries()[0]["present"] == int(mask.sum())
+
+
+def test_text_and_image_are_cached_apart(cache, model, split):
+    text, _ = _get(cache, model, split, "text")
+    image, _ = _get(cache, model, split, "image")
+    assert text.shape[1] != image.shape[1]
+    assert (cache.misses, cache.hits) == (2, 0)
+
+
+# ------------------------------------------------------------------------------------ invalidation
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_a_changed_dataset_is_a_miss(cache, model, split, modality):
+    _get(cache, model, split, modality)
+    _get(cache, model, split.select(range(len(split) - 1)), modality)  # fewer rows
+    edited = split.map(lambda row: {"plot": (row["plot"] or "") + " again"})  # same rows, new content
+    _get(cache, model, edited, modality)
+    assert cache.misses == 3 and cache.hits == 0
+    _get(cache, model, split, modality)
+    assert cache.hits == 1
+
+
+def test_changed_preprocessing_is_a_miss(cache, model, split):
+    _get(cache, model, split, "image")
+    _get(cache, model, split, "text")
+    model.config.image_std = [0.5, 0.5, 0.5]
+    model._transforms.clear()  # the bundle's transform is built from the config; rebuild it
+    _get(cache, model, split, "image")
+    model.config.max_text_length = 8
+    _get(cache, model, split, "text")
+    assert cache.misses == 4 and cache.hits == 0
+
+
+def test_changed_tower_weights_are_a_miss(cache, split):
+    # the "fine-tuned, then frozen" case: same backbone name and config, other weights
+    model = tiny_model(LABELS, seed=0)
+    before, _ = _get(cache, model, split, "image")
+    with torch.no_grad():
+        next(model.image_tower.parameters()).add_(0.5)
+    after, mask = _get(cache, model, split, "image")
+    assert (cache.misses, cache.hits) == (2, 0)
+    assert not torch.allclose(before[mask], after[mask])
+    # a different random init of the same architecture is a different tower too
+    _get(cache, tiny_model(LABELS, seed=1), split, "image")
+    assert cache.misses == 3
+
+
+def test_batch_size_and_workers_are_not_part_of_the_key(cache, model, split):
+    _get(cache, model, split, "text", batch_size=2)
+    _get(cache, model, split, "text", batch_size=64, num_workers=2)
+    assert (cache.misses, cache.hits) == (1, 1)
+
+
+# ------------------------------------------------------------------------------- damaged cache files
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),  # truncated
+        lambda p: p.write_bytes(b"\x00" * 64),  # garbage
+        lambda p: p.write_bytes(b""),  # empty
+    ],
+    ids=["truncated", "garbage", "empty"],
+)
+def test_a_corrupt_cache_file_is_recomputed_with_a_warning(cache, model, split, damage):
+    feats, _ = _get(cache, model, split, "text")
+    path = cache.path_for(model, split, "text")
+    damage(path)
+    with pytest.warns(FeatureCacheWarning, match="unusable.*recomputing"):
+        again, _ = cache.get_or_compute(model, split, "text", batch_size=3, num_workers=0)
+    assert cache.misses == 2
+    torch.testing.assert_close(again, feats)
+    _get(cache, model, split, "text")  # repaired: a hit now
+    assert cache.hits == 1
+
+
+def test_a_file_stored_under_another_key_is_not_trusted(cache, model, split):
+    _get(cache, model, split, "text")
+    path = cache.path_for(model, split, "text")
+    other = split.select(range(len(split)))  # same rows, new fingerprint → another file name
+    other_path = cache.path_for(model, other, "text")
+    assert other_path != path
+    other_path.write_bytes(path.read_bytes())  # e.g. copied or renamed by hand
+    with pytest.warns(FeatureCacheWarning, match="stored key does not match"):
+        cache.get_or_compute(model, other, "text", batch_size=3, num_workers=0)
+    assert cache.misses == 2
+
+
+def test_a_crash_while_writing_leaves_no_file_that_reads_as_valid(cache, model, split, monkeypatch):
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _get(cache, model, split, "text")
+    assert not cache.path_for(model, split, "text").exists()
+    assert list(cache.cache_dir.iterdir()) == []  # the temporary file is gone too
+    monkeypatch.undo()
+    _get(cache, model, split, "text")
+    assert cache.misses == 2 and cache.path_for(model, split, "text").exists()
+
+
+def test_an_unwritable_cache_still_returns_features(tmp_path, model, split):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    cache = FeatureCache(blocker / "cache")
+    with pytest.warns(FeatureCacheWarning, match="Could not write the feature cache"):
+        feats, mask = cache.get_or_compute(model, split, "text", batch_size=3, num_workers=0)
+    assert feats.shape[0] == len(split) and mask.sum() == 6
+
+
+def test_clear_removes_every_file(cache, model, split):
+    _get(cache, model, split, "text")
+    (cache.cache_dir / ".tmp-leftover.safetensors").write_bytes(b"x")
+    assert cache.clear() == 3
+    assert list(cache.cache_dir.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_bad_requests_name_the_problem(cache, split):
+    text_only = tiny_model(LABELS, image=False)
+    with pytest.raises(ValueError, match="no image tower"):
+        cache.get_or_compute(text_only, split, "image")
+    with pytest.raises(ValueError, match="Unknown modality 'audio'"):
+        cache.get_or_compute(text_only, split, "audio")
+    with pytest.raises(TypeError, match="datasets.Dataset"):
+        cache.get_or_compute(text_only, [{"plot": "x"}], "text")
+    with pytest.raises(ValueError, match="no 'plot' column"):
+        cache.get_or_compute(text_only, split.remove_columns("plot"), "text")
+
+
+def test_a_split_without_any_poster_gives_an_all_false_mask(cache, model):
+    split = make_split(posters=[None] * len(PLOTS))
+    feats, mask = _get(cache, model, split, "image")
+    assert not mask.any() and torch.all(feats == 0)
