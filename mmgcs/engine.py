@@ -404,6 +404,11 @@ class Trainer:
         cache = FeatureCache(self.tcfg.cache_dir)
         modalities = [m for m, on in (("text", self.use_text), ("image", self.use_image)) if on]
         model.to(self.accelerator.device)
+        if self.use_text:
+            # A fast tokenizer's serialized state (part of the cache key) records padding/truncation settings only
+            # after its first call: tokenize once so every split is keyed alike, whether or not a split before it
+            # was a cache hit.
+            model.preprocess([""], [None] if self.use_image else None)
         loaders = {}
         # The main process computes and stores the features first; the others then read them from disk.
         with self.accelerator.main_process_first():
@@ -411,7 +416,8 @@ class Trainer:
                 feats = {}
                 for m in modalities:
                     feats[m] = cache.get_or_compute(
-                        model, split, m, batch_size=self.tcfg.eval_batch_size, num_workers=self.cfg.data.num_workers
+                        model, split, m, batch_size=self.tcfg.eval_batch_size,
+                        num_workers=self.cfg.data.num_workers or None,  # 0: the cache picks (one per core)
                     )
                 ds = feature_dataset(split, feats, self.mapping, len(self.labels), self.task)
                 train = role == "train"
@@ -473,6 +479,9 @@ class Trainer:
         if self.schedule.scheduler is not None:
             self.schedule.scheduler = acc.prepare(self.schedule.scheduler)
 
+        # Featurizing (a cache miss) draws random numbers and a cache hit does not: re-seed so training itself
+        # is the same either way. A resumed run then restores the checkpoint's RNG states instead.
+        set_seed(self.tcfg.seed)
         if self.tcfg.resume:
             self._resume()
         if self.is_main:

@@ -228,3 +228,30 @@ def test_a_finished_run_is_not_overwritten_without_resume(tmp_path, data, capsys
     # --resume of a finished run re-evaluates the best model instead of training again
     metrics = main([*args, "--resume"], default_config=REPO_ROOT / "configs" / "text.yaml")
     assert metrics["epochs_run"] == 1
+
+
+def test_frozen_towers_train_on_cached_features_computed_once(tmp_path, data, caplog):
+    cache = tmp_path / "cache"
+    with caplog.at_level("INFO", logger="mmgcs.features"):
+        first = main(overrides(data, tmp_path / "a", train__epochs=2, train__cache_dir=cache),
+                     default_config=REPO_ROOT / "configs" / "fusion.yaml")
+    assert caplog.text.count("Feature cache miss") == 6 and "Feature cache hit" not in caplog.text  # 2 towers x 3 splits
+    history = json.loads((tmp_path / "a" / "history.json").read_text())
+    assert [h["inputs"] for h in history] == ["features", "features"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mmgcs.features"):
+        second = main(overrides(data, tmp_path / "b", train__epochs=2, train__cache_dir=cache),
+                      default_config=REPO_ROOT / "configs" / "fusion.yaml")
+    assert caplog.text.count("Feature cache hit") == 6 and "Feature cache miss" not in caplog.text
+    assert second["test"] == first["test"]  # same seed, same features: the same model
+
+
+def test_uncached_frozen_towers_give_the_same_model_as_cached_ones(tmp_path, data):
+    cached = main(overrides(data, tmp_path / "a", train__epochs=1, model__modality_dropout=0.0),
+                  default_config=REPO_ROOT / "configs" / "text.yaml")
+    raw = main(overrides(data, tmp_path / "b", train__epochs=1, model__modality_dropout=0.0,
+                         train__cache_features="false"),
+               default_config=REPO_ROOT / "configs" / "text.yaml")
+    assert json.loads((tmp_path / "b" / "history.json").read_text())[0]["inputs"] == "raw"
+    assert raw["test"]["micro_f1"] == pytest.approx(cached["test"]["micro_f1"], abs=1e-6)
+    assert raw["test"]["mAP"] == pytest.approx(cached["test"]["mAP"], abs=1e-4)
