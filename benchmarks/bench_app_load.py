@@ -49,6 +49,17 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time a process (all its threads) has used so far."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def movies(n: int, workdir: Path) -> tuple[list[tuple[str | None, str | None]], str]:
     """Up to n (plot, poster path) pairs: real TMDb movies when the shared data is present, else generated."""
     source = SHARED / "tmdb5000" / "movies.jsonl"
@@ -100,13 +111,17 @@ def wait_until_up(url: str, proc: subprocess.Popen | None, timeout: float = 180)
     raise SystemExit(f"the app at {url} did not answer within {timeout:.0f} s")
 
 
-def run_level(url: str, callers: int, seconds: float, items: list, mode: str) -> dict:
+def run_level(url: str, callers: int, seconds: float, items: list, mode: str, server_pid: int | None = None,
+              verify_ssl: bool = False) -> dict:
     from gradio_client import Client, handle_file
 
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
-    clients = [Client(url, verbose=False) for _ in range(callers)]  # connect before the clock starts
+    # gradio_client opens a new httpx client for each HTTP call; with certificate checks on, each one loads the CA
+    # bundle (~28 ms of CPU, 3 per predict). Over plain-HTTP loopback there is no TLS to verify, and the callers
+    # share the server's CPU, so they skip that cost (--verify-ssl restores it).
+    clients = [Client(url, verbose=False, ssl_verify=verify_ssl) for _ in range(callers)]  # before the clock
     start_line = threading.Barrier(callers + 1)
     deadline = [0.0]
 
@@ -137,16 +152,21 @@ def run_level(url: str, callers: int, seconds: float, items: list, mode: str) ->
     threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(callers)]
     for t in threads:
         t.start()
+    server_cpu0, client_cpu0 = cpu_seconds(server_pid), time.process_time()
     t_start = time.perf_counter()
     deadline[0] = t_start + seconds
     start_line.wait()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t_start
+    server_cpu1, client_cpu1 = cpu_seconds(server_pid), time.process_time()
     for c in clients:
         c.close()
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) >= 2 else [float("nan")] * 99
+    done = max(len(latencies) + len(errors), 1)
+    server_ms = (server_cpu1 - server_cpu0) * 1000 / done if server_cpu0 is not None else float("nan")
     return {"callers": callers, "ok": len(latencies), "errors": len(errors), "rps": len(latencies) / elapsed,
+            "server_ms": server_ms, "client_ms": (client_cpu1 - client_cpu0) * 1000 / done,
             "p50": q[49] * 1000, "p95": q[94] * 1000, "p99": q[98] * 1000, "first_error": errors[0] if errors else ""}
 
 
@@ -160,9 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of untimed calls before each level")
     ap.add_argument("--mode", choices=["both", "plot", "poster"], default="both", help="what each call sends")
     ap.add_argument("--movies", type=int, default=256, help="distinct movies to cycle through")
+    ap.add_argument("--verify-ssl", action="store_true",
+                    help="let the callers load the CA bundle on every HTTP call, as gradio_client does by default")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env for the app")
     args = ap.parse_args(argv)
 
+    load_before = os.getloadavg()[0]
     proc = None
     if args.url:
         url = args.url.rstrip("/")
@@ -186,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = []
             for n in [int(x) for x in args.callers.split(",")]:
                 if args.warmup > 0:
-                    run_level(url, n, args.warmup, items, args.mode)
-                rows.append(run_level(url, n, args.seconds, items, args.mode))
+                    run_level(url, n, args.warmup, items, args.mode, verify_ssl=args.verify_ssl)
+                rows.append(run_level(url, n, args.seconds, items, args.mode, pid, args.verify_ssl))
         peak = peak_rss_mb(pid) if pid else None
     finally:
         if proc is not None:
@@ -200,12 +223,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\napp: {url}  model: text={info['text_backbone']} image={info['image_backbone']} fusion={info['fusion']}"
           f" ({len(info['labels'])} genres)  limits: {info['limits']}")
     print(f"inputs: {what}; mode={args.mode}; {args.seconds:g} s per level after {args.warmup:g} s warm-up; "
-          f"cpus={os.cpu_count()}" + (f"; app start-up {startup:.1f} s" if proc is not None else ""))
-    print("\n| callers | requests | movies/s | errors | p50 ms | p95 ms | p99 ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          f"cpus={os.cpu_count()}; callers ssl_verify={args.verify_ssl}" + (f"; app start-up {startup:.1f} s" if proc is not None else ""))
+    print(f"machine load average (1 min): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+          "(other work on the machine slows every number below)")
+    # CPU time per request does not depend on what else the machine runs: it bounds the throughput of an idle
+    # machine at (cores x 1000) / (server + caller CPU ms) movies/s when the callers share it, as here.
+    print("\n| callers | requests | movies/s | errors | p50 ms | p95 ms | p99 ms | server CPU ms/req | callers CPU ms/req |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['callers']} | {r['ok']} | {r['rps']:.1f} | {r['errors']} | {r['p50']:.0f} | {r['p95']:.0f} "
-              f"| {r['p99']:.0f} |")
+              f"| {r['p99']:.0f} | {r['server_ms']:.0f} | {r['client_ms']:.0f} |")
     print(f"\nserver peak memory (VmHWM): {peak:.0f} MB" if peak else "\nserver peak memory: unknown (pass --server-pid)")
     for r in rows:
         if r["first_error"]:

@@ -44,6 +44,7 @@ def app_env(model_dir: Path, **extra: str) -> dict:
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "MMGCS_PRECISION": "fp32",  # answers compared with the model run in the test process
         **TEST_LIMITS,
         **extra,
     }

@@ -201,7 +201,7 @@ def test_server_is_healthy_after_the_bad_inputs(client, server):
 @pytest.fixture(scope="module")
 def app_module(tmp_path_factory):
     bundle = save_tiny_bundle(tmp_path_factory.mktemp("inproc") / "model")
-    env = {"MMGCS_MODEL": str(bundle), "MMGCS_EXAMPLES": "", **TEST_LIMITS}
+    env = {"MMGCS_MODEL": str(bundle), "MMGCS_EXAMPLES": "", "MMGCS_PRECISION": "fp32", **TEST_LIMITS}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -244,6 +244,26 @@ def test_render_shows_verdict_scores_and_each_modality(app_module):
     assert by_genre["Action"][5] == "✓" and by_genre["Comedy"][5] == ""
     assert all(r[2] == "—" for r in rows)  # no poster: its column is empty
     assert by_genre["Comedy"][4] == "100%"  # the per-genre threshold
+
+
+def test_bfloat16_serving_stays_close_to_float32(app_module):
+    fast = app_module.BatchingPredictor(app_module.model, max_batch=8, precision="bf16")
+    exact = app_module.model.predict(plot=PLOTS[0], by_modality=True)
+    result = fast(PLOTS[0], None)
+    assert result["scores"].keys() == exact["scores"].keys()
+    assert _close(result["scores"], exact["scores"], 0.02)
+    assert not _close(result["scores"], exact["scores"], 1e-7)  # bfloat16 really ran
+
+
+def test_precision_setting(app_module, monkeypatch):
+    monkeypatch.setenv("MMGCS_PRECISION", "fp32")
+    assert app_module.choose_precision("cpu") == "fp32"
+    monkeypatch.setenv("MMGCS_PRECISION", "auto")
+    assert app_module.choose_precision("cuda") == "fp32"
+    assert app_module.choose_precision("cpu") == ("bf16" if app_module._cpu_has_native_bf16() else "fp32")
+    monkeypatch.setenv("MMGCS_PRECISION", "fp8")
+    with pytest.raises(SystemExit, match="fp32, bf16 or auto"):
+        app_module.choose_precision("cpu")
 
 
 def test_missing_model_says_how_to_get_one(app_module):
