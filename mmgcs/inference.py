@@ -86,19 +86,21 @@ def predict_batch(model, plots: Optional[list] = None, posters: Optional[list] =
 
 
 def _predict_chunks(model, plots: list, posters: list, batch_size: int, by_modality: bool) -> list[dict]:
-    out = []
-    for start in range(0, len(plots), batch_size):
-        chunk_plots, chunk_posters = plots[start:start + batch_size], posters[start:start + batch_size]
-        batch = model.preprocess(chunk_plots, chunk_posters)
+    # Batch plots of similar length together: a batch is padded to its longest plot.
+    order = sorted(range(len(plots)), key=lambda i: len(plots[i]) if isinstance(plots[i], str) else 0)
+    out: list = [None] * len(plots)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = model.preprocess([plots[i] for i in rows], [posters[i] for i in rows])
         probs, views = _run(model, batch, by_modality)
-        for row in range(probs.shape[0]):
-            result = _result(model, probs[row])
+        for j, i in enumerate(rows):
+            result = _result(model, probs[j])
             if views is not None:
                 result["by_modality"] = {
-                    name: _result(model, p[row])["scores"]
-                    for name, (p, mask) in views.items() if mask is None or bool(mask[row])
+                    name: _result(model, p[j])["scores"]
+                    for name, (p, mask) in views.items() if mask is None or bool(mask[j])
                 }
-            out.append(result)
+            out[i] = result
     return out
 
 
