@@ -221,3 +221,20 @@ def test_offline_push_saves_then_fails_clearly(tmp_path, monkeypatch):
     assert (tmp_path / "mmgcs-bundles" / "me--genres" / "model.safetensors").is_file()
     with pytest.raises(BundleError, match="has no config.json"):
         push_bundle(tmp_path / "empty", "me/genres")
+
+
+def test_repo_id_loads_from_the_local_hub_cache(saved, tmp_path):
+    """The Hub code path (repo id → snapshot_download), served by a cache laid out as the Hub client writes it."""
+    model, folder = saved
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--me--genres"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for p in folder.iterdir():
+        (snapshot / p.name).write_bytes(p.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    loaded = GenreClassifier.from_pretrained("me/genres", cache_dir=tmp_path)
+    batch = sample_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch)["logits"], model(**batch)["logits"], rtol=0, atol=0)
