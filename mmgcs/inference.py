@@ -5,11 +5,14 @@
 """
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
 from mmgcs.models.preprocessing import check_plot, plot_present
+
+if TYPE_CHECKING:
+    from mmgcs.models.classifier import GenreClassifier
 
 NO_INPUT = (
     "Nothing to classify: give the movie's plot (text), its poster (an image file, bytes or PIL image), or both"
@@ -111,7 +114,7 @@ def predict(model, plot: Optional[str] = None, poster: Any = None, by_modality: 
 class Predictor:
     """A loaded model ready for raw inputs. Wraps a GenreClassifier, or loads one from a folder / Hub id."""
 
-    def __init__(self, model: Union["GenreClassifier", str, Path], device: Union[str, torch.device] = "cpu"):  # noqa: F821
+    def __init__(self, model: Union["GenreClassifier", str, Path], device: Union[str, torch.device] = "cpu"):
         from mmgcs.models.classifier import GenreClassifier
 
         if not isinstance(model, GenreClassifier):
