@@ -255,3 +255,11 @@ def test_uncached_frozen_towers_give_the_same_model_as_cached_ones(tmp_path, dat
     assert json.loads((tmp_path / "b" / "history.json").read_text())[0]["inputs"] == "raw"
     assert raw["test"]["micro_f1"] == pytest.approx(cached["test"]["micro_f1"], abs=1e-6)
     assert raw["test"]["mAP"] == pytest.approx(cached["test"]["mAP"], abs=1e-4)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, data):
+    out = tmp_path / "run"
+    main(overrides(data, out, train__epochs=1, train__batch_size=4, train__grad_accum_steps=2),
+         default_config=REPO_ROOT / "configs" / "text.yaml")
+    batches = -(-split_sizes(data)["train"] // 4)
+    assert json.loads((out / "history.json").read_text())[0]["step"] == -(-batches // 2)
