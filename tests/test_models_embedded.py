@@ -75,3 +75,14 @@ def test_default_bundle_round_trip_offline(default_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch)["logits"], default_model(**batch)["logits"], rtol=0, atol=0)
     assert loaded.config.backbone_weights == default_model.config.backbone_weights
+
+
+def test_default_model_card_names_its_base_model(default_model):
+    import yaml
+
+    from mmgcs.hub import render_model_card
+
+    meta = yaml.safe_load(render_model_card(default_model.config).split("---\n")[1])
+    # MiniLM weights are the Hub model's own (packaged); the EfficientNet weights are the package's, not timm's
+    assert meta["base_model"] == [DEFAULT_TEXT_BACKBONE]
+    assert meta["pipeline_tag"] == "text-classification" and meta["library_name"] == "mmgcs"
