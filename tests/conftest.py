@@ -9,6 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Tiny models gain nothing from intra-op threads, and two threads per process oversubscribe the 2 cores once
+# a test starts subprocesses (DDP, the app server): one thread keeps the suite fast and its timing steady.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MMGCS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
