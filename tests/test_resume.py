@@ -28,6 +28,7 @@ def _args(data, out):
         "train.eval_batch_size": 16,
         "train.lr": 0.01,
         "train.log_with": "none",
+        "train.cache_dir": out.parent / f"{out.name}-cache",
         "train.early_stopping_patience": 0,
         # Raw inputs: poster augmentation, dropout and modality dropout all draw random numbers, so the resumed
         # run only matches if the data order and every RNG state are restored.
