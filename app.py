@@ -276,7 +276,12 @@ def check_poster(poster: Any) -> PIL.Image.Image | None:
 # The model, loaded once.
 
 MODEL_SOURCE = os.environ.get("MMGCS_MODEL", "").strip() or DEFAULT_MODEL
-model = load_model(MODEL_SOURCE)
+try:
+    model = load_model(MODEL_SOURCE)
+except ModelNotFoundError as e:
+    if __name__ == "__main__":
+        raise SystemExit(f"app.py: {e}") from None  # the message, without a traceback, in the Space's logs
+    raise
 LABELS: list[str] = list(model.config.labels)
 READS_PLOT = getattr(model, "text_tower", None) is not None
 READS_POSTER = getattr(model, "image_tower", None) is not None
@@ -295,10 +300,14 @@ predictor = BatchingPredictor(model, LIMITS.max_batch, PRECISION)
 
 
 def predict(plot: str | None = None, poster: str | None = None) -> dict:
-    """Predict a movie's genres from its plot, its poster, or both.
+    """Predict a movie's genres from its plot, its poster, or both (give at least one).
 
-    Returns {"scores": {genre: probability}, "genres": [predicted genres, per-genre thresholds applied],
-    "by_modality": {"text": scores from the plot alone, "image": from the poster alone, "fused": from both}}.
+    Args:
+        plot: the movie's plot or synopsis, in English (see /model_info for the length limit)
+        poster: the poster image file, JPEG, PNG, WebP or GIF (see /model_info for the size and pixel limits)
+    Returns:
+        {"scores": {genre: probability}, "genres": [predicted genres, per-genre thresholds applied], "by_modality":
+        {"text": scores from the plot alone, "image": from the poster alone, "fused": from both}}
     """
     plot_text = check_plot(plot)
     image = check_poster(poster)
@@ -332,7 +341,11 @@ def _backbone_name(name: str) -> str:
 
 
 def model_info() -> dict:
-    """The model's genres, per-genre decision thresholds, backbones and this app's input limits."""
+    """The model's genres, per-genre decision thresholds, backbones, precision and this app's input limits.
+
+    Returns:
+        {"labels": [...], "thresholds": {genre: threshold}, "reads_plot": bool, "reads_poster": bool, ...}
+    """
     cfg = model.config
     return {
         "labels": LABELS,
@@ -362,7 +375,7 @@ _warm_up()
 # ---------------------------------------------------------------------------------------------------------------
 # Rendering the /predict result for people.
 
-COLUMNS = ["Genre", "Plot only", "Poster only", "Plot + poster", "Threshold", "Predicted"]
+COLUMNS = ["Genre", "Plot only", "Poster only", "Both", "Threshold", "Predicted"]
 
 
 def _md_text(text: str) -> str:
@@ -509,7 +522,13 @@ def build_demo(examples: list[list]) -> gr.Blocks:
                 verdict = gr.Markdown(elem_id="verdict")
                 top = gr.Label(label="Top genres", num_top_classes=5, elem_id="top-genres")
                 table = gr.Dataframe(
-                    headers=COLUMNS, label="What each input says", interactive=False, elem_id="by-modality"
+                    headers=COLUMNS,
+                    label="What each input says",
+                    interactive=False,
+                    wrap=True,
+                    column_widths=["25%", "15%", "16%", "12%", "16%", "16%"],
+                    max_height=900,
+                    elem_id="by-modality",
                 )
                 with gr.Accordion("API response (JSON)", open=False):
                     raw = gr.JSON(label="/predict", elem_id="raw")

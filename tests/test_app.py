@@ -266,6 +266,20 @@ def test_precision_setting(app_module, monkeypatch):
         app_module.choose_precision("cpu")
 
 
+def test_app_without_a_model_exits_with_the_remedy(tmp_path):
+    import subprocess
+
+    from app_helpers import app_env
+
+    run = subprocess.run(
+        [sys.executable, "app.py"], cwd=REPO, env=app_env(tmp_path / "no-model"), capture_output=True, text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert "train_fusion.py" in run.stderr and "MMGCS_MODEL" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_missing_model_says_how_to_get_one(app_module):
     with pytest.raises(app_module.ModelNotFoundError, match="train_fusion.py"):
         app_module.load_model(str(REPO / "no-such-run" / "model"))

@@ -92,6 +92,22 @@ def test_nothing_given_shows_the_error_in_the_page(page):
     _wait(page, lambda d: "Nothing to classify" in d.find_element(By.TAG_NAME, "body").text, "the error message")
 
 
+def test_api_page_documents_predict(page):
+    from selenium.webdriver.common.by import By
+
+    link = _wait(
+        page,
+        lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, "footer a, footer button") if "API" in e.text), None),
+        "the 'Use via API' link",
+    )
+    link.click()
+    text = _wait(
+        page, lambda d: (t := d.find_element(By.TAG_NAME, "body").text) and "/model_info" in t and t, "the API page"
+    )
+    assert 'api_name="/predict"' in text and "plot" in text and "poster" in text
+    assert "Predict a movie's genres" in text
+
+
 def test_type_plot_upload_poster_and_read_the_genres(page, tmp_path):
     from selenium.webdriver.common.by import By
 
