@@ -427,7 +427,7 @@ class _PosterRows(torch.utils.data.Dataset):
 
 
 class _DecodePosters:
-    """Worker-side: encoded posters → one channels-last float batch through the model's eval transform.
+    """Encoded posters → one float batch through the model's eval transform (runs in DataLoader workers).
 
     Exactly `model.preprocess`'s path (`load_image` then `model.image_transform(False)`), so the features equal
     what the model computes on raw posters. A poster that cannot be decoded is returned as an error, not raised.
@@ -456,8 +456,33 @@ class _DecodePosters:
         return torch.tensor(rows, dtype=torch.long), pixels, bad
 
 
+class _FeaturizePosters(_DecodePosters):
+    """Decode *and* encode in the worker: each worker runs its own copy of the tower on its own cores.
+
+    On CPU this beats "workers decode, main process encodes": no process waits for another, and a tower on one
+    or two threads with small batches wastes far less time in thread synchronization, above all on a busy machine.
+    """
+
+    def __init__(self, transform, tower: torch.nn.Module, optimize: bool, threads: int):
+        super().__init__(transform, channels_last=True)
+        self.tower = tower
+        self.optimize = optimize
+        self.threads = threads
+        self._encoder = None
+
+    def __call__(self, items):
+        rows, pixels, bad = super().__call__(items)
+        if len(rows) == 0:
+            return rows, torch.empty(0), bad
+        with torch.inference_mode(False), torch.no_grad():
+            if self._encoder is None:  # first batch of this worker: build its encoder
+                torch.set_num_threads(self.threads)
+                self._encoder = FastImageEncoder(self.tower, pixels[:2], optimize=self.optimize)
+            return rows, self._encoder(pixels), bad
+
+
 def default_num_workers() -> int:
-    """Poster decoders: one per core (at most 4); decoding is ~4 ms a poster, so a few keep any CPU tower busy."""
+    """One worker per core (at most 4): on CPU each decodes and encodes its own batches."""
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
 
 
@@ -469,10 +494,19 @@ def _poster_presence(split) -> np.ndarray:
     return np.array(flags, dtype=bool)
 
 
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-3) -> bool:
+    return a.shape == b.shape and (a - b).abs().max().item() <= rtol * (b.abs().max().item() or 1.0)
+
+
 def compute_image_features(
     model, split, batch_size: int = 64, num_workers: Optional[int] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posters → image-tower features; undecodable posters are reported by id and masked out."""
+    """Posters → image-tower features; undecodable posters are reported by id and masked out.
+
+    On CPU with workers, each worker decodes and encodes batches of `CPU_FORWARD_BATCH` posters with its own copy
+    of the tower (checked first to give `model.encode_image`'s numbers); otherwise workers decode and the main
+    process encodes batches of `batch_size` on the tower's device.
+    """
     from datasets import Image
 
     tower = _tower(model, "image")
@@ -486,31 +520,39 @@ def compute_image_features(
     if len(rows) == 0:
         return features, mask
     device = _device_of(tower)
-    on_cpu = device.type == "cpu"
     workers = default_num_workers() if num_workers is None else int(num_workers)
-    loader = torch.utils.data.DataLoader(
-        _PosterRows(posters, rows),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_DecodePosters(model.image_transform(False), channels_last=on_cpu),
-        prefetch_factor=4 if workers > 0 else None,
-    )
-    forward_batch = CPU_FORWARD_BATCH if on_cpu else batch_size
+    transform = model.image_transform(False)
+    optimize = len(rows) >= MIN_POSTERS_TO_OPTIMIZE
     bad: list[tuple[int, str]] = []
-    encoder = None
-    with _eval_mode(tower), torch.inference_mode():
-        for batch_rows, pixels, batch_bad in loader:
+    with _eval_mode(tower):
+        worker_tower = _worker_tower(model, posters, rows, transform) if device.type == "cpu" and workers > 0 else None
+        if worker_tower is not None:
+            collate = _FeaturizePosters(transform, worker_tower, optimize, max(1, torch.get_num_threads() // workers))
+            loader_batch = min(batch_size, CPU_FORWARD_BATCH)
+        else:
+            collate = _DecodePosters(transform, channels_last=device.type == "cpu")
+            loader_batch = batch_size
+        loader = torch.utils.data.DataLoader(
+            _PosterRows(posters, rows),
+            batch_size=loader_batch,
+            num_workers=workers,
+            collate_fn=collate,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+        encoder = None
+        for batch_rows, out, batch_bad in loader:
             bad.extend(batch_bad)
             if len(batch_rows) == 0:
                 continue
-            pixels = pixels.to(device)
-            if encoder is None:
-                with torch.inference_mode(False), torch.no_grad():
-                    sample = pixels[: min(4, len(pixels))].clone()
-                    encoder = FastImageEncoder(model, sample, optimize=len(rows) >= MIN_POSTERS_TO_OPTIMIZE)
-            for s in range(0, len(pixels), forward_batch):
-                out = encoder(pixels[s : s + forward_batch])
-                features[batch_rows[s : s + forward_batch]] = out.float().cpu()
+            if worker_tower is None:  # `out` holds pixels: encode them here
+                pixels = out.to(device)
+                if encoder is None:
+                    with torch.no_grad():
+                        encoder = FastImageEncoder(model, pixels[:4], optimize=optimize)
+                step = CPU_FORWARD_BATCH if device.type == "cpu" else len(pixels)
+                with torch.inference_mode():
+                    out = torch.cat([encoder(pixels[s : s + step]) for s in range(0, len(pixels), step)])
+            features[batch_rows] = out.float().cpu()
             mask[batch_rows] = True
     if bad:
         ids = _row_ids(split, [r for r, _ in bad])
@@ -524,40 +566,53 @@ def compute_image_features(
     return features, mask
 
 
-class FastImageEncoder:
-    """`model.encode_image` for a frozen tower, made fast for inference and checked to give the same numbers.
+def _worker_tower(model, posters, rows, transform) -> Optional[torch.nn.Module]:
+    """An eval-mode copy of the image tower for the workers, if it computes exactly `model.encode_image`."""
+    sample_rows, sample, _ = _DecodePosters(transform, channels_last=False)(
+        [(int(r), posters[int(r)]["poster"]) for r in rows[:8]]
+    )
+    if len(sample_rows) == 0:
+        return None
+    copy_ = copy.deepcopy(model.image_tower).eval()
+    with torch.no_grad():
+        if _close(copy_(sample[:2]), model.encode_image(sample[:2])):
+            return copy_
+    logger.info("model.encode_image is not just its image tower; encoding in the main process")
+    return None
 
-    On CPU: a private copy of the tower in channels-last layout, traced and frozen with TorchScript (which
-    folds BatchNorm into the convolutions: ~30% more posters per CPU-second for EfficientNet-Lite0). The
-    optimized encoder is compared with `model.encode_image` on a sample batch and used only when they agree; else
-    (or on GPU) `model.encode_image` itself runs. The model is left untouched.
+
+class FastImageEncoder:
+    """`model.encode_image` (or a tower's forward) for frozen inference, made fast and checked to give the same numbers.
+
+    On CPU: a private copy of the tower in channels-last layout, traced and frozen with TorchScript (which folds
+    BatchNorm into the convolutions: ~30% more posters per CPU-second for EfficientNet-Lite0). It is compared with
+    the reference on a sample batch and used only when they agree; else (or on GPU) the reference itself runs.
+    The model is left untouched. `source`: a GenreClassifier (reference `encode_image`) or an image tower.
     """
 
     RTOL = 1e-3
 
-    def __init__(self, model, sample: torch.Tensor, optimize: bool = True):
-        self.model = model
-        self.kind = "encode_image"
-        self._fn = model.encode_image
+    def __init__(self, source, sample: torch.Tensor, optimize: bool = True):
+        tower = source.image_tower if hasattr(source, "encode_image") else source
+        reference = source.encode_image if hasattr(source, "encode_image") else source
+        self.kind = "eager"
+        self._fn = reference
         if not optimize or sample.device.type != "cpu":
             return
-        reference = model.encode_image(sample.contiguous())
         try:
-            fast = self._trace(model, sample)
-            got = fast(sample)
-            err = (got - reference).abs().max().item()
-            scale = reference.abs().max().item() or 1.0
-            if err <= self.RTOL * scale:
+            fast = self._trace(tower, sample)
+            with torch.no_grad():
+                ok = _close(fast(sample), reference(sample.contiguous()), self.RTOL)
+            if ok:
                 self._fn, self.kind = fast, "torchscript-frozen"
             else:
-                logger.info("Optimized image encoder disagrees with encode_image (max |diff| %.3g); not used", err)
+                logger.info("The traced image tower disagrees with the eager one; not used")
         except Exception as e:  # tracing is best-effort: any backbone it cannot handle runs eagerly
             logger.info("Image tower not traceable (%s: %s); running it eagerly", type(e).__name__, e)
-        logger.debug("Image encoder: %s", self.kind)
 
     @staticmethod
-    def _trace(model, sample: torch.Tensor):
-        tower = copy.deepcopy(model.image_tower).eval().to(memory_format=torch.channels_last)
+    def _trace(tower, sample: torch.Tensor):
+        tower = copy.deepcopy(tower).eval().to(memory_format=torch.channels_last)
         with warnings.catch_warnings(), torch.no_grad():
             # TorchScript is deprecated (but still the generic way to fold BatchNorm); tracer notes are noise here.
             warnings.simplefilter("ignore")
