@@ -536,7 +536,11 @@ def build_demo(examples: list[list]) -> gr.Blocks:
             gr.Examples(examples, inputs=[title, plot, poster], label="Examples from your dataset's test split")
         gr.Markdown(_about())
 
+        outputs = [verdict, top, table, raw]
+        # Clear the last answer first, so that a refused input never leaves another movie's genres on screen.
         submit.click(
+            lambda: ("", None, None, None), outputs=outputs, api_visibility="private", queue=False
+        ).then(
             predict,
             inputs=[plot, poster],
             outputs=raw,

@@ -85,11 +85,17 @@ def _element(driver, css: str):
     return _wait(driver, ec.presence_of_element_located((By.CSS_SELECTOR, css)), css)
 
 
-def test_nothing_given_shows_the_error_in_the_page(page):
+def test_refused_input_shows_the_error_and_clears_the_last_answer(page):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
+    _element(page, "#plot textarea").send_keys(PLOT)
+    _element(page, "#predict").click()
+    _wait(page, lambda d: "Predicted genres" in d.find_element(By.CSS_SELECTOR, "#verdict").text, "a first answer")
+    _element(page, "#plot textarea").send_keys(Keys.CONTROL, "a", Keys.DELETE)  # as a user would (fires input events)
     _element(page, "#predict").click()
     _wait(page, lambda d: "Nothing to classify" in d.find_element(By.TAG_NAME, "body").text, "the error message")
+    assert "Predicted genres" not in page.find_element(By.CSS_SELECTOR, "#verdict").text
 
 
 def test_api_page_documents_predict(page):
