@@ -216,25 +216,6 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def _tokenizer_state_restorer(tokenizer):
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return lambda: None
-    truncation, padding = backend.truncation, backend.padding
-
-    def restore() -> None:
-        if truncation is None:
-            backend.no_truncation()
-        else:
-            backend.enable_truncation(**truncation)
-        if padding is None:
-            backend.no_padding()
-        else:
-            backend.enable_padding(**padding)
-
-    return restore
-
-
 def _pipeline_tag(model) -> str:
     # Same rule as the model card: poster-only models are image classifiers, anything reading plots text ones.
     return "image-classification" if getattr(model, "text_tower", None) is None else "text-classification"
@@ -423,16 +404,12 @@ class Trainer:
         cache = FeatureCache(self.tcfg.cache_dir)
         modalities = [m for m, on in (("text", self.use_text), ("image", self.use_image)) if on]
         model.to(self.accelerator.device)
-        # A fast tokenizer's serialized state (part of the cache key) picks up padding/truncation settings when it
-        # is called: key every split with the tokenizer as loaded, whether or not a split before it was computed.
-        restore_tokenizer = _tokenizer_state_restorer(getattr(model, "tokenizer", None))
         loaders = {}
         # The main process computes and stores the features first; the others then read them from disk.
         with self.accelerator.main_process_first():
             for role, split in self.splits.items():
                 feats = {}
                 for m in modalities:
-                    restore_tokenizer()
                     feats[m] = cache.get_or_compute(
                         model, split, m, batch_size=self.tcfg.eval_batch_size,
                         num_workers=self.cfg.data.num_workers or None,  # 0: the cache picks (one per core)

@@ -263,3 +263,50 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, data):
          default_config=REPO_ROOT / "configs" / "text.yaml")
     batches = -(-split_sizes(data)["train"] // 4)
     assert json.loads((out / "history.json").read_text())[0]["step"] == -(-batches // 2)
+
+
+def test_fast_profile_and_limit_use_the_first_rows_of_each_split(tmp_path, data):
+    out = tmp_path / "run"
+    metrics = main(["--fast", *overrides(data, out, train__limit=20, train__max_steps=1)],
+                   default_config=REPO_ROOT / "configs" / "text.yaml")
+    sizes = split_sizes(data)
+    assert metrics["rows"] == {role: min(20, n) for role, n in sizes.items()}
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 2  # from the --fast profile
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    from mmgcs.config import load_config
+    from mmgcs.sweep import load_sweep
+
+    if path.name == "sweep.yaml" or yaml.safe_load(path.read_text()).keys() & {"grid"}:
+        sweep = load_sweep(path)
+        assert all(b.is_file() for b in sweep.base)
+        for point in __import__("mmgcs.sweep", fromlist=["grid_points"]).grid_points(sweep.grid):
+            load_config(sweep.base, [f"{k}={v}" for k, v in point.items()])
+    else:
+        load_config([path])
+
+
+@pytest.mark.parametrize(
+    "config, script, extra",
+    [
+        ("seeds/bilstm-text.yaml", "train_text.py", {"model.word_embedding_dim": 8, "model.lstm_hidden_dim": 8,
+                                                      "model.vocab_size": 200}),
+        ("seeds/simplecnn-poster.yaml", "train_image.py", {"model.image_size": 32}),
+    ],
+)
+def test_seed_systems_train_from_scratch(monkeypatch, tmp_path, data, config, script, extra):
+    out = tmp_path / "run"
+    args = ["--config", str(REPO_ROOT / "configs" / config),
+            *overrides(data, out, train__epochs=1, train__max_steps=2, train__scheduler="none"),
+            *[f"{k}={v}" for k, v in extra.items()]]
+    run_script(monkeypatch, script, args)
+    history = json.loads((out / "history.json").read_text())
+    assert history[0]["inputs"] == "raw" and history[0]["lr"]["backbone"] > 0  # the tower itself trains
+    from mmgcs import GenreClassifier
+
+    model = GenreClassifier.from_pretrained(out / "model")
+    tower = model.text_tower or model.image_tower
+    assert history[0]["trainable_parameters"] > sum(p.numel() for p in model.fusion.parameters())
+    assert tower is not None
