@@ -58,7 +58,7 @@ def _wait(proc, timeout=240):
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    data = build_dataset(tmp_path, n=48, poster_every=1, plot_every=1)
+    data = build_dataset(tmp_path, n=40, poster_every=1, plot_every=1)
     reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
 
     reference = _launch(data, reference_out)
