@@ -65,8 +65,8 @@ def _env_int(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Limits:
-    # TMDb overviews are under 1,000 characters and Wikipedia plots a few thousand; the text tower reads only
-    # its first `max_text_length` tokens, so anything longer is refused rather than silently cut.
+    # TMDb overviews are under 1,000 characters and Wikipedia plots a few thousand. The text tower reads only its
+    # first `max_text_length` tokens (the page says so); far longer text is refused, as it is not a plot summary.
     max_plot_chars: int = _env_int("MMGCS_MAX_PLOT_CHARS", 10_000)
     max_image_pixels: int = _env_int("MMGCS_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
     # A poster is ~15 KB-2 MB; 10 MB leaves room for a phone photo of one.
@@ -505,6 +505,8 @@ def build_demo(examples: list[list]) -> gr.Blocks:
                     lines=6,
                     max_length=LIMITS.max_plot_chars,
                     placeholder="A young farm boy joins a rebellion to rescue a princess from an evil empire...",
+                    info=f"The model reads the first {model.config.max_text_length} tokens (about "
+                    f"{model.config.max_text_length * 3 // 4} words); the rest of a longer plot is ignored.",
                     visible=READS_PLOT,
                     elem_id="plot",
                 )
