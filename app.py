@@ -287,14 +287,7 @@ READS_PLOT = getattr(model, "text_tower", None) is not None
 READS_POSTER = getattr(model, "image_tower", None) is not None
 
 
-def _thresholds() -> dict[str, float]:
-    per_genre = model.config.thresholds
-    if per_genre and len(per_genre) == len(LABELS):
-        return {g: float(t) for g, t in zip(LABELS, per_genre)}
-    return {g: float(model.config.threshold) for g in LABELS}
-
-
-THRESHOLDS = _thresholds()
+THRESHOLDS = dict(zip(LABELS, model.decision_thresholds()))  # per-genre when tuned, else the global one
 PRECISION = choose_precision(model.device.type)
 predictor = BatchingPredictor(model, LIMITS.max_batch, PRECISION)
 

@@ -198,14 +198,13 @@ def test_server_is_healthy_after_the_bad_inputs(client, server):
 # In-process: the parts of app.py not reachable through the API.
 
 
-@pytest.fixture(scope="module")
-def app_module(tmp_path_factory):
-    bundle = save_tiny_bundle(tmp_path_factory.mktemp("inproc") / "model")
+def import_app(bundle: Path, name: str):
+    """app.py imported as a fresh module serving `bundle` (the environment is restored afterwards)."""
     env = {"MMGCS_MODEL": str(bundle), "MMGCS_EXAMPLES": "", "MMGCS_PRECISION": "fp32", **TEST_LIMITS}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        spec = importlib.util.spec_from_file_location("mmgcs_space_app", REPO / "app.py")
+        spec = importlib.util.spec_from_file_location(name, REPO / "app.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
         spec.loader.exec_module(module)
@@ -217,6 +216,26 @@ def app_module(tmp_path_factory):
                 os.environ[k] = v
     assert not (REPO / "app.pyi").exists()  # no Gradio stub written next to the app
     return module
+
+
+@pytest.fixture(scope="module")
+def app_module(tmp_path_factory):
+    return import_app(save_tiny_bundle(tmp_path_factory.mktemp("inproc") / "model"), "mmgcs_space_app")
+
+
+def test_a_plot_only_model_ignores_a_poster_and_says_so(tmp_path, files):
+    import gradio as gr
+
+    from mmgcs.testing import tiny_model
+
+    tiny_model(LABELS, image=False).save_pretrained(tmp_path / "text-only")
+    app = import_app(tmp_path / "text-only", "mmgcs_space_app_text_only")
+    assert app.READS_PLOT and not app.READS_POSTER
+    result = app.predict(plot=PLOTS[0], poster=str(files["good_png"]))
+    assert result["notes"] == ["This model reads plots only; the poster was ignored."]
+    assert set(result["by_modality"]) == {"text", "fused"}
+    with pytest.raises(gr.Error, match="give a plot"):
+        app.predict(poster=str(files["good_png"]))
 
 
 def test_an_internal_failure_reaches_the_user_without_details(app_module, monkeypatch):
