@@ -105,6 +105,7 @@ class TrainConfig:
     limit: int = 0  # use only the first N rows of each split (0 = all)
     log_with: str = "auto"  # auto (tensorboard when installed) | none | tensorboard | wandb | ... (comma-separated)
     log_every: int = 20
+    pos_weight: str = "none"  # none | sqrt (BCE weight sqrt(negatives/positives) per genre, from the train split)
     tune_thresholds: bool = True
     threshold_min_positives: int = 5  # per-genre threshold tuning needs this many validation positives
     push_to_hub: str = ""  # repo id
@@ -209,6 +210,7 @@ CHOICES: dict[str, tuple] = {
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.text_finetune": ("frozen", "partial", "full"),
     "train.image_finetune": ("frozen", "partial", "full"),
+    "train.pos_weight": ("none", "sqrt"),
     "train.metric_for_best": ("micro_f1", "macro_f1", "weighted_f1", "samples_f1", "mAP", "loss"),
 }
 

@@ -334,6 +334,18 @@ class Trainer:
             raise TrainingError(f"Could not build the model from the {source}: {e}") from e
         return model
 
+    def _set_pos_weight(self, model) -> None:
+        """Up-weight each genre's positives by sqrt(negatives / positives) in the train split (capped at 10): rare
+        genres get a usable gradient without the over-prediction a full ratio causes."""
+        from mmgcs.batching import targets
+
+        y = targets(self.splits["train"]["genres"], self.mapping, len(self.labels), self.task)
+        pos = y.sum(0).clamp_min(1.0)
+        weight = ((len(y) - pos) / pos).clamp_min(1.0).sqrt().clamp_max(10.0)
+        model.config.pos_weight = [round(float(w), 4) for w in weight]
+        model.pos_weight = torch.tensor(model.config.pos_weight, dtype=torch.float32)
+        logger.info("BCE pos_weight per genre: %s", dict(zip(self.labels, model.config.pos_weight)))
+
     def _apply_stage(self, model, epoch: int) -> bool:
         """Set each tower's fine-tuning mode for ``epoch`` (0-based); True when every tower is frozen."""
         frozen_stage = epoch < self.tcfg.freeze_epochs
@@ -452,6 +464,8 @@ class Trainer:
         set_seed(self.tcfg.seed)  # before the model is built: the same initial head on every run and rank
         model = self.build_model()
         self.splits = self._prepare_splits(splits, model)
+        if self.tcfg.pos_weight != "none" and self.task == "multilabel":
+            self._set_pos_weight(model)
         logger.info(
             "Data %s: %s rows; %d genres; towers: %s",
             self.cfg.data.path,

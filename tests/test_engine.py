@@ -310,3 +310,19 @@ def test_seed_systems_train_from_scratch(monkeypatch, tmp_path, data, config, sc
     tower = model.text_tower or model.image_tower
     assert history[0]["trainable_parameters"] > sum(p.numel() for p in model.fusion.parameters())
     assert tower is not None
+
+
+def test_pos_weight_from_train_label_frequencies_is_saved_with_the_model(tmp_path, data):
+    from mmgcs import GenreClassifier
+    from mmgcs.data import load_movies
+
+    out = tmp_path / "run"
+    main(overrides(data, out, train__epochs=1, train__max_steps=1, train__pos_weight="sqrt"),
+         default_config=REPO_ROOT / "configs" / "text.yaml")
+    model = GenreClassifier.from_pretrained(out / "model")
+    train = load_movies(data)["train"]
+    n = len(train)
+    for j, genre in enumerate(model.labels):
+        positives = sum(j in ids for ids in train["genres"])
+        assert model.config.pos_weight[j] == pytest.approx(min(10.0, max(1.0, (n - positives) / positives) ** 0.5), abs=1e-3)
+    assert torch.equal(model.pos_weight, torch.tensor(model.config.pos_weight))
