@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                 proc.kill()
 
     print(f"\napp: {url}  model: text={info['text_backbone']} image={info['image_backbone']} fusion={info['fusion']}"
-          f" ({len(info['labels'])} genres)  limits: {info['limits']}")
+          f" ({len(info['labels'])} genres) on {info.get('device')} in {info.get('precision')}  limits: {info['limits']}")
     print(f"inputs: {what}; mode={args.mode}; {args.seconds:g} s per level after {args.warmup:g} s warm-up; "
           f"cpus={os.cpu_count()}; callers ssl_verify={args.verify_ssl}" + (f"; app start-up {startup:.1f} s" if proc is not None else ""))
     print(f"machine load average (1 min): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
