@@ -28,10 +28,23 @@ $(BIN)/python:
 setup: .make-setup
 setup-dev: .make-setup-dev
 
-data: setup
+# Each step runs only when its output is missing or older than its inputs, so `make demo` can be re-run.
+$(DATA)/build_report.json: .make-setup
 	$(BIN)/python -m mmgcs.data build --source $(SHARED)/tmdb5000 --source $(SHARED)/tmdb-plots-extra --out $(DATA)
 
-demo: data
+# --resume: an interrupted `make demo` continues from the last finished epoch instead of starting over.
+$(RUN)/model/model.safetensors: $(DATA)/build_report.json
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	  training/train_fusion.py --resume data.path=$(DATA) train.output_dir=$(RUN)
+
+data: $(DATA)/build_report.json
+train: $(RUN)/model/model.safetensors
+
+serve: train
+	MMGCS_MODEL=$(RUN)/model MMGCS_EXAMPLES=$(DATA) $(BIN)/python app.py
+
+# Set up, build the data, train the embedded default model, serve the app on 127.0.0.1.
+demo: serve
 
 # A headless Chromium for the browser test, from Debian's packages, when we may install it (root + apt).
 browser-deps:
