@@ -23,6 +23,7 @@ import io
 import json
 import os
 import pstats
+import resource
 import statistics
 import sys
 import tempfile
@@ -35,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+CORES = os.cpu_count() or 1
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
@@ -46,12 +48,19 @@ def _load() -> str:
         return "?"
 
 
-def timed(fn, repeat: int) -> list[float]:
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (DataLoader workers are joined when done)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn, repeat: int) -> list[tuple[float, float]]:
+    """(wall seconds, CPU seconds incl. worker processes) per run."""
     out = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         fn()
-        out.append(time.perf_counter() - start)
+        out.append((time.perf_counter() - start, _cpu_seconds() - cpu))
     return out
 
 
@@ -59,13 +68,19 @@ class Table:
     def __init__(self):
         self.rows: list[tuple] = []
 
-    def add(self, what: str, items: int, unit: str, seconds: list[float], note: str = ""):
-        best, median = min(seconds), statistics.median(seconds)
-        self.rows.append((what, items, f"{items / best:,.1f} {unit}/s", f"{items / median:,.1f}", f"{best:.2f}", note))
-        print(f"  {what}: {items / best:,.1f} {unit}/s (best of {len(seconds)}; load {_load()})", flush=True)
+    def add(self, what: str, items: int, unit: str, runs: list[tuple[float, float]], note: str = ""):
+        walls = [w for w, _ in runs]
+        best, median = min(walls), statistics.median(walls)
+        cpu = min(c for _, c in runs)
+        self.rows.append((
+            what, items, f"{items / best:,.1f} {unit}/s", f"{items / median:,.1f}", f"{best:.2f}",
+            f"{items / cpu:,.1f}" if cpu > 0 else "-", f"{items / cpu * CORES:,.0f}" if cpu > 0 else "-",
+            _load(), note,
+        ))
+        print(f"  {what}: {items / best:,.1f} {unit}/s wall, {items / cpu:,.1f} per CPU-s (load {_load()})", flush=True)
 
     def print(self):
-        head = ("measurement", "items", "best", "median", "best s", "note")
+        head = ("measurement", "items", "wall best", "wall median", "best s", "per CPU-s", "idle est.", "load 1/5/15", "note")
         widths = [max(len(str(r[i])) for r in [head, *self.rows]) for i in range(len(head))]
         line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
         print()
@@ -124,13 +139,22 @@ def bench_posters(args, model, table: Table):
     if not args.skip_naive:
         table.add("posters: naive loop (main process, NCHW, batch 64)", n, "posters",
                   timed(lambda: naive_images(model, split), args.repeat))
+    for forward_batch in args.forward_batch[1:]:
+        F.CPU_FORWARD_BATCH = forward_batch
+        table.add(f"posters: featurizer, default settings but batch {forward_batch}", n, "posters",
+                  timed(lambda: F.compute_image_features(model, split, batch_size=64), args.repeat))
+    F.CPU_FORWARD_BATCH = args.forward_batch[0]
     for workers in args.workers:
-        for optimize in (False, True):
-            F.MIN_POSTERS_TO_OPTIMIZE = 0 if optimize else 10**12
-            what = (f"posters: featurizer, {workers} decode worker(s), channels-last, "
-                    f"{'traced+BN-folded' if optimize else 'eager'}, forward batch {F.CPU_FORWARD_BATCH}")
-            table.add(what, n, "posters",
-                      timed(lambda: F.compute_image_features(model, split, batch_size=64, num_workers=workers), args.repeat))
+        for in_workers in (False, True):
+            for optimize in (False, True):
+                F.MIN_POSTERS_TO_OPTIMIZE = 0 if optimize else 10**12
+                where = "decode+encode in workers" if in_workers else "decode in workers, encode in main"
+                what = (f"posters: featurizer, {workers} worker(s), {where}, "
+                        f"{'traced+BN-folded' if optimize else 'eager'}, batch {F.CPU_FORWARD_BATCH}")
+                run = lambda: F.compute_image_features(  # noqa: E731
+                    model, split, batch_size=64, num_workers=workers, encode_in_workers=in_workers
+                )
+                table.add(what, n, "posters", timed(run, args.repeat))
     F.MIN_POSTERS_TO_OPTIMIZE = 256
     return split
 
@@ -248,8 +272,10 @@ def main(argv=None):
     ap.add_argument("--plots", type=int, default=2048)
     ap.add_argument("--epoch-rows", type=int, default=512, help="training rows for the epoch benchmark (0: all)")
     ap.add_argument("--epoch-workers", type=int, default=2)
-    ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
+    ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[2],
                     help="decode-worker counts to try, comma-separated")
+    ap.add_argument("--forward-batch", type=lambda s: [int(x) for x in s.split(",")], default=[4],
+                    help="CPU forward batch sizes: the first is used throughout, the others get one extra row each")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: posters,plots,epoch")

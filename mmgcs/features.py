@@ -47,9 +47,10 @@ MODALITIES = ("text", "image")
 CACHE_FORMAT = 1
 COLUMNS = {"text": "plot", "image": "poster"}
 DEFAULT_CACHE_DIR = ".cache/mmgcs-features"
-# Rows per forward pass on CPU: EfficientNet-style towers run faster per image in small batches (their
-# activations stay in cache); measured on a 2-core EPYC, 8-16 beat 64 by about 1.5x. See benchmarks/bench_featurize.py.
-CPU_FORWARD_BATCH = 16
+# Posters per forward pass and CPU thread. Small batches keep a convnet's activations in cache: EfficientNet-Lite0
+# (traced, one thread, 2-core EPYC) took 14.5 ms a poster at 4, 17 at 8, 18.7 at 16 and 23 at 32; its "SAME"
+# padding copies whole activation maps, which costs more the less of them fits in cache.
+CPU_FORWARD_BATCH = 4
 # Tracing and freezing the image tower costs about a second; below this many posters eager mode is faster overall.
 MIN_POSTERS_TO_OPTIMIZE = 256
 # Plots are tokenized this many at a time (sorted by length inside a group), bounding memory on huge datasets.
@@ -499,13 +500,13 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-3) -> bool:
 
 
 def compute_image_features(
-    model, split, batch_size: int = 64, num_workers: Optional[int] = None
+    model, split, batch_size: int = 64, num_workers: Optional[int] = None, encode_in_workers: Optional[bool] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Posters → image-tower features; undecodable posters are reported by id and masked out.
 
     On CPU with workers, each worker decodes and encodes batches of `CPU_FORWARD_BATCH` posters with its own copy
     of the tower (checked first to give `model.encode_image`'s numbers); otherwise workers decode and the main
-    process encodes batches of `batch_size` on the tower's device.
+    process encodes batches of `batch_size` on the tower's device. `encode_in_workers=False` forces the latter.
     """
     from datasets import Image
 
@@ -525,7 +526,8 @@ def compute_image_features(
     optimize = len(rows) >= MIN_POSTERS_TO_OPTIMIZE
     bad: list[tuple[int, str]] = []
     with _eval_mode(tower):
-        worker_tower = _worker_tower(model, posters, rows, transform) if device.type == "cpu" and workers > 0 else None
+        in_workers = device.type == "cpu" and workers > 0 and encode_in_workers is not False
+        worker_tower = _worker_tower(model, posters, rows, transform) if in_workers else None
         if worker_tower is not None:
             collate = _FeaturizePosters(transform, worker_tower, optimize, max(1, torch.get_num_threads() // workers))
             loader_batch = min(batch_size, CPU_FORWARD_BATCH)
@@ -549,7 +551,7 @@ def compute_image_features(
                 if encoder is None:
                     with torch.no_grad():
                         encoder = FastImageEncoder(model, pixels[:4], optimize=optimize)
-                step = CPU_FORWARD_BATCH if device.type == "cpu" else len(pixels)
+                step = CPU_FORWARD_BATCH * torch.get_num_threads() if device.type == "cpu" else len(pixels)
                 with torch.inference_mode():
                     out = torch.cat([encoder(pixels[s : s + step]) for s in range(0, len(pixels), step)])
             features[batch_rows] = out.float().cpu()
