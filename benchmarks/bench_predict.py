@@ -73,6 +73,8 @@ def main(argv=None) -> None:
     parser.add_argument("--inputs", default="both,plot,poster")
     parser.add_argument("--batch-sizes", default="8,32")
     parser.add_argument("--batches", type=int, default=3, help="timed batches per batch size")
+    parser.add_argument("--by-modality", action="store_true",
+                        help="also score each modality on its own (by_modality=True), as the Space does")
     args = parser.parse_args(argv)
 
     import torch
@@ -91,26 +93,27 @@ def main(argv=None) -> None:
           f"image {cfg.image_tower}:{cfg.image_backbone} @ {cfg.image_size}px, fusion {cfg.fusion}, {len(cfg.labels)} genres")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"build/load {load_s:.1f} s; torch threads {torch.get_num_threads()} on {os.cpu_count()} cores "
-          f"(load average {load}: other processes slow every number); inputs: {origin}\n")
+          f"(load average {load}: other processes slow every number); inputs: {origin}; "
+          f"by_modality={args.by_modality}\n")
 
     rows = []
     for kind in [k for k in args.inputs.split(",") if k]:
         kp, kq = pick(kind, plots, posters)
         for i in range(args.warmup):
-            model.predict(plot=kp[i], poster=kq[i])
+            model.predict(plot=kp[i], poster=kq[i], by_modality=args.by_modality)
         times = []
         for i in range(args.warmup, args.warmup + args.repeats):
             start = time.perf_counter()
-            model.predict(plot=kp[i], poster=kq[i])
+            model.predict(plot=kp[i], poster=kq[i], by_modality=args.by_modality)
             times.append((time.perf_counter() - start) * 1000)
         rows.append((f"predict ({kind})", 1, f"{statistics.median(times):.1f}", f"{pct(times, 0.95):.1f}", f"{1000 / statistics.mean(times):.1f}"))
         for size in sizes:
-            model.predict_batch(kp[:size], kq[:size], batch_size=size)  # warm-up
+            model.predict_batch(kp[:size], kq[:size], batch_size=size, by_modality=args.by_modality)  # warm-up
             elapsed = []
             for b in range(1, args.batches + 1):
                 chunk = slice(b * size, (b + 1) * size)
                 start = time.perf_counter()
-                model.predict_batch(kp[chunk], kq[chunk], batch_size=size)
+                model.predict_batch(kp[chunk], kq[chunk], batch_size=size, by_modality=args.by_modality)
                 elapsed.append(time.perf_counter() - start)
             per_batch = [e * 1000 for e in elapsed]
             rows.append((f"predict_batch ({kind})", size, f"{statistics.median(per_batch):.1f}", f"{pct(per_batch, 0.95):.1f}",

@@ -9,6 +9,7 @@ import torch
 
 from mmgcs import Predictor
 from mmgcs.data.images import InvalidImageError
+from mmgcs.models.fusion import FUSIONS
 from mmgcs.testing import tiny_model
 
 LABELS = ["Action", "Comedy", "Drama", "Horror"]
@@ -157,3 +158,69 @@ def test_predict_in_the_middle_of_training_is_deterministic_and_keeps_training_m
     first = model.predict(plot=PLOT)["scores"]
     assert model.training
     assert model.predict(plot=PLOT)["scores"] == pytest.approx(first)
+
+
+def _full_forward_probs(model, plots, posters, withhold=None) -> torch.Tensor:
+    """What the model says when run end to end (towers included) with one modality withheld: the reference
+    for the per-modality views, which re-run only the fusion head over features encoded once."""
+    batch = model.preprocess(plots, posters)
+    if withhold is not None and f"{withhold}_mask" in batch:
+        batch[f"{withhold}_mask"] = torch.zeros_like(batch[f"{withhold}_mask"])
+    with torch.inference_mode():
+        return model.probabilities(model(**batch)["logits"])
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS.names()))
+def test_by_modality_views_equal_full_forwards_with_the_other_input_withheld(fusion):
+    model = tiny_model(LABELS, fusion=fusion).eval()
+    posters = [png_bytes("RGB", color=(200, 10, 10)), None, png_bytes("RGB", color=(10, 10, 200)), png_bytes("L")]
+    plots = [PLOT, "Two friends fall in love in Paris.", None, "A ghost haunts the old house at night."]
+    results = model.predict_batch(plots, posters, by_modality=True)
+    views = {name: _full_forward_probs(model, plots, posters, withhold)
+             for name, withhold in (("fused", None), ("text", "image"), ("image", "text"))}
+    for i, result in enumerate(results):
+        assert set(result["by_modality"]) == {"fused"} | ({"text"} if plots[i] else set()) | ({"image"} if posters[i] else set())
+        assert list(result["scores"].values()) == pytest.approx(views["fused"][i].tolist(), abs=1e-6)
+        for name, scores in result["by_modality"].items():
+            assert list(scores.values()) == pytest.approx(views[name][i].tolist(), abs=1e-6), (i, name)
+    # and each view of a one-movie call equals a call given only that input
+    single = model.predict(plot=plots[0], poster=posters[0], by_modality=True)["by_modality"]
+    assert single["text"] == pytest.approx(model.predict(plot=plots[0])["scores"], abs=1e-6)
+    assert single["image"] == pytest.approx(model.predict(poster=posters[0])["scores"], abs=1e-6)
+
+
+def _rows_seen(tower) -> tuple[list, object]:
+    seen: list[int] = []
+    handle = tower.register_forward_hook(lambda module, args, kwargs, out: seen.append(out.shape[0]), with_kwargs=True)
+    return seen, handle
+
+
+def test_each_tower_runs_once_and_only_on_rows_that_have_its_input(model):
+    text_rows, h1 = _rows_seen(model.text_tower)
+    image_rows, h2 = _rows_seen(model.image_tower)
+    try:
+        model.predict(plot=PLOT, by_modality=True)
+        assert (text_rows, image_rows) == ([1], [])  # a plot-only call never runs the image tower
+        model.predict(poster=png_bytes("RGB"), by_modality=True)
+        assert (text_rows, image_rows) == ([1], [1])
+        text_rows.clear(), image_rows.clear()
+        plots = [PLOT, None, "Two friends fall in love in Paris.", None, PLOT]
+        posters = [None, png_bytes("RGB"), png_bytes("RGB"), png_bytes("L"), None]
+        model.predict_batch(plots, posters, by_modality=True)
+        assert text_rows == [3] and image_rows == [3]  # one pass each over the 3 rows with that input
+    finally:
+        h1.remove(), h2.remove()
+
+
+def test_single_tower_models_give_their_one_view():
+    text_only = tiny_model(LABELS, image=False).eval()
+    result = text_only.predict(plot=PLOT, by_modality=True)
+    assert set(result["by_modality"]) == {"text", "fused"}
+    assert result["by_modality"]["text"] == pytest.approx(result["scores"])
+    assert list(result["scores"].values()) == pytest.approx(_full_forward_probs(text_only, [PLOT], [None])[0].tolist(), abs=1e-6)
+    image_only = tiny_model(LABELS, text=False).eval()
+    poster = png_bytes("RGB", color=(40, 160, 40))
+    result = image_only.predict(poster=poster, by_modality=True)
+    assert set(result["by_modality"]) == {"image", "fused"}
+    assert list(result["by_modality"]["image"].values()) == pytest.approx(
+        _full_forward_probs(image_only, [None], [poster])[0].tolist(), abs=1e-6)
