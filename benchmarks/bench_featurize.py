@@ -167,8 +167,11 @@ def bench_plots(args, model, table: Table):
     print(f"Plots: {n} from {args.source}")
     if not args.skip_naive:
         table.add("plots: naive loop (row order, batch 64)", n, "plots", timed(lambda: naive_texts(model, split), args.repeat))
-    table.add("plots: featurizer (length-sorted batches of 64)", n, "plots",
-              timed(lambda: F.compute_text_features(model, split, batch_size=64), args.repeat))
+    table.add("plots: featurizer, length-sorted batches of 64, main process", n, "plots",
+              timed(lambda: F.compute_text_features(model, split, batch_size=64, num_workers=0), args.repeat))
+    for workers in args.workers:
+        table.add(f"plots: featurizer, length-sorted batches of 64, {workers} worker(s) encoding", n, "plots",
+                  timed(lambda: F.compute_text_features(model, split, batch_size=64, num_workers=workers), args.repeat))
     return split
 
 

@@ -344,7 +344,7 @@ def compute_features(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if modality == "image":
         return compute_image_features(model, split, batch_size=batch_size, num_workers=num_workers)
-    return compute_text_features(model, split, batch_size=batch_size)
+    return compute_text_features(model, split, batch_size=batch_size, num_workers=num_workers)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -375,9 +375,51 @@ class _eval_mode:
 
 
 # ---- text
-def compute_text_features(model, split, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plots → text-tower features. Tokenized in groups, encoded longest-first in batches of similar length."""
-    from mmgcs.models.preprocessing import plot_present, tokenize
+def _text_batches(model, plots: list, rows: np.ndarray, batch_size: int):
+    """(rows, input_ids, attention_mask) batches: tokenized in groups, longest first, each padded to its own
+    longest plot (columns that are padding for every row of the batch are dropped, on either side)."""
+    from mmgcs.models.preprocessing import tokenize
+
+    tokenizer = model.get_tokenizer()
+    for g in range(0, len(rows), TEXT_GROUP):
+        group = torch.as_tensor(rows[g : g + TEXT_GROUP])
+        enc = tokenize(tokenizer, model.config, [plots[int(r)] for r in group])
+        ids, attn = enc["input_ids"], enc["attention_mask"]
+        order = torch.argsort(attn.sum(1), descending=True, stable=True)
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            a = attn[idx]
+            keep = a.any(0)
+            yield group[idx], ids[idx][:, keep], a[:, keep]
+
+
+class _EncodeText:
+    """Worker-side: one token batch → features with the worker's own copy of the text tower."""
+
+    def __init__(self, tower: torch.nn.Module, threads: int):
+        self.tower = tower
+        self.threads = threads
+        self._ready = False
+
+    def __call__(self, batch):
+        rows, ids, attn = batch
+        if not self._ready:
+            torch.set_num_threads(self.threads)
+            self._ready = True
+        with torch.no_grad():
+            return rows, self.tower(input_ids=ids, attention_mask=attn)
+
+
+def compute_text_features(
+    model, split, batch_size: int = 64, num_workers: Optional[int] = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plots → text-tower features, encoded in batches of similar length (little padding).
+
+    On CPU with `num_workers` > 0 (None: one per core) the batches are encoded in worker processes, each with its
+    own copy of the tower on its share of the cores (checked first to give `model.encode_text`'s numbers);
+    otherwise in this process on the tower's device.
+    """
+    from mmgcs.models.preprocessing import plot_present
 
     tower = _tower(model, "text")
     n = len(split)
@@ -385,22 +427,41 @@ def compute_text_features(model, split, batch_size: int = 64) -> tuple[torch.Ten
     present = np.array([plot_present(p) for p in plots], dtype=bool)
     rows = np.flatnonzero(present)
     features = torch.zeros(n, tower.out_dim, dtype=torch.float32)
-    device = _device_of(tower)
-    tokenizer = model.get_tokenizer()
-    with _eval_mode(tower), torch.inference_mode():
-        for g in range(0, len(rows), TEXT_GROUP):
-            group = rows[g : g + TEXT_GROUP]
-            enc = tokenize(tokenizer, model.config, [plots[r] for r in group])
-            ids, attn = enc["input_ids"], enc["attention_mask"]
-            order = torch.argsort(attn.sum(1), descending=True, stable=True)
-            for b in range(0, len(order), batch_size):
-                idx = order[b : b + batch_size]
-                a = attn[idx]
-                keep = a.any(0)  # drop columns that are padding for every row of this batch (either side)
-                out = model.encode_text(ids[idx][:, keep].to(device), a[:, keep].to(device))
-                features[torch.as_tensor(group)[idx]] = out.float().cpu()
     mask = torch.from_numpy(present)
+    if len(rows) == 0:
+        return features, mask
+    device = _device_of(tower)
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    with _eval_mode(tower):
+        batches = _text_batches(model, plots, rows, batch_size)
+        worker_tower = None
+        if device.type == "cpu" and workers > 0:
+            batches = list(batches)  # token ids only: a few bytes per token
+            worker_tower = _worker_text_tower(model, batches[-1])
+        if worker_tower is not None:
+            loader = torch.utils.data.DataLoader(
+                batches, batch_size=None, num_workers=workers, prefetch_factor=2,
+                collate_fn=_EncodeText(worker_tower, max(1, torch.get_num_threads() // workers)),
+            )
+            for batch_rows, out in loader:
+                features[batch_rows] = out.float()
+        else:
+            with torch.inference_mode():
+                for batch_rows, ids, attn in batches:
+                    features[batch_rows] = model.encode_text(ids.to(device), attn.to(device)).float().cpu()
     return features, mask
+
+
+def _worker_text_tower(model, sample) -> Optional[torch.nn.Module]:
+    """An eval-mode copy of the text tower for the workers, if it computes exactly `model.encode_text`."""
+    _, ids, attn = sample
+    ids, attn = ids[:2], attn[:2]
+    copy_ = copy.deepcopy(model.text_tower).eval()
+    with torch.no_grad():
+        if _close(copy_(input_ids=ids, attention_mask=attn), model.encode_text(ids, attn)):
+            return copy_
+    logger.info("model.encode_text is not just its text tower; encoding in the main process")
+    return None
 
 
 # ---- image

@@ -141,6 +141,13 @@ def test_worker_processes_give_the_same_features(tmp_path, model, split, monkeyp
     torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-6)  # batch composition changes float rounding only
 
 
+def test_text_worker_processes_give_the_same_features(tmp_path, model, split):
+    one, mask_one = _get(FeatureCache(tmp_path / "a"), model, split, "text", num_workers=0)
+    two, mask_two = _get(FeatureCache(tmp_path / "b"), model, split, "text", num_workers=2, batch_size=2)
+    assert torch.equal(mask_one, mask_two)
+    torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-6)
+
+
 def test_optimized_encoder_is_checked_against_encode_image(model, monkeypatch):
     sample = torch.randn(2, 3, 64, 64)
     model.eval()
