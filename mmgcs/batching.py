@@ -66,20 +66,19 @@ def _present_poster(p) -> bool:
 
 
 def select_inputs(split, use_text: bool, use_image: bool):
-    """Keep the columns a model reads; posters stay encoded (decoded by the model's preprocessing)."""
+    """The columns batches are built from; posters stay encoded (decoded by the model's preprocessing).
+
+    The same columns whatever the model's towers, so a split keeps one fingerprint and a text-only, poster-only
+    and fused model share their cached tower features (the cache is keyed on the dataset fingerprint).
+    """
     from datasets import Image
 
-    keep = [c for c in ("id", "genres") if c in split.column_names]
-    if use_text:
-        if "plot" not in split.column_names:
-            raise ValueError("The model has a text tower but the dataset has no 'plot' column")
-        keep.append("plot")
-    if use_image:
-        if "poster" not in split.column_names:
-            raise ValueError("The model has an image tower but the dataset has no 'poster' column")
-        keep.append("poster")
-    split = split.select_columns(keep)
-    if use_image:
+    for needed, column in ((use_text, "plot"), (use_image, "poster")):
+        if needed and column not in split.column_names:
+            kind = "a text" if column == "plot" else "an image"
+            raise ValueError(f"The model has {kind} tower but the dataset has no {column!r} column")
+    split = split.select_columns([c for c in ("id", "genres", "plot", "poster") if c in split.column_names])
+    if "poster" in split.column_names:
         split = split.cast_column("poster", Image(decode=False))
     return split
 
@@ -135,7 +134,10 @@ class RowCollator:
         n_labels: int,
         task: str,
         train: bool,
+        use_text: bool = True,
+        use_image: bool = True,
     ) -> None:
+        self.use_text, self.use_image = use_text, use_image
         self.preprocess = preprocess
         self.mapping = mapping
         self.n_labels = n_labels
@@ -143,8 +145,8 @@ class RowCollator:
         self.train = train
 
     def __call__(self, rows: list[dict]) -> dict:
-        plots = [r.get("plot") for r in rows]
-        posters = [r.get("poster") for r in rows]
+        plots = [r.get("plot") for r in rows] if self.use_text else None
+        posters = [r.get("poster") for r in rows] if self.use_image else None
         batch = dict(self.preprocess(plots, posters, train=self.train))
         batch["labels"] = targets([r["genres"] for r in rows], self.mapping, self.n_labels, self.task)
         return batch

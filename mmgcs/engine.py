@@ -390,7 +390,8 @@ class Trainer:
         loaders = {}
         for role, split in self.splits.items():
             train = role == "train"
-            collate = RowCollator(model.preprocess, self.mapping, len(self.labels), self.task, train=train)
+            collate = RowCollator(model.preprocess, self.mapping, len(self.labels), self.task, train=train,
+                                  use_text=self.use_text, use_image=self.use_image)
             loaders[role] = DataLoader(
                 split,
                 batch_size=self.tcfg.batch_size if train else self.tcfg.eval_batch_size,

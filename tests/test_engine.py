@@ -244,6 +244,11 @@ def test_frozen_towers_train_on_cached_features_computed_once(tmp_path, data, ca
                       default_config=REPO_ROOT / "configs" / "fusion.yaml")
     assert caplog.text.count("Feature cache hit") == 6 and "Feature cache miss" not in caplog.text
     assert second["test"] == first["test"]  # same seed, same features: the same model
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mmgcs.features"):  # a text-only model reuses the fused model's text features
+        main(overrides(data, tmp_path / "c", train__epochs=1, train__cache_dir=cache),
+             default_config=REPO_ROOT / "configs" / "text.yaml")
+    assert caplog.text.count("Feature cache hit: text") == 3 and "Feature cache miss" not in caplog.text
 
 
 def test_uncached_frozen_towers_give_the_same_model_as_cached_ones(tmp_path, data):
