@@ -15,12 +15,12 @@ Change any part and the key changes: the old file is simply never read again. A 
 name and renamed into place, so a crash never leaves a half-written file that could later be read as valid; a
 file that is unreadable anyway (disk error, manual edit) is recomputed with a warning.
 
-Featurization is built for CPU speed: posters are decoded and resized in DataLoader workers (JPEG bytes straight
-from the dataset, no decode in the main process), batched in channels-last layout through a copy of the tower
-with BatchNorm folded into the convolutions (checked against `model.encode_image` before use); plots are
-tokenized in groups and encoded in batches of similar length, so padding costs little.
-
-    python -m mmgcs.features precompute --model DIR --data data/movies   # warm the cache before training
+Featurization is built for CPU speed. Posters: DataLoader workers read the JPEG bytes straight from the dataset
+(the main process never decodes), run the model's own eval transform, and, on CPU, encode them too, each with
+its own copy of the tower (channels-last, traced with BatchNorm folded into the convolutions, checked against
+`model.encode_image` before use) on its share of the cores, in batches of 4 that keep activations in cache.
+Plots: tokenized in groups, encoded longest-first in batches of similar length (little padding), on CPU in
+workers too. On a GPU, workers decode and the main process encodes. benchmarks/bench_featurize.py measures it.
 """
 
 from __future__ import annotations
@@ -201,7 +201,8 @@ class FeatureCache:
 
         Rows without that modality (no plot / no poster, or a poster that cannot be decoded, reported by id)
         get zeros and mask False. Loaded from the cache when the key matches, else computed and stored.
-        `num_workers`: poster-decoding processes (None: one per CPU core, at most 4).
+        `num_workers`: worker processes that decode posters and, on CPU, run the tower (None: one per core, at
+        most 4; 0: everything in this process). `batch_size` and `num_workers` change speed, not the key.
         """
         key = feature_key(model, split_dataset, modality)
         digest = key_digest(key)
