@@ -424,7 +424,7 @@ def compute_text_features(
 
     tower = _tower(model, "text")
     n = len(split)
-    plots = split.select_columns(["plot"])["plot"]
+    plots = split.select_columns(["plot"])[:]["plot"]  # one Arrow → list conversion (a Column indexes row by row)
     present = np.array([plot_present(p) for p in plots], dtype=bool)
     rows = np.flatnonzero(present)
     features = torch.zeros(n, tower.out_dim, dtype=torch.float32)
