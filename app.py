@@ -8,7 +8,11 @@ Run `python app.py` (a Hugging Face Space runs this file as is). Settings come f
   the examples (default `data/movies`; no examples when it is absent — posters are never shipped with the app).
 - `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`: the address (default 127.0.0.1:7860).
 - Limits: `MMGCS_MAX_PLOT_CHARS`, `MMGCS_MAX_IMAGE_PIXELS`, `MMGCS_MAX_FILE_MB`, `MMGCS_CONCURRENCY`,
-  `MMGCS_QUEUE_SIZE`, `MMGCS_MAX_BATCH` (defaults in `Limits`); `MMGCS_PRECISION` (see `choose_precision`).
+  `MMGCS_QUEUE_SIZE`, `MMGCS_MAX_BATCH` (defaults in `mmgcs.serving.Limits`); `MMGCS_PRECISION` (see
+  `mmgcs.serving.choose_precision`).
+
+The serving logic (model loading, limits, precision, request batching) lives in `mmgcs.serving`; this file is
+the page, the input checks and the wiring.
 
 API (see the app's "Use via API" page): `/predict(plot, poster) -> {"scores", "genres", "by_modality"}` and
 `/model_info() -> {"labels", "thresholds", ...}`.
@@ -18,17 +22,14 @@ from __future__ import annotations
 
 import atexit
 import base64
-import concurrent.futures
 import html
 import io
 import logging
 import os
-import queue
 import re
 import shutil
 import tempfile
-import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
 
-from mmgcs.data.images import MAX_IMAGE_PIXELS, InvalidImageError, load_image  # noqa: E402
+from mmgcs.data.images import InvalidImageError, load_image  # noqa: E402
+from mmgcs.serving import (  # noqa: E402
+    BatchingPredictor,
+    Limits,
+    ModelNotFoundError,
+    ServingConfigError,
+    choose_precision,
+    load_model,
+)
 
 log = logging.getLogger("mmgcs.app")
 
@@ -49,150 +58,10 @@ DEFAULT_MODEL = "runs/fusion/model"
 DEFAULT_EXAMPLES = "data/movies"
 N_EXAMPLES = 4
 
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip().replace("_", "")
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={os.environ[name]!r} is not a whole number; unset it to use {default}.") from None
-    if value <= 0:
-        raise SystemExit(f"{name}={value} must be positive; unset it to use {default}.")
-    return value
-
-
-@dataclass(frozen=True)
-class Limits:
-    # TMDb overviews are under 1,000 characters and Wikipedia plots a few thousand. The text tower reads only its
-    # first `max_text_length` tokens (the page says so); far longer text is refused, as it is not a plot summary.
-    max_plot_chars: int = _env_int("MMGCS_MAX_PLOT_CHARS", 10_000)
-    max_image_pixels: int = _env_int("MMGCS_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
-    # A poster is ~15 KB-2 MB; 10 MB leaves room for a phone photo of one.
-    max_file_mb: int = _env_int("MMGCS_MAX_FILE_MB", 10)
-    # Requests validated and decoded at once; their model work is batched (see BatchingPredictor).
-    concurrency: int = _env_int("MMGCS_CONCURRENCY", 16)
-    queue_size: int = _env_int("MMGCS_QUEUE_SIZE", 256)
-    max_batch: int = _env_int("MMGCS_MAX_BATCH", 32)
-
-
-LIMITS = Limits()
-
-
-class ModelNotFoundError(RuntimeError):
-    """MMGCS_MODEL names nothing loadable; the message says how to get a model."""
-
-
-def load_model(source: str):
-    """Load a GenreClassifier from a folder or a Hub id, in eval mode, or explain what to do instead."""
-    from mmgcs import GenreClassifier
-
-    remedy = (
-        "Train one with `accelerate launch training/train_fusion.py` (it saves runs/fusion/model), or set "
-        "MMGCS_MODEL to a Hub model id or to a folder saved by `save_pretrained`."
-    )
-    local = Path(source).expanduser()
-    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
-    if not local.exists() and not looks_like_hub_id:
-        raise ModelNotFoundError(f"No model at {source!r}. {remedy}")
-    try:
-        model = GenreClassifier.from_pretrained(str(local) if local.exists() else source)
-    except Exception as e:
-        raise ModelNotFoundError(f"Could not load the model {source!r} ({type(e).__name__}: {e}). {remedy}") from e
-    import torch
-
-    if torch.cuda.is_available():  # a GPU Space
-        model = model.to("cuda")
-    return model.eval()
-
-
-def _jsonable(value: Any) -> Any:
-    """Model outputs (tensors, numpy floats) → plain JSON types."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    return value
-
-
-class BatchingPredictor:
-    """Runs the requests that arrive while the model is busy as one batch (dynamic batching).
-
-    Gradio's own `batch=True` fails every request of a batch when one input is bad, and its validator hook does
-    not work with batched multi-input events (Gradio 6.31); so each request is validated and decoded on its own
-    (and gets its own `gr.Error`), and only the model call is shared. A single caller pays no waiting time:
-    a batch is whatever is queued when the model becomes free.
-    """
-
-    def __init__(self, model, max_batch: int, precision: str = "fp32"):
-        self.model = model
-        self.max_batch = max_batch
-        self.precision = precision
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._worker = threading.Thread(target=self._serve, name="mmgcs-batcher", daemon=True)
-        self._worker.start()
-
-    def __call__(self, plot: str | None, poster: PIL.Image.Image | None) -> dict:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._requests.put(((plot, poster), future))
-        return future.result()
-
-    def _serve(self) -> None:
-        while True:
-            batch = [self._requests.get()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._requests.get_nowait())
-                except queue.Empty:
-                    break
-            self._run(batch)
-
-    def _run(self, batch: list) -> None:
-        try:
-            results = self._predict([item for item, _ in batch])
-        except Exception as e:
-            if len(batch) > 1:  # isolate the request that broke the batch; the others still get answers
-                for one in batch:
-                    self._run([one])
-            else:
-                batch[0][1].set_exception(e)
-            return
-        for (_, future), result in zip(batch, results):
-            future.set_result(result)
-
-    def _predict(self, items: list[tuple]) -> list[dict]:
-        plots = [plot for plot, _ in items]
-        posters = [poster for _, poster in items]
-        import torch
-
-        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            results = self.model.predict_batch(plots, posters, by_modality=True)
-        return [_jsonable(r) for r in results]
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def choose_precision(device_type: str) -> str:
-    """`MMGCS_PRECISION`: fp32, bf16, or auto (default) = bf16 on a CPU with native bfloat16, else fp32.
-
-    bfloat16 halves the CPU time of a fused prediction on such CPUs (AVX512-BF16 / AMX); scores move by about
-    0.003 (measured on MiniLM + EfficientNet-Lite0), so a genre within that of its threshold may flip.
-    """
-    wanted = os.environ.get("MMGCS_PRECISION", "auto").strip().lower() or "auto"
-    if wanted not in ("auto", "fp32", "bf16"):
-        raise SystemExit(f"MMGCS_PRECISION={wanted!r}: use fp32, bf16 or auto.")
-    if wanted != "auto":
-        return wanted
-    return "bf16" if device_type == "cpu" and _cpu_has_native_bf16() else "fp32"
+try:
+    LIMITS = Limits.from_env()
+except ServingConfigError as e:
+    raise SystemExit(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,7 +157,10 @@ READS_POSTER = getattr(model, "image_tower", None) is not None
 
 
 THRESHOLDS = dict(zip(LABELS, model.decision_thresholds()))  # per-genre when tuned, else the global one
-PRECISION = choose_precision(model.device.type)
+try:
+    PRECISION = choose_precision(model.device.type)
+except ServingConfigError as e:
+    raise SystemExit(str(e)) from None
 predictor = BatchingPredictor(model, LIMITS.max_batch, PRECISION)
 
 

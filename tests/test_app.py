@@ -198,9 +198,9 @@ def test_server_is_healthy_after_the_bad_inputs(client, server):
 # In-process: the parts of app.py not reachable through the API.
 
 
-def import_app(bundle: Path, name: str):
+def import_app(bundle: Path, name: str, **extra_env: str):
     """app.py imported as a fresh module serving `bundle` (the environment is restored afterwards)."""
-    env = {"MMGCS_MODEL": str(bundle), "MMGCS_EXAMPLES": "", "MMGCS_PRECISION": "fp32", **TEST_LIMITS}
+    env = {"MMGCS_MODEL": str(bundle), "MMGCS_EXAMPLES": "", "MMGCS_PRECISION": "fp32", **TEST_LIMITS, **extra_env}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -265,24 +265,28 @@ def test_render_shows_verdict_scores_and_each_modality(app_module):
     assert by_genre["Comedy"][4] == "100%"  # the per-genre threshold
 
 
-def test_bfloat16_serving_stays_close_to_float32(app_module):
-    fast = app_module.BatchingPredictor(app_module.model, max_batch=8, precision="bf16")
-    exact = app_module.model.predict(plot=PLOTS[0], by_modality=True)
-    result = fast(PLOTS[0], None)
-    assert result["scores"].keys() == exact["scores"].keys()
-    assert _close(result["scores"], exact["scores"], 0.02)
-    assert not _close(result["scores"], exact["scores"], 1e-7)  # bfloat16 really ran
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"MMGCS_MAX_BATCH": "lots"}, "MMGCS_MAX_BATCH='lots' is not a whole number; unset it to use 32"),
+        ({"MMGCS_CONCURRENCY": "0"}, "MMGCS_CONCURRENCY=0 must be positive"),
+        ({"MMGCS_PRECISION": "fp8"}, "fp32, bf16 or auto"),
+    ],
+    ids=["not-a-number", "not-positive", "unknown-precision"],
+)
+def test_a_bad_setting_stops_the_app_with_its_remedy(tmp_path, env, message):
+    save_tiny_bundle(tmp_path / "model")
+    with pytest.raises(SystemExit, match=message):
+        import_app(tmp_path / "model", "mmgcs_space_app_bad_setting", **env)
 
 
-def test_precision_setting(app_module, monkeypatch):
-    monkeypatch.setenv("MMGCS_PRECISION", "fp32")
-    assert app_module.choose_precision("cpu") == "fp32"
-    monkeypatch.setenv("MMGCS_PRECISION", "auto")
-    assert app_module.choose_precision("cuda") == "fp32"
-    assert app_module.choose_precision("cpu") == ("bf16" if app_module._cpu_has_native_bf16() else "fp32")
-    monkeypatch.setenv("MMGCS_PRECISION", "fp8")
-    with pytest.raises(SystemExit, match="fp32, bf16 or auto"):
-        app_module.choose_precision("cpu")
+def test_the_app_serves_with_the_settings_it_reports(app_module):
+    from mmgcs.serving import BatchingPredictor, Limits
+
+    assert app_module.LIMITS == Limits.from_env(TEST_LIMITS) != Limits()
+    assert isinstance(app_module.predictor, BatchingPredictor)
+    assert app_module.predictor.max_batch == app_module.LIMITS.max_batch
+    assert app_module.predictor.precision == app_module.PRECISION == app_module.model_info()["precision"] == "fp32"
 
 
 def test_app_without_a_model_exits_with_the_remedy(tmp_path):
@@ -297,11 +301,6 @@ def test_app_without_a_model_exits_with_the_remedy(tmp_path):
     assert run.returncode == 1
     assert "train_fusion.py" in run.stderr and "MMGCS_MODEL" in run.stderr
     assert "Traceback" not in run.stderr
-
-
-def test_missing_model_says_how_to_get_one(app_module):
-    with pytest.raises(app_module.ModelNotFoundError, match="train_fusion.py"):
-        app_module.load_model(str(REPO / "no-such-run" / "model"))
 
 
 def test_examples_come_from_the_users_dataset(app_module, tmp_path):
