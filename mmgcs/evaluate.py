@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from mmgcs.data.genres import canonical_genre, genre_key
 from mmgcs.metrics import bootstrap_intervals, compute_metrics, resolve_thresholds
 from mmgcs.report import format_metrics_table
 
@@ -51,10 +51,6 @@ class EvalData:
     notes: Counter = field(default_factory=Counter)
 
 
-def _key(name: str) -> str:
-    return re.sub(r"[\s_\-]+", "", name).lower()
-
-
 # The same genre under the TMDb and IMDb vocabularies, so a model trained on one scores on the other.
 # Applied only when the data's name is not itself a model label, and reported.
 CROSS_VOCABULARY_ALIASES = {"Sci-Fi": "Science Fiction", "Science Fiction": "Sci-Fi"}
@@ -66,7 +62,7 @@ class GenreMapper:
     def __init__(self, labels: Sequence[str], renames: Optional[dict[str, str]] = None):
         self.labels = list(labels)
         self.index = {name: i for i, name in enumerate(self.labels)}
-        self.by_key = {_key(name): i for i, name in enumerate(self.labels)}
+        self.by_key = {genre_key(name): i for i, name in enumerate(self.labels)}
         self.renames = dict(renames or {})
         bad = {new for new in self.renames.values() if new not in self.index}
         if bad:
@@ -75,15 +71,13 @@ class GenreMapper:
         self.aliased: dict[str, str] = {}
 
     def column(self, name: str) -> Optional[int]:
-        from mmgcs.data.genres import canonical_genre
-
         name = self.renames.get(name, name)
         canonical = canonical_genre(name)[0]
         for candidate in (name, canonical):
             if candidate in self.index:
                 return self.index[candidate]
-            if _key(candidate) in self.by_key:
-                return self.by_key[_key(candidate)]
+            if genre_key(candidate) in self.by_key:
+                return self.by_key[genre_key(candidate)]
         alias = CROSS_VOCABULARY_ALIASES.get(canonical)
         if alias in self.index:
             self.aliased[name] = alias

@@ -21,11 +21,12 @@ IMDB_GENRES = (
 KNOWN_GENRES = tuple(sorted(set(TMDB_GENRES) | set(IMDB_GENRES)))
 
 
-def _key(name: str) -> str:
+def genre_key(name: str) -> str:
+    """The name with case, spaces, underscores and hyphens ignored: "sci_fi", "Sci-Fi" and "SciFi" share a key."""
     return re.sub(r"[\s_\-]+", "", name).lower()
 
 
-_BY_KEY = {_key(g): g for g in KNOWN_GENRES}
+_BY_KEY = {genre_key(g): g for g in KNOWN_GENRES}
 
 
 def parse_genres(value) -> tuple[list[str], str | None]:
@@ -70,7 +71,7 @@ def canonical_genre(name: str) -> tuple[str, str | None]:
     with a note naming the closest known genre, so a misspelling is reported rather than silently learned."""
     if name in KNOWN_GENRES:
         return name, None
-    known = _BY_KEY.get(_key(name))
+    known = _BY_KEY.get(genre_key(name))
     if known is not None:
         return known, f"genre {name!r} written as {known!r}"
     close = difflib.get_close_matches(name, KNOWN_GENRES, n=1, cutoff=0.75)
