@@ -466,10 +466,6 @@ def _worker_text_tower(model, sample) -> Optional[torch.nn.Module]:
 
 
 # ---- image
-def _present_poster(p) -> bool:
-    return p is not None and (not isinstance(p, dict) or p.get("bytes") is not None or bool(p.get("path")))
-
-
 class _PosterRows(torch.utils.data.Dataset):
     """(row, encoded poster) for the given rows; a batch is fetched from Arrow in one `take`."""
 
@@ -550,10 +546,12 @@ def default_num_workers() -> int:
 
 
 def _poster_presence(split) -> np.ndarray:
+    from mmgcs.data.images import poster_present
+
     flags = []
     posters = split.select_columns(["poster"])
     for start in range(0, len(posters), 2048):
-        flags.extend(_present_poster(p) for p in posters[start : start + 2048]["poster"])
+        flags.extend(poster_present(p) for p in posters[start : start + 2048]["poster"])
     return np.array(flags, dtype=bool)
 
 

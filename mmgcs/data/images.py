@@ -45,6 +45,14 @@ class PreparedPoster:
     change: str | None  # None when the original bytes are kept unchanged
 
 
+def poster_present(poster: Any) -> bool:
+    """Whether a dataset cell holds a poster: anything but None, or a `datasets.Image` dict with bytes or a path.
+    Says nothing of whether it decodes (that is `load_image`'s job, which names the problem)."""
+    return poster is not None and (
+        not isinstance(poster, dict) or poster.get("bytes") is not None or bool(poster.get("path"))
+    )
+
+
 def load_image(image: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
     """Return `image` as a fully decoded RGB `PIL.Image`.
 
