@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -162,6 +162,41 @@ def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False):
     )
 
 
+def launcher_thread_cap(env: Mapping[str, str], device_type: str, local_processes: int, cores: int) -> Optional[int]:
+    """The CPU threads each process should use when `accelerate launch` left PyTorch on one, else None.
+
+    Without `--num_cpu_threads_per_process`, `accelerate launch` exports OMP_NUM_THREADS=1 to a process on a GPU-less
+    machine (it raises the value only with an explicit `--cpu`, and its own multi-CPU fix applies only when the
+    variable is unset, which it never is after the launcher), so the cold default run featurizes and trains on one
+    core. A "1" under the launcher is that default; any other value, or MMGCS_NUM_THREADS, is the user's choice.
+    """
+    if "MMGCS_NUM_THREADS" in env:
+        try:
+            return max(1, int(env["MMGCS_NUM_THREADS"]))
+        except ValueError:
+            raise ConfigError(f"MMGCS_NUM_THREADS: expected a whole number of threads, got {env['MMGCS_NUM_THREADS']!r}") from None
+    launched = "ACCELERATE_DYNAMO_BACKEND" in env  # exported by every `accelerate launch` launcher
+    if device_type != "cpu" or not launched or env.get("OMP_NUM_THREADS") != "1":
+        return None
+    threads = max(1, cores // max(1, local_processes))
+    return threads if threads > 1 else None
+
+
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def use_available_cores(accelerator) -> None:
+    """Undo `accelerate launch`'s one-thread default on CPU (see ``launcher_thread_cap``)."""
+    # Processes sharing this machine's cores: torchrun/accelerate export LOCAL_WORLD_SIZE for multi-process jobs.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes)
+    threads = launcher_thread_cap(os.environ, accelerator.device.type, local, _available_cores())
+    if threads is not None and threads != torch.get_num_threads():
+        logger.info("Using %d CPU threads per process (accelerate launch set OMP_NUM_THREADS=1; "
+                    "set MMGCS_NUM_THREADS to choose)", threads)
+        torch.set_num_threads(threads)
+
+
 def reset_accelerate_state() -> None:
     """Let another run start in this process (the sweep, tests); keeps the process group of a launched job."""
     from accelerate.state import AcceleratorState, GradientState
@@ -256,6 +291,7 @@ class Trainer:
         self.final_modes = (self.tcfg.text_finetune, self.tcfg.image_finetune)
         two_stage = self.tcfg.freeze_epochs > 0 and any(m != "frozen" for m in self.final_modes)
         self.accelerator = make_accelerator(cfg, find_unused_parameters=two_stage)
+        use_available_cores(self.accelerator)
         self.is_main = self.accelerator.is_main_process
         self.history: list[dict] = []
         self.best_metric: Optional[float] = None

@@ -155,3 +155,26 @@ def test_unusable_rows_are_dropped_and_named_by_id(caplog):
     kept, dropped = drop_unusable_rows(ds, "train", True, True, np.array([0, 1]), "multilabel")
     assert kept["id"] == [1] and dropped == [2, 3]
     assert "skipping 2 of 3 rows with no plot or poster (ids: 2, 3)" in caplog.text
+
+
+# ------------------------------------------------------------------------------------- CPU threads under launch
+LAUNCHED = {"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1"}
+
+
+def test_accelerate_launch_one_thread_default_is_raised_to_the_cores_per_process():
+    from mmgcs.engine import launcher_thread_cap
+
+    assert launcher_thread_cap(LAUNCHED, "cpu", local_processes=1, cores=8) == 8
+    assert launcher_thread_cap(LAUNCHED, "cpu", local_processes=2, cores=8) == 4
+    assert launcher_thread_cap(LAUNCHED, "cpu", local_processes=4, cores=2) is None  # already one core each
+
+
+def test_thread_choices_of_the_user_are_kept():
+    from mmgcs.engine import launcher_thread_cap
+
+    assert launcher_thread_cap({**LAUNCHED, "OMP_NUM_THREADS": "3"}, "cpu", 1, 8) is None
+    assert launcher_thread_cap({"OMP_NUM_THREADS": "1"}, "cpu", 1, 8) is None  # not under accelerate launch
+    assert launcher_thread_cap(LAUNCHED, "cuda", 1, 8) is None
+    assert launcher_thread_cap({**LAUNCHED, "MMGCS_NUM_THREADS": "1"}, "cpu", 1, 8) == 1
+    with pytest.raises(ConfigError, match="MMGCS_NUM_THREADS"):
+        launcher_thread_cap({"MMGCS_NUM_THREADS": "many"}, "cpu", 1, 8)
