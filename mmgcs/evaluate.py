@@ -217,39 +217,20 @@ def _has_poster(poster: Any) -> bool:
 
 
 def predict_probs(model, plots: list, posters: list, single_inputs: bool = False) -> dict[str, np.ndarray]:
-    """Probabilities (B, L) of a batch under ``"fused"`` (sigmoid, or softmax for single-label models).
+    """Probabilities (B, L) of a batch under ``"fused"``, computed as the model serves them (`mmgcs.inference`).
 
     With ``single_inputs`` and a two-tower model, also ``"plot_only"`` and ``"poster_only"``: the same rows scored
-    with the other modality masked. The towers run once; only the cheap fusion head runs three times.
+    with the other modality withheld. The towers run once; only the cheap fusion head runs three times. A view is
+    meaningful only for the rows that have its input (the fused scores stand in when no row of the batch has it).
     """
-    import torch
+    from mmgcs.inference import run_batch
 
-    batch = model.preprocess(plots, posters)
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-
-    def probs_of(logits):
-        logits = logits.float()
-        if hasattr(model, "probabilities"):
-            return model.probabilities(logits).cpu().numpy()
-        if getattr(model.config, "task", "multilabel") == "singlelabel":
-            return torch.softmax(logits, dim=-1).cpu().numpy()
-        return torch.sigmoid(logits).cpu().numpy()
-
-    with torch.inference_mode():
-        if not single_inputs:
-            return {"fused": probs_of(model(**batch)["logits"])}
-        text_mask, image_mask = batch["text_mask"], batch["image_mask"]
-        features = {}
-        if text_mask.any():
-            features["text_features"] = model.encode_text(batch["input_ids"], batch["attention_mask"])
-        if image_mask.any():
-            features["image_features"] = model.encode_image(batch["pixel_values"])
-        none = torch.zeros_like(text_mask)
-        out = {}
-        for name, tm, im in (("fused", text_mask, image_mask), ("plot_only", text_mask, none), ("poster_only", none, image_mask)):
-            out[name] = probs_of(model(**features, text_mask=tm, image_mask=im)["logits"])
-        return out
+    probs, views = run_batch(model, model.preprocess(plots, posters), by_modality=single_inputs)
+    out = {"fused": probs.numpy()}
+    if single_inputs:
+        out["plot_only"] = views.get("text", (probs, None))[0].numpy()
+        out["poster_only"] = views.get("image", (probs, None))[0].numpy()
+    return out
 
 
 def model_thresholds(model, override: Optional[float] = None) -> tuple[np.ndarray, str]:

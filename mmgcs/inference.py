@@ -81,7 +81,9 @@ def _head_probs(model, features: dict, masks: dict) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _run(model, batch: dict, by_modality: bool) -> tuple[torch.Tensor, Optional[dict]]:
+def run_batch(model, batch: dict, by_modality: bool) -> tuple[torch.Tensor, Optional[dict]]:
+    """A preprocessed batch → (probabilities (B, L) on CPU, views). With `by_modality`, `views` maps "fused" and
+    each modality present in some row to (probabilities from that input alone, its row mask); else None."""
     device = model.device
     batch = {k: v.to(device) for k, v in batch.items()}
     masks = {"text": batch.get("text_mask"), "image": batch.get("image_mask")}
@@ -128,7 +130,7 @@ def _predict_chunks(model, plots: list, posters: list, batch_size: int, by_modal
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = model.preprocess([plots[i] for i in rows], [posters[i] for i in rows])
-        probs, views = _run(model, batch, by_modality)
+        probs, views = run_batch(model, batch, by_modality)
         for j, i in enumerate(rows):
             result = _result(model, probs[j])
             if views is not None:
