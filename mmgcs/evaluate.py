@@ -204,10 +204,6 @@ def _batches(it: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def _plot_or_none(plot: Any) -> Optional[str]:
-    return plot if isinstance(plot, str) and plot.strip() else None
-
-
 def _has_poster(poster: Any) -> bool:
     if poster is None:
         return False
@@ -258,6 +254,7 @@ def evaluate(
 ) -> dict:
     """Score ``model`` on ``data``; returns the report (counts, skipped rows, unknown genres, metrics)."""
     from mmgcs.data.images import InvalidImageError, load_image
+    from mmgcs.models.preprocessing import plot_present
 
     if modality not in ("both", "text", "image"):
         raise ValueError(f"modality must be both, text or image; got {modality!r}")
@@ -318,7 +315,7 @@ def evaluate(
                     # A single-label model has no right answer for it (training drops such rows too).
                     skipped.append({"id": row.id, "reason": "no genre known to the model", "detail": f"genres: {row.genres}"})
                     continue
-                plot = _plot_or_none(row.plot) if use_text else None
+                plot = row.plot if use_text and plot_present(row.plot) else None
                 image = None
                 if use_image and _has_poster(row.poster):
                     try:
