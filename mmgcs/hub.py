@@ -255,21 +255,17 @@ def _base_models(cfg: ModelConfig) -> list[str]:
 
 def card_metadata(cfg: ModelConfig, metrics: Optional[dict] = None, dataset_id: Optional[str] = None,
                   model_name: str = "mmgcs-genre-classifier"):
-    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub import ModelCardData
+
+    from mmgcs.report import eval_results as model_index_entries
 
     task = _pipeline_tag(cfg)
     eval_results = None
     if metrics:
-        eval_results = []
-        for key, (metric_type, metric_name, metric_config) in METRIC_NAMES.items():
-            value = metrics.get(key)
-            if isinstance(value, (int, float)):
-                eval_results.append(EvalResult(
-                    task_type=task, task_name="Multi-label movie genre classification" if cfg.task == "multilabel" else "Movie classification",
-                    dataset_type=dataset_id or "custom", dataset_name=dataset_id or "movies (local)", dataset_split="test",
-                    metric_type=metric_type, metric_name=metric_name, metric_config=metric_config, metric_value=round(float(value), 4),
-                ))
-        eval_results = eval_results or None
+        eval_results = model_index_entries(
+            metrics, dataset_name=dataset_id or "movies (local)", dataset_type=dataset_id or "custom", task_type=task,
+            task_name="Multi-label movie genre classification" if cfg.task == "multilabel" else "Movie classification",
+        ) or None
     tags = ["mmgcs", "movie-genre-classification", "pytorch_model_hub_mixin", "model_hub_mixin"]
     tags.append("multi-label-classification" if cfg.task == "multilabel" else "single-label-classification")
     if cfg.text_tower != "none" and cfg.image_tower != "none":

@@ -190,8 +190,9 @@ def eval_results(
 ) -> list:
     """``huggingface_hub.EvalResult`` entries for a model card's ``model-index``.
 
-    Metric names and types are the bundle card renderer's (``mmgcs.hub.METRIC_NAMES``), so a card rendered at save
-    time and one filled later agree. The Hub needs task.type, dataset.type/name and each metric's type and value;
+    Metric names and types come from ``mmgcs.hub.METRIC_NAMES``, and the bundle card renderer
+    (``mmgcs.hub.card_metadata``) builds its model-index with this function too, so a card rendered at save time
+    and one filled later agree. The Hub needs task.type, dataset.type/name and each metric's type and value;
     metrics that are None (e.g. mAP when no genre has positives) are left out rather than written as null.
     """
     from huggingface_hub import EvalResult
