@@ -1,6 +1,5 @@
 """What every text and image tower shares: `out_dim`, and `set_finetune(mode, n)`."""
 
-import torch
 from torch import nn
 
 FINETUNE_MODES = ("frozen", "partial", "full")
@@ -54,7 +53,3 @@ class Tower(nn.Module):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
                     m.eval()  # frozen BatchNorm keeps its running statistics
         return self
-
-    @torch.no_grad()
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
