@@ -28,12 +28,10 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def _jsonable(value):
-    if isinstance(value, tuple):
+    if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
