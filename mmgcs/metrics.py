@@ -199,8 +199,7 @@ def _f1_over_grid(scores: np.ndarray, truth: np.ndarray, grid: np.ndarray) -> np
     tp = (pred & truth[None, :]).sum(axis=1)
     fp = (pred & ~truth[None, :]).sum(axis=1)
     fn = truth.sum() - tp
-    denom = 2 * tp + fp + fn
-    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return _f1_from_counts(tp, fp, fn, empty=0.0)
 
 
 def _middle_of_best_plateau(values: np.ndarray, grid: np.ndarray) -> float:
