@@ -19,6 +19,16 @@ NO_INPUT = (
 )
 
 
+def paired_inputs(plots: Optional[list], posters: Optional[list]) -> tuple[list, list]:
+    """One plot and one poster per movie, None where missing (a list left out is all None); at least one is given."""
+    n = len(plots) if plots is not None else len(posters)
+    plots = list(plots) if plots is not None else [None] * n
+    posters = list(posters) if posters is not None else [None] * n
+    if len(plots) != len(posters):
+        raise ValueError(f"Got {len(plots)} plots and {len(posters)} posters; pass one of each per movie (None when missing)")
+    return plots, posters
+
+
 def _check_usable(model, plot: Any, poster: Any, index: Optional[int] = None) -> None:
     where = "" if index is None else f"movie #{index}: "
     check_plot(plot, 0 if index is None else index)
@@ -108,11 +118,8 @@ def predict_batch(model, plots: Optional[list] = None, posters: Optional[list] =
     """Many movies → a list of `{"scores", "genres"}` (plus `"by_modality"` when asked), in input order."""
     if plots is None and posters is None:
         raise ValueError(NO_INPUT)
-    n = len(plots) if plots is not None else len(posters)
-    plots = list(plots) if plots is not None else [None] * n
-    posters = list(posters) if posters is not None else [None] * n
-    if len(plots) != len(posters):
-        raise ValueError(f"Got {len(plots)} plots and {len(posters)} posters; pass one of each per movie (None when missing)")
+    plots, posters = paired_inputs(plots, posters)
+    n = len(plots)
     for i, (plot, poster) in enumerate(zip(plots, posters)):
         _check_usable(model, plot, poster, index=i if n > 1 else None)
     was_training = model.training

@@ -226,13 +226,11 @@ class GenreClassifier(
         Uses the tokenizer and image settings stored in the bundle. Masks are False where an input is missing
         (None or an empty plot). Raises `mmgcs.data.images.InvalidImageError` naming the bad poster.
         """
+        from mmgcs.inference import paired_inputs
+
         if plots is None and posters is None:
             raise ValueError("preprocess needs plots and/or posters")
-        n = len(plots) if plots is not None else len(posters)
-        plots = list(plots) if plots is not None else [None] * n
-        posters = list(posters) if posters is not None else [None] * n
-        if len(plots) != len(posters):
-            raise ValueError(f"Got {len(plots)} plots and {len(posters)} posters; pass one of each per movie (None when missing)")
+        plots, posters = paired_inputs(plots, posters)
         batch: dict[str, torch.Tensor] = {}
         if self.text_tower is not None:
             for i, p in enumerate(plots):
