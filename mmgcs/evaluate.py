@@ -500,6 +500,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit("--batch-size must be at least 1")
     if args.bootstrap < 0:
         raise SystemExit("--bootstrap must be 0 (off) or a number of resamples")
+    if args.limit < 0:
+        raise SystemExit("--limit must be 0 (every movie) or the number of movies to score")
     try:
         # The data first: a wrong path fails in a second instead of after loading the model.
         data = read_data(args.data, args.split, args.format)

@@ -207,6 +207,8 @@ def test_bad_options_are_clear_errors(model_dir, raw_source, tmp_path):
         main(["--model", str(tmp_path / "no-model"), "--data", str(raw_source)])
     with pytest.raises(SystemExit, match="DATA_NAME=MODEL_NAME"):
         main(["--model", str(model_dir), "--data", str(raw_source), "--rename-genre", "Western"])
+    with pytest.raises(SystemExit, match="--limit must be 0"):
+        main(["--model", str(model_dir), "--data", str(raw_source), "--limit", "-1"])
 
 
 def test_agrees_with_the_training_run_test_metrics(tmp_path):
