@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from mmgcs.data.genres import canonical_genre, genre_key
+from mmgcs.data.genres import canonical_genre, genre_key, parse_renames
 from mmgcs.metrics import bootstrap_intervals, compute_metrics, resolve_thresholds
 from mmgcs.report import format_metrics_table
 
@@ -423,16 +423,6 @@ def _prediction_record(row: EvalRow, probs: np.ndarray, target: np.ndarray, labe
 # ---------------------------------------------------------------- CLI
 
 
-def _parse_renames(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--rename-genre {item!r} must look like DATA_NAME=MODEL_NAME (e.g. 'Sci-Fi=Science Fiction')")
-        old, new = item.split("=", 1)
-        out[old.strip()] = new.strip()
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mmgcs.evaluate",
@@ -495,7 +485,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     from mmgcs import GenreClassifier
 
-    renames = _parse_renames(args.rename_genre)
+    try:
+        renames = parse_renames(args.rename_genre, form="DATA_NAME=MODEL_NAME", example="Sci-Fi=Science Fiction")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
     if args.bootstrap < 0:

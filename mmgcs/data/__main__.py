@@ -50,14 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _options(args):
     from mmgcs.data.build import BuildOptions
+    from mmgcs.data.genres import parse_renames
     from mmgcs.data.splits import parse_ratios
 
-    renames = {}
-    for item in args.rename_genre:
-        old, sep, new = item.partition("=")
-        if not sep or not old.strip() or not new.strip():
-            raise ValueError(f"--rename-genre takes OLD=NEW, got {item!r}.")
-        renames[old.strip()] = new.strip()
+    renames = parse_renames(args.rename_genre)
     genres = [g.strip() for g in args.genres.split(",") if g.strip()] if args.genres else None
     if args.min_genre_count < 1:
         raise ValueError("--min-genre-count must be at least 1.")

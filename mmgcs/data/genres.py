@@ -7,6 +7,7 @@ import difflib
 import json
 import re
 from collections import Counter
+from typing import Iterable
 
 # The vocabularies MMGCS sources use: TMDb (tmdb5000, tmdb-plots-extra, TMDb CSVs) and IMDb (MM-IMDb).
 TMDB_GENRES = (
@@ -77,6 +78,17 @@ def canonical_genre(name: str) -> tuple[str, str | None]:
     close = difflib.get_close_matches(name, KNOWN_GENRES, n=1, cutoff=0.75)
     hint = f"; did you mean {close[0]!r}? (fix it with --rename-genre '{name}={close[0]}')" if close else ""
     return name, f"unknown genre {name!r}{hint}"
+
+
+def parse_renames(items: Iterable[str], form: str = "OLD=NEW", example: str = "Comdy=Comedy") -> dict[str, str]:
+    """`--rename-genre` values → {old name: new name}; a value without a name on each side of "=" is an error."""
+    renames = {}
+    for item in items:
+        old, sep, new = item.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise ValueError(f"--rename-genre {item!r} must look like {form} (e.g. '{example}')")
+        renames[old.strip()] = new.strip()
+    return renames
 
 
 def select_labels(
