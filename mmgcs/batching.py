@@ -65,6 +65,30 @@ def _present_poster(p) -> bool:
     return p is not None and (not isinstance(p, dict) or p.get("bytes") is not None or bool(p.get("path")))
 
 
+def _compose_plots(titles, plots, template):
+    from mmgcs.models.preprocessing import compose_text
+
+    return {"plot": [compose_text(template, p, t) for t, p in zip(titles, plots)]}
+
+
+def apply_text_template(split, template: str):
+    """The split with its `plot` column replaced by what the text tower reads (``ModelConfig.text_template``).
+
+    A deterministic map: the new fingerprint is the same in every run, so the feature cache keeps working.
+    """
+    if template == "{plot}" or "plot" not in split.column_names:
+        return split
+    if "title" not in split.column_names:
+        raise ValueError(
+            f"model.text_template={template!r} reads the title but the dataset has no 'title' column; "
+            "set model.text_template={plot} or add titles to the dataset"
+        )
+    return split.map(
+        _compose_plots, batched=True, input_columns=["title", "plot"], fn_kwargs={"template": template},
+        desc="Composing text inputs",
+    )
+
+
 def select_inputs(split, use_text: bool, use_image: bool):
     """The columns batches are built from; posters stay encoded (decoded by the model's preprocessing).
 

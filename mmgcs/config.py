@@ -40,6 +40,9 @@ class ModelConfig:
     text_backbone: str = "sentence-transformers/all-MiniLM-L6-v2"  # Hub id or local folder (also the BiLSTM's tokenizer)
     text_pooling: str = "mean"  # "mean" or "cls"
     max_text_length: int = 128
+    # What the text tower reads: {plot}, optionally with {title} (e.g. "{title}. {plot}"). A movie without a title
+    # reads its plot alone; without a plot the text input is missing whatever the template.
+    text_template: str = "{plot}"
     text_backbone_config: dict = field(default_factory=dict)  # resolved backbone config (transformers to_dict())
     glove_path: str = ""  # BiLSTM tower: optional glove.6B.100d.txt; its words become the vocabulary
     freeze_word_embeddings: bool = True  # BiLSTM: keep GloVe vectors fixed (ignored without GloVe)
@@ -262,6 +265,12 @@ def validate_config(cfg: "RunConfig") -> None:
         if value < low or (value == low and not inclusive):
             bound = f">= {low}" if inclusive else f"> {low}"
             raise ConfigError(f"{key}: must be {bound}, got {value!r}")
+    try:
+        from mmgcs.models.preprocessing import check_text_template
+
+        check_text_template(cfg.model.text_template)
+    except ValueError as e:
+        raise ConfigError(f"model.text_template: {e}") from None
     if cfg.train.warmup_ratio >= 1:
         raise ConfigError(f"train.warmup_ratio: must be < 1 (a fraction of all steps), got {cfg.train.warmup_ratio!r}")
     if cfg.train.freeze_epochs >= cfg.train.epochs and cfg.train.freeze_epochs > 0:

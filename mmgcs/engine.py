@@ -400,7 +400,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- loaders
     def _prepare_splits(self, splits: dict, model) -> dict:
-        from mmgcs.batching import drop_unusable_rows, label_map, modality_flags, select_inputs
+        from mmgcs.batching import apply_text_template, drop_unusable_rows, label_map, modality_flags, select_inputs
 
         self.use_text, self.use_image = modality_flags(model)
         self.task = model.config.task
@@ -411,6 +411,11 @@ class Trainer:
             raise TrainingError(str(e)) from None
         out = {}
         for role, split in splits.items():
+            if self.use_text:
+                try:
+                    split = apply_text_template(split, model.config.text_template)
+                except ValueError as e:
+                    raise TrainingError(str(e)) from None
             split = select_inputs(split, self.use_text, self.use_image)
             split, _ = drop_unusable_rows(split, role, self.use_text, self.use_image, self.mapping, self.task)
             if len(split) == 0:

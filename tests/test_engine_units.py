@@ -178,3 +178,31 @@ def test_thread_choices_of_the_user_are_kept():
     assert launcher_thread_cap({**LAUNCHED, "MMGCS_NUM_THREADS": "1"}, "cpu", 1, 8) == 1
     with pytest.raises(ConfigError, match="MMGCS_NUM_THREADS"):
         launcher_thread_cap({"MMGCS_NUM_THREADS": "many"}, "cpu", 1, 8)
+
+
+# ------------------------------------------------------------------------------------------- text template
+def test_text_template_adds_the_title_and_keeps_missing_plots_missing():
+    from datasets import Dataset
+
+    from mmgcs.batching import apply_text_template
+
+    split = Dataset.from_dict({"id": [1, 2, 3, 4], "title": ["Alien", None, "Up", "  "],
+                               "plot": ["A crew meets a creature.", "No title here.", None, "Blank title."]})
+    assert apply_text_template(split, "{plot}") is split
+    out = apply_text_template(split, "{title}. {plot}")
+    assert out["plot"] == ["Alien. A crew meets a creature.", "No title here.", None, "Blank title."]
+    assert out["title"] == split["title"] and out["id"] == [1, 2, 3, 4]
+    # Deterministic fingerprint: the feature cache (keyed on it) is reused by the next run.
+    assert apply_text_template(split, "{title}. {plot}")._fingerprint == out._fingerprint
+    with pytest.raises(ValueError, match="no 'title' column"):
+        apply_text_template(split.remove_columns("title"), "{title}. {plot}")
+
+
+@pytest.mark.parametrize("template", ["{title}", "{plot} {year}", "{plot", "no fields"])
+def test_bad_text_templates_are_config_errors(template):
+    from mmgcs.config import load_config
+
+    with pytest.raises(ConfigError, match="model.text_template"):
+        from mmgcs.config import validate_config
+
+        validate_config(load_config(None, [f"model.text_template={template}"]))

@@ -44,6 +44,32 @@ def tokenize(tokenizer, cfg: ModelConfig, plots: list[Optional[str]]) -> dict[st
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+TEXT_FIELDS = ("plot", "title")
+
+
+def check_text_template(template: str) -> None:
+    """A template must read the plot and may add the title; anything else is a typo the user should see."""
+    import string
+
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"{template!r} is not a valid format string ({e}); use e.g. '{{title}}. {{plot}}'") from None
+    unknown = names - set(TEXT_FIELDS)
+    if "plot" not in names or unknown:
+        raise ValueError(
+            f"{template!r} must contain {{plot}} and may contain {{title}}"
+            + (f"; unknown fields {sorted(unknown)}" if unknown else "")
+        )
+
+
+def compose_text(template: str, plot: Optional[str], title: Optional[str] = None) -> Optional[str]:
+    """The text the tower reads for one movie: a missing plot stays missing; a missing title is left out."""
+    if not plot_present(plot) or template == "{plot}" or not (isinstance(title, str) and title.strip()):
+        return plot
+    return template.format(plot=plot, title=title.strip())
+
+
 def plot_present(plot: Any) -> bool:
     return isinstance(plot, str) and bool(plot.strip())
 
