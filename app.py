@@ -14,7 +14,8 @@ Run `python app.py` (a Hugging Face Space runs this file as is). Settings come f
 The serving logic (model loading, limits, precision, request batching) lives in `mmgcs.serving`; this file is
 the page, the input checks and the wiring.
 
-API (see the app's "Use via API" page): `/predict(plot, poster) -> {"scores", "genres", "by_modality"}` and
+API (see the app's "Use via API" page): `/predict(plot, poster, title) -> {"scores", "genres", "by_modality"}`
+(every parameter optional; the title is read only by a model trained with it, see `ModelConfig.text_template`) and
 `/model_info() -> {"labels", "thresholds", ...}`.
 """
 
@@ -57,6 +58,7 @@ log = logging.getLogger("mmgcs.app")
 DEFAULT_MODEL = "runs/fusion/model"
 DEFAULT_EXAMPLES = "data/movies"
 N_EXAMPLES = 4
+MAX_TITLE_CHARS = 300  # the longest real titles are ~200 characters
 
 try:
     LIMITS = Limits.from_env()
@@ -112,6 +114,18 @@ def check_plot(plot: Any) -> str | None:
     return plot
 
 
+def check_title(title: Any) -> str | None:
+    """The title, stripped, or None when empty; refuses non-text and over-long titles."""
+    if title is None:
+        return None
+    if not isinstance(title, str):
+        raise _user_error(f"`title` must be text, not {type(title).__name__}.")
+    title = title.strip()
+    if len(title) > MAX_TITLE_CHARS:
+        raise _user_error(f"The title is {len(title):,} characters long; the limit is {MAX_TITLE_CHARS:,}.")
+    return title or None
+
+
 def check_poster(poster: Any) -> PIL.Image.Image | None:
     """The decoded RGB poster, or None when none was given; refuses oversized, undecodable or non-image files."""
     if poster is None or poster == "":
@@ -154,6 +168,8 @@ except ModelNotFoundError as e:
 LABELS: list[str] = list(model.config.labels)
 READS_PLOT = getattr(model, "text_tower", None) is not None
 READS_POSTER = getattr(model, "image_tower", None) is not None
+# A model trained on e.g. "{title}. {plot}" reads the title with the plot; any other shows it only on the page.
+READS_TITLE = READS_PLOT and "{title}" in getattr(model.config, "text_template", "{plot}")
 
 
 THRESHOLDS = dict(zip(LABELS, model.decision_thresholds()))  # per-genre when tuned, else the global one
@@ -164,18 +180,21 @@ except ServingConfigError as e:
 predictor = BatchingPredictor(model, LIMITS.max_batch, PRECISION)
 
 
-def predict(plot: str | None = None, poster: str | None = None) -> dict:
+def predict(plot: str | None = None, poster: str | None = None, title: str | None = None) -> dict:
     """Predict a movie's genres from its plot, its poster, or both (give at least one).
 
     Args:
         plot: the movie's plot or synopsis, in English (see /model_info for the length limit)
         poster: the poster image file, JPEG, PNG, WebP or GIF (see /model_info for the size and pixel limits)
+        title: the movie's title (optional); read with the plot by a model trained with titles (/model_info
+            "reads_title"), else ignored
     Returns:
         {"scores": {genre: probability}, "genres": [predicted genres, per-genre thresholds applied], "by_modality":
         {"text": scores from the plot alone, "image": from the poster alone, "fused": from both}}
     """
     plot_text = check_plot(plot)
     image = check_poster(poster)
+    title_text = check_title(title)
     notes = []
     if plot_text is not None and not READS_PLOT:
         plot_text, notes = None, notes + ["This model reads posters only; the plot was ignored."]
@@ -185,7 +204,7 @@ def predict(plot: str | None = None, poster: str | None = None) -> dict:
         wanted = " and/or ".join(w for w, ok in (("a plot", READS_PLOT), ("a poster", READS_POSTER)) if ok)
         raise _user_error(f"Nothing to classify: give {wanted}.")
     try:
-        result = predictor(plot_text, image)
+        result = predictor(plot_text, image, title_text)
     except Exception:
         log.exception("prediction failed")  # the traceback stays in the server log
         raise gr.Error(
@@ -217,6 +236,7 @@ def model_info() -> dict:
         "thresholds": THRESHOLDS,
         "reads_plot": READS_PLOT,
         "reads_poster": READS_POSTER,
+        "reads_title": READS_TITLE,
         "text_backbone": _backbone_name(cfg.text_backbone) if READS_PLOT else None,
         "image_backbone": _backbone_name(cfg.image_backbone) if READS_POSTER else None,
         "fusion": cfg.fusion,
@@ -364,7 +384,13 @@ def build_demo(examples: list[list]) -> gr.Blocks:
         gr.Markdown(DESCRIPTION)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                title = gr.Textbox(label="Title (optional)", max_lines=1, max_length=300, elem_id="title")
+                title = gr.Textbox(
+                    label="Title (optional)",
+                    max_lines=1,
+                    max_length=MAX_TITLE_CHARS,
+                    info="The model reads it with the plot." if READS_TITLE else "Shown with the result.",
+                    elem_id="title",
+                )
                 plot = gr.Textbox(
                     label="Plot",
                     lines=6,
@@ -409,7 +435,7 @@ def build_demo(examples: list[list]) -> gr.Blocks:
             lambda: ("", None, None, None), outputs=outputs, api_visibility="private", queue=False
         ).then(
             predict,
-            inputs=[plot, poster],
+            inputs=[plot, poster, title],
             outputs=raw,
             api_name="predict",
             concurrency_limit=LIMITS.concurrency,

@@ -254,7 +254,7 @@ def evaluate(
 ) -> dict:
     """Score ``model`` on ``data``; returns the report (counts, skipped rows, unknown genres, metrics)."""
     from mmgcs.data.images import InvalidImageError, load_image
-    from mmgcs.models.preprocessing import plot_present
+    from mmgcs.models.preprocessing import compose_text, plot_present
 
     if modality not in ("both", "text", "image"):
         raise ValueError(f"modality must be both, text or image; got {modality!r}")
@@ -265,6 +265,9 @@ def evaluate(
     if not (use_text or use_image):
         raise ValueError(f"The model has no tower for --modality {modality}; use --modality both")
     thresholds, threshold_source = model_thresholds(model, threshold)
+    # The text the tower reads, as in training (e.g. "{title}. {plot}"); a row without a title gets its plot alone.
+    text_template = getattr(model.config, "text_template", "{plot}")
+    reads_title = "{title}" in text_template
     single_label = getattr(model.config, "task", "multilabel") == "singlelabel"
     if single_label:
         threshold_source = "none (single-label: the top genre)"
@@ -329,6 +332,9 @@ def evaluate(
                 if not target.any():
                     without_model_genre.append(row.id)
                 counts["with_plot"] += plot is not None
+                if plot is not None and reads_title:
+                    counts["plots_without_title"] += not plot_present(row.title)
+                    plot = compose_text(text_template, plot, row.title)
                 counts["with_poster"] += image is not None
                 plots.append(plot)
                 posters.append(image)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
-from mmgcs.models.preprocessing import check_plot, plot_present
+from mmgcs.models.preprocessing import check_plot, compose_text, plot_present
 
 if TYPE_CHECKING:
     from mmgcs.models.classifier import GenreClassifier
@@ -113,15 +113,31 @@ def run_batch(model, batch: dict, by_modality: bool) -> tuple[torch.Tensor, Opti
     return probs, views
 
 
+def composed_plots(model, plots: list, titles: Optional[list]) -> list:
+    """What the text tower reads for each movie: its plot under the model's `text_template` (as in training), so a
+    model trained on "{title}. {plot}" is served the same way. A missing title (or `titles` left out) is left out."""
+    if titles is None:
+        titles = [None] * len(plots)
+    elif len(titles) != len(plots):
+        raise ValueError(f"Got {len(titles)} titles for {len(plots)} movies; pass one title per movie (None when unknown)")
+    for i, title in enumerate(titles):
+        if title is not None and not isinstance(title, str):
+            raise TypeError(f"title #{i} must be a string or None, got {type(title).__name__}")
+    template = getattr(model.config, "text_template", "{plot}")
+    return [compose_text(template, plot, title) for plot, title in zip(plots, titles)]
+
+
 def predict_batch(model, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
-                  by_modality: bool = False) -> list[dict]:
-    """Many movies → a list of `{"scores", "genres"}` (plus `"by_modality"` when asked), in input order."""
+                  by_modality: bool = False, titles: Optional[list] = None) -> list[dict]:
+    """Many movies → a list of `{"scores", "genres"}` (plus `"by_modality"` when asked), in input order.
+    `titles` (optional, one per movie) are read only by a model whose `text_template` uses `{title}`."""
     if plots is None and posters is None:
         raise ValueError(NO_INPUT)
     plots, posters = paired_inputs(plots, posters)
     n = len(plots)
     for i, (plot, poster) in enumerate(zip(plots, posters)):
         _check_usable(model, plot, poster, index=i if n > 1 else None)
+    plots = composed_plots(model, plots, titles)
     was_training = model.training
     model.eval()  # predictions never use dropout or update BatchNorm statistics
     try:
@@ -149,8 +165,9 @@ def _predict_chunks(model, plots: list, posters: list, batch_size: int, by_modal
     return out
 
 
-def predict(model, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False) -> dict:
-    return predict_batch(model, [plot], [poster], by_modality=by_modality)[0]
+def predict(model, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False,
+            title: Optional[str] = None) -> dict:
+    return predict_batch(model, [plot], [poster], by_modality=by_modality, titles=[title])[0]
 
 
 class Predictor:
@@ -167,12 +184,13 @@ class Predictor:
     def labels(self) -> list[str]:
         return list(self.model.config.labels)
 
-    def predict(self, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False) -> dict:
-        return predict(self.model, plot=plot, poster=poster, by_modality=by_modality)
+    def predict(self, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False,
+                title: Optional[str] = None) -> dict:
+        return predict(self.model, plot=plot, poster=poster, by_modality=by_modality, title=title)
 
     def predict_batch(self, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
-                      by_modality: bool = False) -> list[dict]:
-        return predict_batch(self.model, plots, posters, batch_size=batch_size, by_modality=by_modality)
+                      by_modality: bool = False, titles: Optional[list] = None) -> list[dict]:
+        return predict_batch(self.model, plots, posters, batch_size=batch_size, by_modality=by_modality, titles=titles)
 
     __call__ = predict
 

@@ -5,7 +5,7 @@ was busy as one batch. The Space (`app.py`) is a UI over this; nothing here need
     limits = Limits.from_env()                       # MMGCS_MAX_PLOT_CHARS, ... (see Limits)
     model = load_model("runs/fusion/model")          # a folder or a Hub id; ModelNotFoundError says what to do
     predictor = BatchingPredictor(model, limits.max_batch, choose_precision(model.device.type))
-    predictor("A plot...", poster_image)             # {"scores", "genres", "by_modality"}, plain JSON types
+    predictor("A plot...", poster_image, "A title")  # {"scores", "genres", "by_modality"}, plain JSON types
 """
 
 from __future__ import annotations
@@ -217,9 +217,10 @@ class MicroBatcher:
 
 
 class BatchingPredictor(MicroBatcher):
-    """`predictor(plot, poster) -> {"scores", "genres", "by_modality"}` (plain JSON types), with concurrent
-    calls batched into one `model.predict_batch`. Validate and decode each input before calling it; a request
-    that still fails gets its own exception."""
+    """`predictor(plot, poster, title=None) -> {"scores", "genres", "by_modality"}` (plain JSON types), with
+    concurrent calls batched into one `model.predict_batch`. Validate and decode each input before calling it; a
+    request that still fails gets its own exception. The title is read only by a model whose `text_template`
+    uses it. Items submitted directly are `(plot, poster)` or `(plot, poster, title)`."""
 
     def __init__(self, model, max_batch: int, precision: str = "fp32"):
         if precision not in ("fp32", "bf16"):
@@ -228,16 +229,18 @@ class BatchingPredictor(MicroBatcher):
         self.precision = precision
         super().__init__(self._predict, max_batch)
 
-    def __call__(self, plot: Optional[str], poster: Any) -> dict:
-        return super().__call__((plot, poster))
+    def __call__(self, plot: Optional[str], poster: Any, title: Optional[str] = None) -> dict:
+        return super().__call__((plot, poster, title))
 
     def _predict(self, items: list[tuple]) -> list[dict]:
         import torch
 
-        plots = [plot for plot, _ in items]
-        posters = [poster for _, poster in items]
+        items = [(*item, None)[:3] for item in items]  # a (plot, poster) item has no title
+        plots = [plot for plot, _, _ in items]
+        posters = [poster for _, poster, _ in items]
+        titles = [title for _, _, title in items]
         with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            results = self.model.predict_batch(plots, posters, by_modality=True)
+            results = self.model.predict_batch(plots, posters, by_modality=True, titles=titles)
         return [jsonable(r) for r in results]
 
 

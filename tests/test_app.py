@@ -94,8 +94,8 @@ def test_api_page_lists_the_named_endpoints(client):
     named = api["named_endpoints"]
     assert set(named) == {"/predict", "/model_info"}  # the UI's rendering step stays private
     params = named["/predict"]["parameters"]
-    assert [p["parameter_name"] for p in params] == ["plot", "poster"]
-    assert all(p["parameter_has_default"] for p in params)  # either may be left out
+    assert [p["parameter_name"] for p in params] == ["plot", "poster", "title"]
+    assert all(p["parameter_has_default"] for p in params)  # any may be left out
 
 
 def test_model_info_reports_labels_thresholds_and_limits(client):
@@ -113,6 +113,13 @@ def test_plot_only(client, reference):
     _check_result(result, reference.predict(plot=PLOTS[0]))
     assert set(result["by_modality"]) == {"text", "fused"}
     assert _close(result["by_modality"]["text"], result["scores"], 1e-6)
+
+
+def test_the_title_is_optional_and_ignored_by_a_model_trained_without_titles(client, reference):
+    assert reference.config.text_template == "{plot}"
+    result = client.predict(plot=PLOTS[0], title="Se7en", api_name="/predict")
+    _check_result(result, reference.predict(plot=PLOTS[0]))
+    assert client.predict(api_name="/model_info")["reads_title"] is False
 
 
 def test_poster_only(client, reference, files):
@@ -141,8 +148,9 @@ def test_plot_and_poster_shows_each_modality(client, reference, files):
         (lambda f: {"plot": PLOTS[0], "poster": handle_file(f["truncated"])}, "truncated"),
         (lambda f: {"poster": handle_file(f["too_many_pixels"])}, "over the limit of 1,000,000"),
         (lambda f: {"plot": "word " * 500}, "limit is 2,000"),
+        (lambda f: {"plot": PLOTS[0], "title": "T" * 301}, "limit is 300"),
     ],
-    ids=["nothing", "blank-plot", "not-an-image", "truncated-jpeg", "too-many-pixels", "plot-too-long"],
+    ids=["nothing", "blank-plot", "not-an-image", "truncated-jpeg", "too-many-pixels", "plot-too-long", "title-too-long"],
 )
 def test_bad_input_gets_a_clear_error(client, files, inputs, expected):
     with pytest.raises(AppError) as err:

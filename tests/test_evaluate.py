@@ -195,6 +195,22 @@ def test_model_genre_missing_from_dataset_is_not_scored(built_dataset, tmp_path)
     assert r["threshold_source"] == "bundle (global)"
 
 
+def test_a_model_trained_with_titles_is_scored_on_title_and_plot(raw_source, tmp_path):
+    testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
+    model = testing.tiny_model(LABELS, image=False)
+    model.config.text_template = "{title}. {plot}"
+    bundle = tmp_path / "bundle"
+    model.save_pretrained(bundle)
+    preds = tmp_path / "p.jsonl"
+    r = _run(tmp_path, "--model", str(bundle), "--data", str(raw_source), "--predictions", str(preds), "--bootstrap", "0")
+    assert r["counts"]["plots_without_title"] == 0
+    rows = {x["id"]: x for x in map(json.loads, preds.read_text().splitlines())}
+    for movie in map(json.loads, (raw_source / "movies.jsonl").read_text().splitlines()[:6]):
+        expected = model.predict(plot=f"{movie['title']}. {movie['plot']}")["scores"]  # as training composed it
+        assert rows[movie["id"]]["scores"] == pytest.approx(expected, abs=1e-5)
+        assert rows[movie["id"]]["scores"] != pytest.approx(model.predict(plot=movie["plot"])["scores"], abs=1e-5)
+
+
 def test_missing_data_path_is_a_clear_error(model_dir, tmp_path):
     with pytest.raises(SystemExit, match="mmgcs.data build"):
         main(["--model", str(model_dir), "--data", str(tmp_path / "nowhere")])

@@ -224,3 +224,31 @@ def test_single_tower_models_give_their_one_view():
     assert set(result["by_modality"]) == {"image", "fused"}
     assert list(result["by_modality"]["image"].values()) == pytest.approx(
         _full_forward_probs(image_only, [None], [poster])[0].tolist(), abs=1e-6)
+
+
+def test_a_model_trained_with_titles_reads_the_title_with_the_plot():
+    model = tiny_model(LABELS, image=False).eval()
+    model.config.text_template = "{title}. {plot}"
+    title = "Die Hard"
+    composed = model.predict(plot=f"{title}. {PLOT}")["scores"]  # no title given: the plot is read alone
+    assert model.predict(plot=PLOT, title=title)["scores"] == pytest.approx(composed, abs=1e-6)
+    assert model.predict(plot=PLOT, title=title)["scores"] != pytest.approx(model.predict(plot=PLOT)["scores"])
+    assert model.predict(plot=PLOT, title="  ")["scores"] == pytest.approx(model.predict(plot=PLOT)["scores"], abs=1e-6)
+
+    plots = [PLOT, "Two friends open a bakery.", "A ghost haunts a house."]
+    titles = [title, None, "The Others"]
+    batch = Predictor(model).predict_batch(plots, titles=titles)
+    for plot, t, result in zip(plots, titles, batch):
+        assert result["scores"] == pytest.approx(model.predict(plot=plot, title=t)["scores"], abs=1e-6)
+    assert batch[2]["scores"] == pytest.approx(model.predict(plot=f"The Others. {plots[2]}")["scores"], abs=1e-6)
+
+    with pytest.raises(ValueError, match="2 titles for 3 movies"):
+        model.predict_batch(plots, titles=titles[:2])
+    with pytest.raises(TypeError, match="title #0 must be a string"):
+        model.predict(plot=PLOT, title=42)
+
+
+def test_the_default_template_ignores_the_title(model):
+    assert model.config.text_template == "{plot}"
+    with_title = model.predict(plot=PLOT, title="Die Hard", by_modality=True)
+    assert with_title == model.predict(plot=PLOT, by_modality=True)

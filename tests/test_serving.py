@@ -166,6 +166,21 @@ def test_bfloat16_serving_stays_close_to_float32(model):
         BatchingPredictor(model, max_batch=8, precision="auto")
 
 
+def test_the_title_reaches_a_model_trained_with_titles():
+    titled = tiny_model(LABELS, image=False).eval()
+    titled.config.text_template = "{title}. {plot}"
+    predictor = BatchingPredictor(titled, max_batch=4)
+    try:
+        plot = "A retired soldier must save his daughter."
+        served = predictor(plot, None, "Taken")
+        assert served["scores"] == pytest.approx(titled.predict(plot=f"Taken. {plot}")["scores"], abs=1e-6)
+        assert predictor.submit((plot, None)).result(WAIT)["scores"] == pytest.approx(
+            titled.predict(plot=plot)["scores"], abs=1e-6
+        )
+    finally:
+        predictor.close(timeout=WAIT)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Settings and loading.
 
@@ -199,3 +214,4 @@ def test_load_model(model, tmp_path):
     model.save_pretrained(tmp_path / "bundle")
     loaded = load_model(str(tmp_path / "bundle"))
     assert not loaded.training and loaded.config.labels == LABELS
+

@@ -275,17 +275,19 @@ class GenreClassifier(
         return self.tokenizer
 
     # ---------------------------------------------------------------------------------------- inference
-    def predict(self, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False) -> dict:
-        """One movie → `{"scores": {genre: probability}, "genres": [predicted genres]}` (see mmgcs.inference)."""
+    def predict(self, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False,
+                title: Optional[str] = None) -> dict:
+        """One movie → `{"scores": {genre: probability}, "genres": [predicted genres]}` (see mmgcs.inference).
+        `title` is read only when `config.text_template` uses it."""
         from mmgcs.inference import predict
 
-        return predict(self, plot=plot, poster=poster, by_modality=by_modality)
+        return predict(self, plot=plot, poster=poster, by_modality=by_modality, title=title)
 
     def predict_batch(self, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
-                      by_modality: bool = False) -> list[dict]:
+                      by_modality: bool = False, titles: Optional[list] = None) -> list[dict]:
         from mmgcs.inference import predict_batch
 
-        return predict_batch(self, plots, posters, batch_size=batch_size, by_modality=by_modality)
+        return predict_batch(self, plots, posters, batch_size=batch_size, by_modality=by_modality, titles=titles)
 
     # ---------------------------------------------------------------------------------- save / load / push
     def save_pretrained(self, save_directory: Union[str, Path], *, config=None, repo_id: Optional[str] = None,
