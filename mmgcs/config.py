@@ -280,6 +280,20 @@ def validate_config(cfg: "RunConfig") -> None:
         )
 
 
+def read_yaml_mapping(path: str | Path, *, kind: str, expected: str, remedy: str) -> dict:
+    """A YAML file that must hold a mapping; a missing file, bad YAML or another shape is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{kind} file {str(path)!r} not found; {remedy}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{kind} file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{kind} file {str(path)!r} must hold {expected}")
+    return loaded
+
+
 def load_config(
     paths: list[str | Path] | str | Path | None = None,
     overrides: list[str] | None = None,
@@ -290,16 +304,8 @@ def load_config(
     if isinstance(paths, (str, Path)):
         paths = [paths]
     for p in paths or []:
-        p = Path(p)
-        if not p.is_file():
-            raise ConfigError(f"Config file {str(p)!r} not found; pass an existing YAML file with --config")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"Config file {str(p)!r} must hold a mapping of sections (data/model/train)")
-        _apply(cfg, loaded)
+        _apply(cfg, read_yaml_mapping(p, kind="Config", expected="a mapping of sections (data/model/train)",
+                                      remedy="pass an existing YAML file with --config"))
     if fast:
         _apply(cfg, FAST_PROFILE)
     _apply(cfg, parse_overrides(overrides or []))

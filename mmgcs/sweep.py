@@ -47,14 +47,8 @@ class Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Sweep file {str(path)!r} not found; pass one with --config (e.g. configs/sweep.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Sweep file {str(path)!r} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"Sweep file {str(path)!r} must hold a mapping with keys {list(SWEEP_KEYS)}")
+    raw = read_yaml_mapping(path, kind="Sweep", expected=f"a mapping with keys {list(SWEEP_KEYS)}",
+                            remedy="pass one with --config (e.g. configs/sweep.yaml)")
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
     if unknown:
         raise ConfigError(f"Unknown sweep key(s) {unknown}; valid keys: {list(SWEEP_KEYS)}")
