@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
 
-from mmgcs.config import CHOICES, ConfigError, load_config, parse_overrides
+from mmgcs.config import CHOICES, ConfigError, load_config, parse_overrides, read_yaml_mapping
 
 logger = logging.getLogger(__name__)
 
