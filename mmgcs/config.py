@@ -38,7 +38,7 @@ class ModelConfig:
     # Text tower: a name in the text-tower registry ("hf", "bilstm"), or "none".
     text_tower: str = "hf"
     text_backbone: str = "sentence-transformers/all-MiniLM-L6-v2"  # Hub id or local folder (also the BiLSTM's tokenizer)
-    text_pooling: str = "mean"  # "mean" or "cls"
+    text_pooling: str = "mean"  # "mean", "cls" or "mean4" (average of the last 4 layers' means)
     max_text_length: int = 128
     # What the text tower reads: {plot}, optionally with {title} (e.g. "{title}. {plot}"). A movie without a title
     # reads its plot alone; without a plot the text input is missing whatever the template.

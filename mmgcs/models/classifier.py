@@ -19,7 +19,7 @@ from mmgcs.config import ModelConfig
 from mmgcs.models.fusion import create_fusion
 from mmgcs.models.image import create_image_tower, image_tower_from_config
 from mmgcs.models.preprocessing import check_plot, image_transform, plot_present, tokenize
-from mmgcs.models.text import create_text_tower, text_tower_from_config
+from mmgcs.models.text import POOLINGS, create_text_tower, text_tower_from_config
 from mmgcs.models.tower import Tower
 
 TASKS = ("multilabel", "singlelabel")
@@ -53,8 +53,8 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError("config.image_size and config.max_text_length must be positive")
     if cfg.image_crop_mode not in CROP_MODES:
         raise ValueError(f"Unknown image_crop_mode {cfg.image_crop_mode!r}; available: {list(CROP_MODES)}")
-    if cfg.text_pooling not in ("mean", "cls"):
-        raise ValueError(f"Unknown text_pooling {cfg.text_pooling!r}; available: ['cls', 'mean']")
+    if cfg.text_pooling not in POOLINGS:
+        raise ValueError(f"Unknown text_pooling {cfg.text_pooling!r}; available: {sorted(POOLINGS)}")
     positions = (cfg.text_backbone_config or {}).get("max_position_embeddings")
     if cfg.text_tower == "hf" and isinstance(positions, int) and cfg.max_text_length > positions:
         raise ValueError(
