@@ -93,10 +93,13 @@ def test_each_script_two_steps_leaves_a_loadable_bundle_and_metrics(monkeypatch,
     # The saved bundle holds the weights the test metrics were computed with.
     preds = torch.from_numpy(__import__("numpy").load(out / "test_predictions.npz")["probs"])
     from mmgcs.data import load_movies
+    from mmgcs.models.preprocessing import compose_text
 
     test = load_movies(data)["test"]
     with torch.no_grad():
-        batch = model.preprocess(test["plot"], [r["poster"] for r in test.cast_column("poster", __import__("datasets").Image(decode=False))])
+        # The bundle's text_template (the configs read "{title}. {plot}") is part of the model's input.
+        texts = [compose_text(model.config.text_template, p, t) for p, t in zip(test["plot"], test["title"])]
+        batch = model.preprocess(texts, [r["poster"] for r in test.cast_column("poster", __import__("datasets").Image(decode=False))])
         probs = model.probabilities(model(**batch)["logits"])
     torch.testing.assert_close(probs, preds.float(), atol=1e-5, rtol=1e-4)
 
