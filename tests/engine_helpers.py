@@ -74,13 +74,13 @@ def tiny_bundle(folder: Path, text: bool = True, image: bool = True, labels=GENR
     return folder
 
 
-def quick_overrides(data: Path, bundle: Path, out: Path, **extra) -> list[str]:
-    """Overrides for a seconds-long run on tiny towers: no trackers, a private feature cache."""
+def small_run_overrides(settings: dict, data: Path, out: Path, **extra) -> list[str]:
+    """`settings` plus what every seconds-long test run shares: small batches, no trackers, a private feature
+    cache; `extra` keys use `__` for `.` (train__epochs=1)."""
     settings = {
+        **settings,
         "data.path": data,
-        "train.init_from": bundle,
         "train.output_dir": out,
-        "train.epochs": 2,
         "train.batch_size": 8,
         "train.eval_batch_size": 16,
         "train.log_with": "none",
@@ -89,6 +89,11 @@ def quick_overrides(data: Path, bundle: Path, out: Path, **extra) -> list[str]:
     }
     settings.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+def quick_overrides(data: Path, bundle: Path, out: Path, **extra) -> list[str]:
+    """Overrides for a seconds-long run starting from a tiny bundle."""
+    return small_run_overrides({"train.init_from": bundle, "train.epochs": 2}, data, out, **extra)
 
 
 def subprocess_env() -> dict:

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from engine_helpers import GENRES, REPO_ROOT, build_dataset, tiny_bundle
+from engine_helpers import GENRES, REPO_ROOT, build_dataset, small_run_overrides, tiny_bundle
 
 from mmgcs.engine import latest_checkpoint, main
 
@@ -39,19 +39,7 @@ def mixed_data(tmp_path_factory):
 def overrides(data, out, **extra) -> list[str]:
     from mmgcs.testing import tiny_text_backbone_dir
 
-    settings = {
-        **TINY_TOWERS,
-        "model.text_backbone": tiny_text_backbone_dir(),
-        "data.path": data,
-        "train.output_dir": out,
-        "train.batch_size": 8,
-        "train.eval_batch_size": 16,
-        "train.log_with": "none",
-        "train.cache_dir": out.parent / f"{out.name}-cache",
-        "train.lr": 0.01,
-    }
-    settings.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in settings.items()]
+    return small_run_overrides({**TINY_TOWERS, "model.text_backbone": tiny_text_backbone_dir()}, data, out, **extra)
 
 
 def run_script(monkeypatch, name: str, args: list[str]):
