@@ -57,14 +57,6 @@ def targets(genre_ids: Sequence[Sequence[int]], mapping: np.ndarray, n_labels: i
     return y
 
 
-def _present_plot(p) -> bool:
-    return isinstance(p, str) and bool(p.strip())
-
-
-def _present_poster(p) -> bool:
-    return p is not None and (not isinstance(p, dict) or p.get("bytes") is not None or bool(p.get("path")))
-
-
 def _compose_plots(titles, plots, template):
     from mmgcs.models.preprocessing import compose_text
 
@@ -114,13 +106,16 @@ def drop_unusable_rows(split, split_name: str, use_text: bool, use_image: bool, 
     a single-label model, none of the model's genres.
     """
 
+    from mmgcs.data.images import poster_present
+    from mmgcs.models.preprocessing import plot_present
+
     def usable(batch):
         n = len(batch["genres"])
         ok = np.zeros(n, dtype=bool)
         if use_text:
-            ok |= np.array([_present_plot(p) for p in batch["plot"]], dtype=bool)
+            ok |= np.array([plot_present(p) for p in batch["plot"]], dtype=bool)
         if use_image:
-            ok |= np.array([_present_poster(p) for p in batch["poster"]], dtype=bool)
+            ok |= np.array([poster_present(p) for p in batch["poster"]], dtype=bool)
         if task == "singlelabel":
             ok &= np.array([any(mapping[i] >= 0 for i in ids) for ids in batch["genres"]], dtype=bool)
         return ok.tolist()

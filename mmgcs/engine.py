@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from mmgcs.config import ConfigError, RunConfig, config_to_dict, load_config, save_config, validate_config
+from mmgcs.report import flatten_dict
 
 logger = logging.getLogger(__name__)
 
@@ -206,20 +207,9 @@ def reset_accelerate_state() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{key}."))
-        else:
-            out[key] = v
-    return out
-
-
 def _tracker_config(cfg: RunConfig) -> dict:
     # TensorBoard's hparams accept scalars and strings only.
-    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in _flat(config_to_dict(cfg)).items()}
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in flatten_dict(config_to_dict(cfg)).items()}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -262,7 +252,7 @@ def _hub_dataset_id(path: str) -> Optional[str]:
 
 
 def _diff(a: dict, b: dict) -> list[str]:
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = flatten_dict(a), flatten_dict(b)
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
@@ -573,7 +563,7 @@ class Trainer:
                 self.loader_kind,
             )
             if self._trackers_started:
-                acc.log({k: v for k, v in _flat(record).items() if isinstance(v, (int, float))}, step=self.global_step)
+                acc.log({k: v for k, v in flatten_dict(record).items() if isinstance(v, (int, float))}, step=self.global_step)
             if self.tcfg.max_steps and self.global_step >= self.tcfg.max_steps:
                 logger.info("Reached train.max_steps=%d", self.tcfg.max_steps)
                 stop = True

@@ -27,14 +27,15 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _flatten(record: Mapping, prefix: str = "") -> dict:
+def flatten_dict(record: Mapping, sep: str = ".", prefix: str = "") -> dict:
+    """Nested mappings as one level, keys joined by ``sep``: ``{"lr": {"head": 0.1}}`` → ``{"lr.head": 0.1}``."""
     out = {}
     for k, v in record.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{key}_"))
-        elif _is_number(v):
-            out[key] = float(v)
+            out.update(flatten_dict(v, sep, f"{key}{sep}"))
+        else:
+            out[key] = v
     return out
 
 
@@ -42,7 +43,7 @@ def _series(history: Sequence[Mapping]) -> dict[str, list[tuple[float, float]]]:
     """Every numeric field as (x, y) points, x being the ``epoch`` field (else 1..n); nested dicts flatten."""
     series = {}
     for i, record in enumerate(history):
-        flat = _flatten(record)
+        flat = {k: float(v) for k, v in flatten_dict(record, sep="_").items() if _is_number(v)}
         x = flat.pop("epoch", float(i + 1))
         for k, v in flat.items():
             series.setdefault(k, []).append((x, v))
@@ -271,6 +272,7 @@ def fill_model_card(
 
 __all__ = [
     "eval_results",
+    "flatten_dict",
     "fill_model_card",
     "format_metrics_table",
     "model_index",

@@ -288,3 +288,11 @@ def test_fill_model_card_of_a_plain_card(tmp_path):
     assert "model-index:" in text and "# Card body" in text and "license: apache-2.0" in text
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         fill_model_card(tmp_path / "nope", {}, model_name="x", dataset_name="d", dataset_type="d")
+
+
+def test_flatten_dict_joins_nested_keys_for_trackers_and_plots():
+    from mmgcs.report import flatten_dict
+
+    record = {"epoch": 2, "lr": {"head": 0.1, "backbone": {"last": 0.01}}, "inputs": "raw"}
+    assert flatten_dict(record) == {"epoch": 2, "lr.head": 0.1, "lr.backbone.last": 0.01, "inputs": "raw"}
+    assert set(flatten_dict(record, sep="_")) == {"epoch", "lr_head", "lr_backbone_last", "inputs"}
