@@ -5,15 +5,18 @@ thresholds, task, towers with their resolved backbone configs, preprocessing), t
 `README.md` model card rendered from the `model_card.md` template. No pickle; no remote code.
 """
 
+from __future__ import annotations  # torch only in annotations: `import mmgcs.hub` stays light (data CLI)
+
 import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from mmgcs.config import ConfigError, ModelConfig, model_config_from_dict
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,29 @@ class BundleError(ValueError):
 
 class HubUnavailableError(RuntimeError):
     """The Hugging Face Hub cannot be reached; the message says where the local copy is."""
+
+
+class PushError(RuntimeError):
+    """An upload to the Hub (a model bundle or a dataset) failed after everything was saved locally; the message
+    says where the local copy is and how to upload it later."""
+
+
+def is_hub_id(name: Union[str, Path]) -> bool:
+    """Whether `name` is written like a Hub repo id, `owner/name` (huggingface_hub's own rules).
+
+    Callers look for a local folder first; a bare name (no owner) is not taken as an id, because MMGCS models and
+    datasets live in user repos and a bare word is far more often a mistyped local folder.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(name, str) or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------- save
@@ -72,7 +98,7 @@ def resolve_bundle(path_or_repo_id: Union[str, Path], *, revision=None, cache_di
     if path.is_dir():
         return path
     name = str(path_or_repo_id)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if path.exists() or not is_hub_id(name):
         raise BundleError(f"{name!r} is not a model folder. Pass a folder saved by save_pretrained or a Hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
 
@@ -349,6 +375,8 @@ def render_model_card(model_config: ModelConfig, metrics: Optional[dict] = None,
 __all__ = [
     "BundleError",
     "HubUnavailableError",
+    "PushError",
+    "is_hub_id",
     "load_bundle",
     "push_bundle",
     "read_config",

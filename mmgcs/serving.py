@@ -14,7 +14,6 @@ import concurrent.futures
 import dataclasses
 import os
 import queue
-import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -107,10 +106,10 @@ def load_model(source: str):
     """A GenreClassifier from a folder or a Hub id, in eval mode (on the GPU when there is one), or
     `ModelNotFoundError` explaining how to get one."""
     from mmgcs import GenreClassifier
+    from mmgcs.hub import is_hub_id
 
     local = Path(source).expanduser()
-    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
-    if not local.exists() and not looks_like_hub_id:
+    if not local.exists() and not is_hub_id(source):
         raise ModelNotFoundError(f"No model at {source!r}. {MODEL_REMEDY}")
     try:
         model = GenreClassifier.from_pretrained(str(local) if local.exists() else source)

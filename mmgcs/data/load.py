@@ -15,8 +15,10 @@ def load_movies(path_or_repo_id: str | Path, **kwargs):
     """
     import datasets
 
+    from mmgcs.hub import is_hub_id
+
     target = Path(path_or_repo_id).expanduser()
-    looks_local = target.exists() or str(path_or_repo_id).startswith((".", "/", "~")) or str(path_or_repo_id).count("/") != 1
+    looks_local = target.exists() or not is_hub_id(str(path_or_repo_id))
     if looks_local and not target.is_dir():
         raise FileNotFoundError(
             f"No dataset folder at {str(target)!r}. Build one with "
