@@ -350,32 +350,6 @@ def test_non_text_plot_is_reported_not_silently_emptied(tmp_path):
         (1000, "bad_plot_field"), (1001, "bad_plot_field"), (1001, "no_plot_no_poster")]
 
 
-def test_push_uploads_the_whole_folder_as_a_dataset_repo(bad_build, monkeypatch):
-    import huggingface_hub
-
-    from mmgcs.data.publish import push_folder
-
-    calls = []
-
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, **kw):
-            calls.append(("create_repo", repo_id, kw))
-
-        def upload_folder(self, **kw):
-            calls.append(("upload_folder", kw["repo_id"], kw))
-            return type("Info", (), {"commit_url": f"https://hub/{kw['repo_id']}/commit/1"})()
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    assert push_folder(bad_build.out, "me/movies") == "https://hub/me/movies/commit/1"
-    (_, _, create), (_, _, upload) = calls
-    assert create["repo_type"] == "dataset" and create["exist_ok"]
-    assert upload["repo_type"] == "dataset" and upload["folder_path"] == str(bad_build.out)
-    assert upload["delete_patterns"] == ["data/*.parquet"]  # stale shards on the Hub are replaced
-
-
 def test_python_dash_m_entry_point(tmp_path):
     import subprocess
     import sys

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-class PushError(RuntimeError):
-    """The upload failed; the local folder is complete and untouched."""
+from mmgcs.hub import PushError  # the one upload-failed error, shared with the model push (re-exported here)
 
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create (if needed) the dataset repo `repo_id` and upload `folder` to it; returns the commit URL."""
+    """Create (if needed) the dataset repo `repo_id` and upload `folder` to it; returns the commit URL.
+
+    Raises `PushError` (the folder is untouched) when the folder is not a built dataset or the upload fails; an
+    unreachable Hub is reported at once, not after the client's retries.
+    """
     folder = Path(folder)
     if not (folder / "README.md").is_file() or not any((folder / "data").glob("*.parquet")):
         raise PushError(f"{folder} is not a built dataset (no README.md or data/*.parquet). Run `python -m mmgcs.data build` first.")
+    later = (f"Nothing is lost: the dataset is complete in {folder}. When the Hub is reachable (unset HF_HUB_OFFLINE, "
+             f"log in with `hf auth login`), push it with:\n  python -m mmgcs.data push {folder} {repo_id}")
+    from mmgcs.models.embedded import hub_reachable  # the probe the model push uses
+
+    if not hub_reachable():
+        raise PushError(f"Cannot push {folder} to the Hub dataset repo {repo_id!r}: the Hugging Face Hub is unreachable "
+                        f"(or HF_HUB_OFFLINE is set).\n{later}")
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
@@ -25,10 +34,9 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: 
             # shards of an older build must not survive next to the new ones
             delete_patterns=["data/*.parquet"],
         )
-    except Exception as e:  # offline mode, no network, no token, no permission: all end the same way for the user
-        raise PushError(
-            f"Could not push {folder} to the Hub dataset repo {repo_id!r}: {type(e).__name__}: {e}\n"
-            f"Nothing is lost: the dataset is complete in {folder}. When the Hub is reachable (unset HF_HUB_OFFLINE, "
-            f"log in with `hf auth login`), push it with:\n  python -m mmgcs.data push {folder} {repo_id}"
-        ) from e
+    except Exception as e:  # no token, no permission, a dropped connection: all end the same way for the user
+        raise PushError(f"Could not push {folder} to the Hub dataset repo {repo_id!r}: {type(e).__name__}: {e}\n{later}") from e
     return str(getattr(info, "commit_url", info))
+
+
+__all__ = ["PushError", "push_folder"]
