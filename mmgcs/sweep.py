@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import logging
@@ -59,6 +60,10 @@ def load_sweep(path: str | Path) -> Sweep:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.grid.{key}: expected a non-empty list of values, got {values!r}")
+        seen = [json.dumps(v, sort_keys=True, default=str) for v in values]
+        repeated = [v for i, v in enumerate(values) if seen[i] in seen[:i]]
+        if repeated:
+            raise ConfigError(f"sweep.grid.{key}: {repeated} listed more than once; list each value once")
     metric = str(raw.get("metric", "micro_f1"))
     if metric not in CHOICES["train.metric_for_best"]:
         raise ConfigError(f"sweep.metric: {metric!r} is not a valid choice; choose one of {list(CHOICES['train.metric_for_best'])}")
@@ -78,10 +83,35 @@ def _fmt(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def point_name(point: dict[str, Any]) -> str:
-    """A folder name that says what the point is: `dropout=0.3,lr=0.0001`."""
-    parts = [f"{k.split('.')[-1]}={_fmt(v)}" for k, v in point.items()]
+MAX_NAME = 120  # folder names stay well under the file systems' 255-byte limit
+
+
+def point_name(point: dict[str, Any], full_keys: frozenset = frozenset()) -> str:
+    """A folder name that says what the point is: `dropout=0.3,lr=0.0001` (keys in `full_keys` are written in
+    full, e.g. `model.pos_weight` next to `train.pos_weight`). Not unique on its own: see `point_names`."""
+    parts = [f"{k if k in full_keys else k.split('.')[-1]}={_fmt(v)}" for k, v in point.items()]
     return re.sub(r"[^A-Za-z0-9=.,_+-]", "_", ",".join(parts))
+
+
+def _digest(point: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def point_names(points: list[dict[str, Any]]) -> list[str]:
+    """One distinct folder name per point. Readable names (`point_name`) are kept where they are unique; a name
+    shared by several points (values that differ only in characters a folder name cannot hold, like `org/model`
+    and `org_model`) or too long gets a digest of the exact point, so two points never share (and overwrite)
+    one output folder, and a point keeps its folder from one invocation to the next."""
+    keys = list(dict.fromkeys(k for p in points for k in p))
+    short = [k.split(".")[-1] for k in keys]
+    full_keys = frozenset(k for k, s in zip(keys, short) if short.count(s) > 1)
+    names = [point_name(p, full_keys) for p in points]
+    out = []
+    for point, name in zip(points, names):
+        if names.count(name) > 1 or len(name) > MAX_NAME:
+            name = f"{name[:MAX_NAME - 9]}~{_digest(point)}"
+        out.append(name)
+    return out
 
 
 def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
@@ -102,18 +132,15 @@ def run_sweep(sweep: Sweep, extra: Sequence[str] = (), fast: bool = False) -> li
     points = grid_points(sweep.grid)
     # Fail on a bad grid key or value before hours of training, not at the point that uses it.
     configs = []
-    for point in points:
-        out = sweep.output_dir / point_name(point)
+    for point, name in zip(points, point_names(points)):
+        out = sweep.output_dir / name
         cfg = load_config(sweep.base, point_overrides(sweep, point, extra, out), fast=fast)
         configs.append((point, out, cfg))
     rows = []
     for i, (point, out, cfg) in enumerate(configs, 1):
         logger.info("Sweep point %d/%d: %s", i, len(configs), point)
-        metrics_file = out / "metrics.json"
-        if metrics_file.is_file():
-            logger.info("  already done (%s); reusing its results", metrics_file)
-            metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-        else:
+        metrics = finished_metrics(out / "metrics.json")
+        if metrics is None:
             cfg.train.resume = latest_checkpoint(out) is not None
             metrics = run(cfg)
         rows.append(result_row(point, out, metrics, sweep.metric))
@@ -121,6 +148,29 @@ def run_sweep(sweep: Sweep, extra: Sequence[str] = (), fast: bool = False) -> li
     ranked = rank(rows, sweep.metric)
     write_results(ranked, sweep.output_dir)
     return ranked
+
+
+def finished_metrics(metrics_file: Path) -> Optional[dict]:
+    """The metrics of a point that already ran, or None when it must (re)run.
+
+    A metrics.json that cannot be read is moved aside (`metrics.json.corrupt`, nothing deleted) with a warning, and
+    the point reruns: it resumes from its last checkpoint, so a run that had finished is only re-evaluated.
+    """
+    if not metrics_file.is_file():
+        return None
+    try:
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        problem = None if isinstance(metrics, dict) else f"holds a JSON {type(metrics).__name__}, not an object"
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = f"is not valid JSON ({e})"
+    if problem is None:
+        logger.info("  already done (%s); reusing its results", metrics_file)
+        return metrics
+    aside = metrics_file.with_name(metrics_file.name + ".corrupt")
+    metrics_file.replace(aside)
+    logger.warning("  %s %s; moved it to %s and rerunning this point (it resumes from its last checkpoint)",
+                   metrics_file, problem, aside.name)
+    return None
 
 
 def result_row(point: dict, out: Path, metrics: dict, metric: str) -> dict:
@@ -191,4 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     return rows
 
 
-__all__ = ["Sweep", "grid_points", "load_sweep", "main", "point_name", "rank", "run_sweep", "write_results"]
+__all__ = [
+    "Sweep", "finished_metrics", "grid_points", "load_sweep", "main", "point_name", "point_names", "rank", "run_sweep",
+    "write_results",
+]
