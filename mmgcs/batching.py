@@ -7,7 +7,7 @@ This is the only place where the training code knows about plots and posters; th
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -143,8 +143,17 @@ def drop_unusable_rows(split, split_name: str, use_text: bool, use_image: bool, 
     return split.select(np.flatnonzero(flags).tolist()), dropped
 
 
+# Batch key listing the (row id, reason) of posters that could not be decoded; the engine pops it before the model
+# sees the batch and reports each row once (collators run in DataLoader workers, which cannot share that memory).
+BAD_POSTERS = "bad_posters"
+
+
 class RowCollator:
-    """Rows → ``model.preprocess(plots, posters, train=...)`` + targets; runs in DataLoader workers."""
+    """Rows → ``model.preprocess(plots, posters, train=...)`` + targets; runs in DataLoader workers.
+
+    A poster that cannot be decoded does not stop the run: like the feature cache, the row keeps its other input
+    with its image masked out (``image_mask`` False), and the batch lists it under ``BAD_POSTERS``.
+    """
 
     def __init__(
         self,
@@ -165,9 +174,50 @@ class RowCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         plots = [r.get("plot") for r in rows] if self.use_text else None
-        posters = [r.get("poster") for r in rows] if self.use_image else None
+        posters, bad = decode_posters(rows) if self.use_image else (None, [])
         batch = dict(self.preprocess(plots, posters, train=self.train))
         batch["labels"] = targets([r["genres"] for r in rows], self.mapping, self.n_labels, self.task)
+        if bad:
+            batch[BAD_POSTERS] = bad  # last: accelerate reads the batch size from a batch's first value
+        return batch
+
+
+def decode_posters(rows: list[dict]) -> tuple[list, list[tuple[Any, str]]]:
+    """Each row's poster decoded to an RGB image, or None when it has none or it cannot be decoded; and the
+    (row id, reason) of the latter."""
+    from mmgcs.data.images import InvalidImageError, load_image, poster_present
+
+    posters, bad = [], []
+    for row in rows:
+        poster = row.get("poster")
+        if not poster_present(poster):
+            posters.append(None)
+            continue
+        try:
+            posters.append(load_image(poster))
+        except InvalidImageError as e:
+            posters.append(None)
+            bad.append((row.get("id"), str(e)))
+    return posters, bad
+
+
+class BadPosterReport:
+    """Warns once per row (not once per epoch or per evaluation) about posters that could not be decoded."""
+
+    def __init__(self) -> None:
+        self.reported: set = set()
+
+    def take(self, batch: dict) -> dict:
+        """``batch`` without its ``BAD_POSTERS`` entry, after warning about the rows not reported yet."""
+        for row_id, reason in batch.pop(BAD_POSTERS, ()):
+            if (row_id, reason) in self.reported:
+                continue
+            self.reported.add((row_id, reason))
+            logger.warning(
+                "Poster of row id %s could not be decoded (%s); the row is used with its image masked out "
+                "(image_mask False). Fix or remove that poster in the source data and rebuild the dataset",
+                "unknown (the dataset has no 'id' column)" if row_id is None else row_id, reason,
+            )
         return batch
 
 
@@ -215,8 +265,11 @@ def modality_flags(model) -> tuple[bool, bool]:
 
 
 __all__ = [
+    "BAD_POSTERS",
+    "BadPosterReport",
     "FeatureDataset",
     "RowCollator",
+    "decode_posters",
     "drop_unusable_rows",
     "feature_dataset",
     "label_map",

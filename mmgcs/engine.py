@@ -290,6 +290,9 @@ class Trainer:
         self.global_step = 0
         self.start_epoch = 0
         self._trackers_started = False
+        from mmgcs.batching import BadPosterReport
+
+        self.bad_posters = BadPosterReport()
 
     # --------------------------------------------------------------------------------------------- setup
     def _check_output_dir(self) -> None:
@@ -585,6 +588,7 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.tcfg.epochs}", disable=not acc.is_local_main_process,
                    dynamic_ncols=True, leave=False)
         for batch in bar:
+            batch = self.bad_posters.take(batch)
             with acc.accumulate(self.model):
                 outputs = self.model(**batch)
                 loss = outputs["loss"]
@@ -626,6 +630,7 @@ class Trainer:
         model.eval()
         probs, labels, masks = [], [], {m: [] for m in MODALITIES}
         for batch in loader:
+            batch = self.bad_posters.take(batch)
             if hide is not None:
                 batch[f"{hide}_mask"] = torch.zeros_like(batch[f"{hide}_mask"])
             target = batch.pop("labels")

@@ -66,6 +66,12 @@ def build_dataset(tmp: Path, n: int = 60, **source_kwargs) -> Path:
     return out
 
 
+def split_sizes(path: Path) -> dict[str, int]:
+    from mmgcs.data import load_movies
+
+    return {k: len(v) for k, v in load_movies(path).items()}
+
+
 def tiny_bundle(folder: Path, text: bool = True, image: bool = True, labels=GENRES, **overrides) -> Path:
     """A tiny random GenreClassifier saved as a bundle: runs start from it with `train.init_from=FOLDER`."""
     from mmgcs.testing import tiny_model
@@ -91,6 +97,23 @@ def small_run_overrides(settings: dict, data: Path, out: Path, **extra) -> list[
     return [f"{k}={v}" for k, v in settings.items()]
 
 
+# Settings that turn any shipped config into a seconds-long run on tiny random towers (no pretrained weights).
+TINY_TOWERS = {
+    "model.image_backbone": "test_efficientnet",
+    "model.image_size": 64,
+    "model.max_text_length": 32,
+    "model.fusion_dim": 32,
+    "model.pretrained": "false",
+}
+
+
+def tiny_overrides(data: Path, out: Path, **extra) -> list[str]:
+    """`small_run_overrides` on tiny towers (a tiny BERT and timm's test_efficientnet), for the shipped configs."""
+    from mmgcs.testing import tiny_text_backbone_dir
+
+    return small_run_overrides({**TINY_TOWERS, "model.text_backbone": tiny_text_backbone_dir()}, data, out, **extra)
+
+
 def quick_overrides(data: Path, bundle: Path, out: Path, **extra) -> list[str]:
     """Overrides for a seconds-long run starting from a tiny bundle."""
     return small_run_overrides({"train.init_from": bundle, "train.epochs": 2}, data, out, **extra)
@@ -113,3 +136,27 @@ def run_script(script: str, args: list[str], timeout: float = 120, **kwargs) -> 
         [sys.executable, str(REPO_ROOT / "training" / script), *args],
         env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, **kwargs,
     )
+
+
+def corrupt_posters(dataset: Path, out: Path, per_split: int = 1) -> dict[str, list[int]]:
+    """A copy of the built `dataset` at `out` whose first `per_split` posters in each split are truncated JPEGs:
+    what a dataset put together by other tools may hold (mmgcs's own builder refuses them). Returns the ids
+    corrupted, per split."""
+    from mmgcs.data import load_movies
+
+    corrupted = {}
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for name, split in load_movies(dataset).items():
+        from datasets import Image
+
+        split = split.cast_column("poster", Image(decode=False))
+        ids = [row["id"] for row in split if row["poster"] is not None][:per_split]
+
+        def truncate(row):
+            if row["id"] in ids:
+                row["poster"] = {"bytes": row["poster"]["bytes"][:200], "path": None}
+            return row
+
+        split.map(truncate).cast_column("poster", Image()).to_parquet(str(out / "data" / f"{name}-00000-of-00001.parquet"))
+        corrupted[name] = ids
+    return corrupted

@@ -11,17 +11,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from engine_helpers import GENRES, REPO_ROOT, build_dataset, small_run_overrides, tiny_bundle
+from engine_helpers import GENRES, REPO_ROOT, build_dataset, split_sizes, tiny_bundle, tiny_overrides
 
 from mmgcs.engine import latest_checkpoint, main
-
-TINY_TOWERS = {
-    "model.image_backbone": "test_efficientnet",
-    "model.image_size": 64,
-    "model.max_text_length": 32,
-    "model.fusion_dim": 32,
-    "model.pretrained": "false",
-}
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +28,13 @@ def mixed_data(tmp_path_factory):
     return build_dataset(tmp_path_factory.mktemp("engine-mixed"), n=40, poster_every=2, plot_every=3)
 
 
-def overrides(data, out, **extra) -> list[str]:
-    from mmgcs.testing import tiny_text_backbone_dir
-
-    return small_run_overrides({**TINY_TOWERS, "model.text_backbone": tiny_text_backbone_dir()}, data, out, **extra)
+overrides = tiny_overrides
 
 
 def run_script(monkeypatch, name: str, args: list[str]):
     script = REPO_ROOT / "training" / name
     monkeypatch.setattr(sys, "argv", [str(script), *args])
     runpy.run_path(str(script), run_name="__main__")
-
-
-def split_sizes(path):
-    from mmgcs.data import load_movies
-
-    return {k: len(v) for k, v in load_movies(path).items()}
 
 
 @pytest.mark.parametrize(
