@@ -72,6 +72,11 @@ class ModelConfig:
     threshold: float = 0.5  # global decision threshold
     thresholds: Optional[list] = None  # per-genre thresholds tuned on validation; override `threshold`
     pretrained: bool = True  # load pretrained backbone weights when building a NEW model
+    # Start a NEW model's towers from trained bundles (folder or Hub id; "" = no): the text tower (+ tokenizer) of
+    # a plot model and the image tower of a poster model, and their heads into a "late" fusion's branches
+    # (mmgcs.models.init_from). Kept in the bundle as a record of where the towers came from.
+    init_text_from: str = ""
+    init_image_from: str = ""
 
 
 @dataclass
