@@ -21,10 +21,15 @@ logger = logging.getLogger(__name__)
 # Fields that decide a tower's weights' meaning and its inputs: a copied tower must see what it was trained on.
 # (glove_path is left out: the vocabulary travels with the tokenizer, and vocab_size is compared.)
 TOWER_FIELDS = {
-    "text": ("text_tower", "text_backbone_config", "text_pooling", "max_text_length", "text_template",
-             "word_embedding_dim", "lstm_hidden_dim", "vocab_size"),
-    "image": ("image_tower", "image_backbone", "image_backbone_kwargs", "image_size", "image_mean", "image_std",
-              "interpolation", "image_crop_mode", "image_crop_pct"),
+    "text": ("text_tower", "text_backbone_config", "max_text_length", "text_template"),
+    "image": ("image_tower", "image_size", "image_mean", "image_std", "interpolation", "image_crop_mode",
+              "image_crop_pct"),
+}
+# ... and those that only one kind of tower reads.
+TOWER_TYPE_FIELDS = {
+    "hf": ("text_pooling",),
+    "bilstm": ("word_embedding_dim", "lstm_hidden_dim", "vocab_size"),
+    "timm": ("image_backbone", "image_backbone_kwargs"),
 }
 # Backbone-config entries that say how a config was written, not what the network is.
 _VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
@@ -105,7 +110,8 @@ def _check(model, bundle, modality: str, source: str) -> None:
         raise InitFromError(f"{field}={source}: this model has no {modality} tower ({modality}_tower=none); "
                             f"set model.{modality}_tower or drop {field}")
     differs = []
-    for name in TOWER_FIELDS[modality]:
+    kind = getattr(model.config, f"{modality}_tower")
+    for name in TOWER_FIELDS[modality] + TOWER_TYPE_FIELDS.get(kind, ()):
         mine, theirs = getattr(model.config, name), getattr(bundle.config, name)
         if _comparable(name, mine) != _comparable(name, theirs):
             differs.append(f"{name}: this model {_short(mine)} vs the bundle {_short(theirs)}")
@@ -178,4 +184,4 @@ def _load_late_heads(model, heads: dict) -> None:
     linear.bias.copy_(torch.stack(biases).mean(0))
 
 
-__all__ = ["InitFromError", "TOWER_FIELDS", "init_from_bundles", "init_from_config"]
+__all__ = ["InitFromError", "TOWER_FIELDS", "TOWER_TYPE_FIELDS", "init_from_bundles", "init_from_config"]
