@@ -143,6 +143,9 @@ def drop_unusable_rows(split, split_name: str, use_text: bool, use_image: bool, 
     return split.select(np.flatnonzero(flags).tolist()), dropped
 
 
+# What `model.preprocess` returns for each tower's raw input: dropped from a batch that carries that tower's
+# cached features instead.
+RAW_INPUTS = {"text": ("input_ids", "attention_mask", "token_type_ids"), "image": ("pixel_values",)}
 # Batch key listing the (row id, reason) of posters that could not be decoded; the engine pops it before the model
 # sees the batch and reports each row once (collators run in DataLoader workers, which cannot share that memory).
 BAD_POSTERS = "bad_posters"
@@ -153,6 +156,8 @@ class RowCollator:
 
     A poster that cannot be decoded does not stop the run: like the feature cache, the row keeps its other input
     with its image masked out (``image_mask`` False), and the batch lists it under ``BAD_POSTERS``.
+    ``cached``: modalities whose rows carry precomputed ``<modality>_features`` / ``<modality>_mask`` (a frozen
+    tower read from the feature cache, see ``RowsWithFeatures``); those are stacked instead of preprocessed.
     """
 
     def __init__(
@@ -164,8 +169,11 @@ class RowCollator:
         train: bool,
         use_text: bool = True,
         use_image: bool = True,
+        cached: Sequence[str] = (),
     ) -> None:
-        self.use_text, self.use_image = use_text, use_image
+        self.cached = tuple(cached)
+        self.use_text = use_text and "text" not in self.cached
+        self.use_image = use_image and "image" not in self.cached
         self.preprocess = preprocess
         self.mapping = mapping
         self.n_labels = n_labels
@@ -175,7 +183,12 @@ class RowCollator:
     def __call__(self, rows: list[dict]) -> dict:
         plots = [r.get("plot") for r in rows] if self.use_text else None
         posters, bad = decode_posters(rows) if self.use_image else (None, [])
-        batch = dict(self.preprocess(plots, posters, train=self.train))
+        batch = dict(self.preprocess(plots, posters, train=self.train)) if self.use_text or self.use_image else {}
+        for modality in self.cached:
+            for key in RAW_INPUTS[modality]:  # preprocess fills in every tower's input, missing or not
+                batch.pop(key, None)
+            for key in (f"{modality}_features", f"{modality}_mask"):
+                batch[key] = torch.stack([r[key] for r in rows])
         batch["labels"] = targets([r["genres"] for r in rows], self.mapping, self.n_labels, self.task)
         if bad:
             batch[BAD_POSTERS] = bad  # last: accelerate reads the batch size from a batch's first value
@@ -219,6 +232,35 @@ class BadPosterReport:
                 "unknown (the dataset has no 'id' column)" if row_id is None else row_id, reason,
             )
         return batch
+
+
+class RowsWithFeatures(torch.utils.data.Dataset):
+    """A split's rows, each with the cached features of the frozen towers (``text_features``, ``text_mask``, ...):
+    the towers that train read their raw input from the row, the frozen ones are not run again every epoch."""
+
+    def __init__(self, split, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for modality, (feats, mask) in features.items():
+            if len(feats) != len(split) or len(mask) != len(split):
+                raise ValueError(f"{modality} features hold {len(feats)} rows but the split has {len(split)}")
+        self.split = split
+        self.tensors = {}
+        for modality, (feats, mask) in features.items():
+            self.tensors[f"{modality}_features"] = feats.float()
+            self.tensors[f"{modality}_mask"] = mask.bool()
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        # One Arrow read per batch (what a DataLoader asks for), not one per row.
+        columns = self.split[list(indices)]
+        rows = [{k: v[j] for k, v in columns.items()} for j in range(len(indices))]
+        for row, i in zip(rows, indices):
+            row.update({k: v[i] for k, v in self.tensors.items()})
+        return rows
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -268,7 +310,9 @@ __all__ = [
     "BAD_POSTERS",
     "BadPosterReport",
     "FeatureDataset",
+    "RAW_INPUTS",
     "RowCollator",
+    "RowsWithFeatures",
     "decode_posters",
     "drop_unusable_rows",
     "feature_dataset",

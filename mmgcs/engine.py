@@ -256,6 +256,15 @@ def _diff(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
+def _loader_kind(cached: Sequence[str], towers: Sequence[str]) -> str:
+    """The ``inputs`` of an epoch in history.json: raw, features, or raw+<modality>_features (mixed)."""
+    if not cached:
+        return "raw"
+    if set(cached) == set(towers):
+        return "features"
+    return "+".join(["raw", *(f"{m}_features" for m in cached)])
+
+
 # ------------------------------------------------------------------------------------------------- run
 def run(cfg: RunConfig) -> dict:
     """Train, evaluate on the test split and save everything in ``cfg.train.output_dir``; returns metrics.json."""
@@ -416,18 +425,21 @@ class Trainer:
             out[role] = split
         return out
 
-    def _raw_loaders(self, model) -> dict:
+    def _raw_loaders(self, model, features: Optional[dict] = None) -> dict:
+        """Loaders of rows through ``model.preprocess``. ``features``: role → {modality: (features, mask)} of the
+        frozen towers, read from the cache instead of running those towers on raw inputs every step."""
         from torch.utils.data import DataLoader
 
-        from mmgcs.batching import RowCollator
+        from mmgcs.batching import RowCollator, RowsWithFeatures
 
         loaders = {}
         for role, split in self.splits.items():
             train = role == "train"
+            cached = (features or {}).get(role, {})
             collate = RowCollator(model.preprocess, self.mapping, len(self.labels), self.task, train=train,
-                                  use_text=self.use_text, use_image=self.use_image)
+                                  use_text=self.use_text, use_image=self.use_image, cached=tuple(cached))
             loaders[role] = DataLoader(
-                split,
+                RowsWithFeatures(split, cached) if cached else split,
                 batch_size=self.tcfg.batch_size if train else self.tcfg.eval_batch_size,
                 shuffle=train,
                 collate_fn=collate,
@@ -436,51 +448,67 @@ class Trainer:
             )
         return loaders
 
-    def _feature_loaders(self, model) -> Optional[dict]:
-        """Loaders of cached tower features (frozen towers: computed once, reused across runs), or None."""
+    def _feature_loaders(self, features: dict) -> dict:
+        """Loaders of cached features only (every tower frozen): no raw input is read at all."""
         from torch.utils.data import DataLoader
 
         from mmgcs.batching import feature_dataset
 
+        loaders = {}
+        for role, split in self.splits.items():
+            train = role == "train"
+            ds = feature_dataset(split, features[role], self.mapping, len(self.labels), self.task)
+            loaders[role] = DataLoader(
+                ds, batch_size=self.tcfg.batch_size if train else self.tcfg.eval_batch_size, shuffle=train
+            )
+        return loaders
+
+    def _cached_features(self, model, modalities: Sequence[str]) -> Optional[dict]:
+        """role → {modality: (features, mask)} from the feature cache (computed once, reused across runs), or None."""
         try:
             from mmgcs.features import FeatureCache
         except ImportError as e:
-            logger.warning("Feature cache unavailable (%s): training frozen towers on raw inputs (slower)", e)
+            logger.warning("Feature cache unavailable (%s): running frozen towers on raw inputs (slower)", e)
             self.tcfg.cache_features = False
             return None
         cache = FeatureCache(self.tcfg.cache_dir)
-        modalities = [m for m, on in (("text", self.use_text), ("image", self.use_image)) if on]
         model.to(self.accelerator.device)
-        loaders = {}
+        features = {}
         # The main process computes and stores the features first; the others then read them from disk.
-        with self.accelerator.main_process_first():
+        # Featurizing (a cache miss) draws random numbers and a hit does not: keep training's RNG out of it, so a
+        # run is the same whether its features were cached or not (and a second stage's miss changes nothing).
+        with self.accelerator.main_process_first(), torch.random.fork_rng(devices=[]):
             for role, split in self.splits.items():
-                feats = {}
-                for m in modalities:
-                    feats[m] = cache.get_or_compute(
+                features[role] = {
+                    m: cache.get_or_compute(
                         model, split, m, batch_size=self.tcfg.eval_batch_size,
                         num_workers=self.cfg.data.num_workers or None,  # 0: the cache picks (one per core)
                     )
-                ds = feature_dataset(split, feats, self.mapping, len(self.labels), self.task)
-                train = role == "train"
-                loaders[role] = DataLoader(
-                    ds, batch_size=self.tcfg.batch_size if train else self.tcfg.eval_batch_size, shuffle=train
-                )
-        return loaders
+                    for m in modalities
+                }
+        return features
+
+    def _frozen_modalities(self, epoch: int) -> tuple[str, ...]:
+        """The towers frozen during ``epoch`` (0-based): all of them in a first frozen stage."""
+        towers = (("text", self.use_text, self.final_modes[0]), ("image", self.use_image, self.final_modes[1]))
+        return tuple(m for m, on, mode in towers if on and (epoch < self.tcfg.freeze_epochs or mode == "frozen"))
 
     def _loaders_for(self, epoch: int) -> dict:
-        """Prepared loaders for the stage ``epoch`` belongs to (cached features while every tower is frozen)."""
-        frozen = epoch < self.tcfg.freeze_epochs or all(
-            m == "frozen" for m, t in zip(self.final_modes, (self.use_text, self.use_image)) if t
-        )
-        kind = "features" if frozen and self.tcfg.cache_features else "raw"
+        """Prepared loaders for the stage ``epoch`` belongs to: frozen towers' features come from the cache
+        ("features" when every tower is frozen, e.g. "raw+text_features" when only the image tower trains)."""
+        towers = tuple(m for m, on in (("text", self.use_text), ("image", self.use_image)) if on)
+        cached = self._frozen_modalities(epoch) if self.tcfg.cache_features else ()
+        kind = _loader_kind(cached, towers)
         if kind not in self._prepared:
             unwrapped = self.accelerator.unwrap_model(self.model)
-            loaders = self._feature_loaders(unwrapped) if kind == "features" else None
-            if loaders is None:
+            features = self._cached_features(unwrapped, cached) if cached else None
+            if features is None:
                 kind = "raw"
-                loaders = self._prepared.get("raw") or self._raw_loaders(unwrapped)
             if kind not in self._prepared:
+                if kind == "features":
+                    loaders = self._feature_loaders(features)
+                else:
+                    loaders = self._raw_loaders(unwrapped, features)
                 self._prepared[kind] = {role: self.accelerator.prepare(dl) for role, dl in loaders.items()}
         self.loader_kind = kind
         return self._prepared[kind]
@@ -523,8 +551,8 @@ class Trainer:
         if self.schedule.scheduler is not None:
             self.schedule.scheduler = acc.prepare(self.schedule.scheduler)
 
-        # Featurizing (a cache miss) draws random numbers and a cache hit does not: re-seed so training itself
-        # is the same either way. A resumed run then restores the checkpoint's RNG states instead.
+        # Training starts from the seed's RNG state, whatever building the model and the loaders drew (featurizing
+        # runs under its own RNG, see _cached_features). A resumed run then restores the checkpoint's RNG states.
         set_seed(self.tcfg.seed)
         if self.tcfg.resume:
             self._resume()
@@ -826,7 +854,9 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         self._load_best()
-        loaders = self._prepared[self.loader_kind] if hasattr(self, "loader_kind") else self._loaders_for(0)
+        # The inputs of the last epoch run: its cached towers were frozen up to then, so their features hold for
+        # the best model (a resumed finished run has only built the first stage's loaders so far).
+        loaders = self._loaders_for(max(len(self.history) - 1, 0))
         val_pred = self._predict(loaders["validation"])
         test_pred = self._predict(loaders["test"])
         both = self.use_text and self.use_image

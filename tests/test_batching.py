@@ -9,7 +9,6 @@ import logging
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
 from engine_helpers import GENRES, REPO_ROOT, build_dataset, corrupt_posters, split_sizes, tiny_overrides
 
