@@ -172,7 +172,7 @@ def _load_late_heads(model, heads: dict) -> None:
     biases = []
     for bundle, k in heads.values():
         order = torch.tensor([bundle.config.labels.index(g) for g in model.config.labels])
-        src = bundle.fusion
+        src = bundle.fusion.to(linear.weight.device)
         head, proj, cls = src.tower_heads[0][-1], src.projections[0][0], src.classifier[-1]
         dst_head, dst_proj = fused.tower_heads[k][-1], fused.projections[k][0]
         dst_head.weight.copy_(head.weight[order])
