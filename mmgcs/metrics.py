@@ -237,20 +237,23 @@ def tune_thresholds(
 ) -> np.ndarray:
     """Per-genre thresholds (L,) that maximize each genre's F1 on a validation split.
 
-    A genre with fewer than ``min_positives`` positives keeps ``default`` (the global threshold): an F1-optimal
-    threshold fitted on two or three examples is noise and would not carry over to the test split. Ties between
-    grid points are broken by taking the middle of the best plateau.
+    A genre with fewer than ``min_positives`` positives gets the global threshold instead
+    (:func:`tune_global_threshold`: the one threshold maximizing micro F1 over all genres of the same split): an
+    F1-optimal threshold fitted on two or three examples is noise and would not carry over to the test split, while
+    a fixed 0.5 ignores how the model is calibrated (with many genres its probabilities sit well below 0.5, so a
+    rare genre would never be predicted). ``default`` is used only when the split has no positive at all. Ties
+    between grid points are broken by taking the middle of the best plateau.
     """
     probs, labels = _check_inputs(probs, labels)
     if not 0 <= default <= 1:
         raise ValueError(f"default threshold must lie in [0, 1]; got {default}")
     grid = _check_grid(grid)
-    out = np.full(probs.shape[1], float(default))
-    for j in range(probs.shape[1]):
-        truth = labels[:, j].astype(bool)
-        if truth.sum() < max(min_positives, 1):
-            continue
-        out[j] = _middle_of_best_plateau(_f1_over_grid(probs[:, j], truth, grid), grid)
+    positives = labels.sum(axis=0)
+    rare = positives < max(min_positives, 1)
+    fallback = tune_global_threshold(probs, labels, grid) if rare.any() and labels.any() else float(default)
+    out = np.full(probs.shape[1], fallback)
+    for j in np.flatnonzero(~rare):
+        out[j] = _middle_of_best_plateau(_f1_over_grid(probs[:, j], labels[:, j].astype(bool), grid), grid)
     return out
 
 

@@ -143,10 +143,32 @@ def test_tune_thresholds_separable_genre_lands_between_classes_and_rare_genre_fa
     assert sep[~sep_truth].max() < thr[0] <= sep[sep_truth].min()
     # The middle of the perfect plateau, not its lowest edge.
     assert thr[0] == pytest.approx((sep[~sep_truth].max() + sep[sep_truth].min()) / 2, abs=0.011)
-    assert thr[1] == 0.42
+    assert thr[1] == tune_global_threshold(probs, labels)  # the rare genre falls back to the global threshold
     assert compute_metrics(probs, labels, ["sep", "rare"], thr)["per_genre"]["sep"]["f1"] == 1.0
     # With the guard lowered, the single positive is fitted (the overfitting the guard prevents).
-    assert tune_thresholds(probs, labels, min_positives=1, default=0.42)[1] != 0.42
+    assert tune_thresholds(probs, labels, min_positives=1, default=0.42)[1] != thr[1]
+
+
+def test_rare_genre_gets_the_threshold_that_maximizes_micro_f1_over_all_genres():
+    # 10 movies, 3 genres. Columns: a (5 positives at 0.35, negatives at 0.10), b (5 positives at 0.30, negatives
+    # at 0.20), c (2 positives at 0.32, negatives at 0.15): too rare to tune on its own with min_positives=5.
+    a = [0.35] * 5 + [0.10] * 5
+    b = [0.20] * 5 + [0.30] * 5
+    c = [0.32, 0.32] + [0.15] * 8
+    probs = np.array([a, b, c]).T
+    labels = np.array([[1] * 5 + [0] * 5, [0] * 5 + [1] * 5, [1, 1] + [0] * 8]).T
+    thr = tune_thresholds(probs, labels, min_positives=5)
+    # Over all genres every positive scores >= 0.30 and every negative <= 0.20: micro F1 is 1 on (0.20, 0.30],
+    # whose grid points 0.21..0.30 have their middle at 0.255 -- not the fixed 0.5, which would predict c never.
+    assert thr[2] == pytest.approx(0.255) == tune_global_threshold(probs, labels)
+    assert thr[0] == pytest.approx((0.11 + 0.35) / 2) and thr[1] == pytest.approx((0.21 + 0.30) / 2)  # their own
+    assert compute_metrics(probs, labels, ["a", "b", "c"], thr)["per_genre"]["c"]["f1"] == 1.0
+    assert compute_metrics(probs, labels, ["a", "b", "c"], 0.5)["per_genre"]["c"]["f1"] == 0.0
+
+
+def test_threshold_tuning_without_any_positive_keeps_the_default():
+    probs = np.array([[0.2, 0.7], [0.4, 0.1]])
+    assert tune_thresholds(probs, np.zeros((2, 2), dtype=int), default=0.42).tolist() == [0.42, 0.42]
 
 
 def test_tune_thresholds_respects_grid_and_validates():
