@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from mmgcs.config import ConfigError, RunConfig, config_to_dict, load_config, save_config, validate_config
+from mmgcs.hub import PushError, is_hub_id  # PushError: one class for model and dataset uploads
 from mmgcs.report import flatten_dict
 
 logger = logging.getLogger(__name__)
@@ -40,10 +41,6 @@ MODALITIES = ("text", "image")
 
 class TrainingError(RuntimeError):
     """A problem the user can fix (bad data path, an output folder in use, ...); the message says how."""
-
-
-class PushError(RuntimeError):
-    """The run finished and everything is saved locally, but uploading the bundle to the Hub failed."""
 
 
 # --------------------------------------------------------------------------------------------- command line
@@ -248,7 +245,7 @@ def _pipeline_tag(model) -> str:
 
 def _hub_dataset_id(path: str) -> Optional[str]:
     """The dataset's Hub id for the model card, or None for a local folder."""
-    return None if Path(path).expanduser().exists() or path.startswith((".", "/", "~")) else path
+    return path if not Path(path).expanduser().exists() and is_hub_id(path) else None
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -359,6 +356,10 @@ class Trainer:
         from mmgcs.models.classifier import GenreClassifier, create_model
 
         try:
+            towers_from = [f"model.{k}" for k in ("init_text_from", "init_image_from") if getattr(self.cfg.model, k)]
+            if self.tcfg.init_from and towers_from:
+                raise ValueError(f"train.init_from starts from a whole bundle and ignores model.*; unset either it "
+                                 f"or {' and '.join(towers_from)}")
             if self.tcfg.init_from:
                 model = GenreClassifier.from_pretrained(self.tcfg.init_from)
                 logger.info("Starting from the bundle %s (its model settings are used; model.* is ignored)",
@@ -366,6 +367,9 @@ class Trainer:
             else:
                 labels = list(self.cfg.model.labels) or list(self.dataset_labels)
                 model = create_model(labels=labels, config=self.cfg.model)
+                from mmgcs.models.init_from import init_from_config
+
+                init_from_config(model)  # model.init_text_from / init_image_from: towers (+ late heads) from bundles
         except (ValueError, TypeError, OSError) as e:
             # Registries and loaders name the bad setting and the choices; show that, not a traceback.
             source = f"train.init_from={self.tcfg.init_from}" if self.tcfg.init_from else "model settings"

@@ -196,8 +196,6 @@ def test_the_seeds_late_fusion_config_matches_the_seeds_runs_it_starts_from():
             assert (late.model.text_backbone, late.model.glove_path) == (source.model.text_backbone, source.model.glove_path)
 
 
-@pytest.mark.xfail(strict=True, reason="the engine does not call mmgcs.models.init_from.init_from_config yet "
-                   "(hook requested from the engine stream); remove this marker when it does")
 def test_a_training_run_starts_from_the_bundles(tmp_path):
     from engine_helpers import GENRES, REPO_ROOT, TINY_TOWERS, build_dataset, small_run_overrides
 
@@ -215,3 +213,16 @@ def test_a_training_run_starts_from_the_bundles(tmp_path):
     a, b = fused.text_tower.state_dict(), text.text_tower.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)  # frozen, so still the bundle's
     assert fused.config.backbone_weights["text"].startswith("MMGCS bundle")
+
+
+def test_a_run_refuses_a_whole_bundle_and_tower_bundles_together(tmp_path):
+    from engine_helpers import GENRES, REPO_ROOT, TINY_TOWERS, build_dataset, small_run_overrides
+
+    from mmgcs.config import load_config
+    from mmgcs.engine import TrainingError, run
+
+    data = build_dataset(tmp_path, n=30)
+    tiny_model(labels=GENRES, image=False, fusion="late", seed=7).save_pretrained(tmp_path / "text")
+    settings = {**TINY_TOWERS, "model.init_text_from": tmp_path / "text", "train.init_from": tmp_path / "text"}
+    with pytest.raises(TrainingError, match="unset either it or model.init_text_from"):
+        run(load_config([REPO_ROOT / "configs" / "fusion.yaml"], small_run_overrides(settings, data, tmp_path / "run")))
