@@ -7,7 +7,7 @@ This is the only place where the training code knows about plots and posters; th
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -145,7 +145,10 @@ def drop_unusable_rows(split, split_name: str, use_text: bool, use_image: bool, 
 
 # What `model.preprocess` returns for each tower's raw input: dropped from a batch that carries that tower's
 # cached features instead.
-RAW_INPUTS = {"text": ("input_ids", "attention_mask", "token_type_ids"), "image": ("pixel_values",)}
+RAW_INPUTS = {"text": ("input_ids", "attention_mask", "token_type_ids", "lexical_ids", "lexical_values"),
+              "image": ("pixel_values",)}
+# Per-row inputs that travel with a modality's cached features (the lexical branch reads the text's n-grams).
+CACHED_WITH = {"text": ("lexical_ids", "lexical_values")}
 # Batch key listing the (row id, reason) of posters that could not be decoded; the engine pops it before the model
 # sees the batch and reports each row once (collators run in DataLoader workers, which cannot share that memory).
 BAD_POSTERS = "bad_posters"
@@ -187,8 +190,9 @@ class RowCollator:
         for modality in self.cached:
             for key in RAW_INPUTS[modality]:  # preprocess fills in every tower's input, missing or not
                 batch.pop(key, None)
-            for key in (f"{modality}_features", f"{modality}_mask"):
-                batch[key] = torch.stack([r[key] for r in rows])
+            for key in (f"{modality}_features", f"{modality}_mask", *CACHED_WITH.get(modality, ())):
+                if key in rows[0]:
+                    batch[key] = torch.stack([r[key] for r in rows])
         batch["labels"] = targets([r["genres"] for r in rows], self.mapping, self.n_labels, self.task)
         if bad:
             batch[BAD_POSTERS] = bad  # last: accelerate reads the batch size from a batch's first value
@@ -238,7 +242,9 @@ class RowsWithFeatures(torch.utils.data.Dataset):
     """A split's rows, each with the cached features of the frozen towers (``text_features``, ``text_mask``, ...):
     the towers that train read their raw input from the row, the frozen ones are not run again every epoch."""
 
-    def __init__(self, split, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, split, features: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 extra: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """``extra``: more per-row tensors that go with the cached features (the lexical branch's inputs)."""
         for modality, (feats, mask) in features.items():
             if len(feats) != len(split) or len(mask) != len(split):
                 raise ValueError(f"{modality} features hold {len(feats)} rows but the split has {len(split)}")
@@ -247,6 +253,7 @@ class RowsWithFeatures(torch.utils.data.Dataset):
         for modality, (feats, mask) in features.items():
             self.tensors[f"{modality}_features"] = feats.float()
             self.tensors[f"{modality}_mask"] = mask.bool()
+        self.tensors.update(_checked_extra(extra, len(split)))
 
     def __len__(self) -> int:
         return len(self.split)
@@ -286,16 +293,26 @@ def feature_dataset(
     mapping: np.ndarray,
     n_labels: int,
     task: str,
+    extra: Optional[dict[str, torch.Tensor]] = None,
 ) -> FeatureDataset:
-    """``features``: modality → (features (N, D), mask (N,)) for the rows of ``split`` in order."""
+    """``features``: modality → (features (N, D), mask (N,)) for the rows of ``split`` in order; ``extra``: more
+    per-row tensors for the model (the lexical branch's inputs)."""
     tensors: dict[str, torch.Tensor] = {}
     for modality, (feats, mask) in features.items():
         if len(feats) != len(split):
             raise ValueError(f"{modality} features hold {len(feats)} rows but the split has {len(split)}")
         tensors[f"{modality}_features"] = feats.float()
         tensors[f"{modality}_mask"] = mask.bool()
+    tensors.update(_checked_extra(extra, len(split)))
     tensors["labels"] = targets(split["genres"], mapping, n_labels, task)
     return FeatureDataset(tensors)
+
+
+def _checked_extra(extra: Optional[dict[str, torch.Tensor]], n: int) -> dict[str, torch.Tensor]:
+    for key, value in (extra or {}).items():
+        if len(value) != n:
+            raise ValueError(f"{key} holds {len(value)} rows but the split has {n}")
+    return dict(extra or {})
 
 
 def limit_rows(split, limit: int):

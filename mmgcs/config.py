@@ -77,6 +77,15 @@ class ModelConfig:
     # (mmgcs.models.init_from). Kept in the bundle as a record of where the towers came from.
     init_text_from: str = ""
     init_image_from: str = ""
+    # Lexical branch (mmgcs.models.lexical): a TF-IDF logistic regression over hashed word n-grams of the text,
+    # fitted in closed form before the head trains; its logits, times `lexical_weight` (tuned on validation after
+    # training), are added to the fused logits of rows that have a text.
+    lexical: bool = False
+    lexical_features: int = 262144  # hash buckets (2**18); the weights are lexical_features x len(labels) floats
+    lexical_ngrams: int = 2  # words and word pairs
+    lexical_min_df: int = 2  # n-grams seen in fewer training texts are dropped
+    lexical_c: float = 4.0  # inverse L2 strength of each genre's logistic regression
+    lexical_weight: float = 1.0
 
 
 @dataclass

@@ -33,6 +33,8 @@ from mmgcs.report import flatten_dict
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+# Weights of the lexical branch tried on validation at the end of a run (0 = the fused head alone).
+LEXICAL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 BUNDLE = "model"
 STATE_FILE = "trainer_state.json"
 # Modalities a batch may carry, by the key prefix of their presence masks (`text_mask`, `image_mask`).
@@ -429,6 +431,30 @@ class Trainer:
             out[role] = split
         return out
 
+    def _fit_lexical(self, model) -> None:
+        """Fit the lexical branch (TF-IDF logistic regressions) on the training texts, once, on the main process:
+        DDP's start-up broadcast then gives every rank the same weights. Deterministic, so a resumed run refits the
+        same weights (which its checkpoint then overwrites anyway); a bundle started from keeps its own fit."""
+        from mmgcs.batching import targets
+
+        if model.lexical is None or model.lexical.fitted or not self.is_main:
+            return
+        train = self.splits["train"]
+        start = time.time()
+        y = targets(train["genres"], self.mapping, len(self.labels), self.task).numpy()
+        summary = model.lexical.fit(train["plot"], y, c=model.config.lexical_c)
+        logger.info("Lexical branch fitted in %.1f s on %d texts (%d n-gram buckets kept%s)", time.time() - start,
+                    summary["rows"], summary["ngrams_kept"],
+                    f"; constant genres: {[self.labels[j] for j in summary['constant_genres']]}"
+                    if summary["constant_genres"] else "")
+
+    def _lexical_inputs(self, role: str, model) -> dict:
+        """The lexical branch's inputs for a whole split, when its text tower's features come from the cache
+        (the raw path gets them from ``model.preprocess``)."""
+        if model.lexical is None:
+            return {}
+        return model.lexical.featurize(self.splits[role]["plot"])
+
     def _raw_loaders(self, model, features: Optional[dict] = None) -> dict:
         """Loaders of rows through ``model.preprocess``. ``features``: role → {modality: (features, mask)} of the
         frozen towers, read from the cache instead of running those towers on raw inputs every step."""
@@ -440,10 +466,11 @@ class Trainer:
         for role, split in self.splits.items():
             train = role == "train"
             cached = (features or {}).get(role, {})
+            extra = self._lexical_inputs(role, model) if "text" in cached else {}
             collate = RowCollator(model.preprocess, self.mapping, len(self.labels), self.task, train=train,
                                   use_text=self.use_text, use_image=self.use_image, cached=tuple(cached))
             loaders[role] = DataLoader(
-                RowsWithFeatures(split, cached) if cached else split,
+                RowsWithFeatures(split, cached, extra) if cached else split,
                 batch_size=self.tcfg.batch_size if train else self.tcfg.eval_batch_size,
                 shuffle=train,
                 collate_fn=collate,
@@ -452,7 +479,7 @@ class Trainer:
             )
         return loaders
 
-    def _feature_loaders(self, features: dict) -> dict:
+    def _feature_loaders(self, model, features: dict) -> dict:
         """Loaders of cached features only (every tower frozen): no raw input is read at all."""
         from torch.utils.data import DataLoader
 
@@ -461,7 +488,8 @@ class Trainer:
         loaders = {}
         for role, split in self.splits.items():
             train = role == "train"
-            ds = feature_dataset(split, features[role], self.mapping, len(self.labels), self.task)
+            extra = self._lexical_inputs(role, model) if self.use_text else {}
+            ds = feature_dataset(split, features[role], self.mapping, len(self.labels), self.task, extra=extra)
             loaders[role] = DataLoader(
                 ds, batch_size=self.tcfg.batch_size if train else self.tcfg.eval_batch_size, shuffle=train
             )
@@ -510,7 +538,7 @@ class Trainer:
                 kind = "raw"
             if kind not in self._prepared:
                 if kind == "features":
-                    loaders = self._feature_loaders(features)
+                    loaders = self._feature_loaders(unwrapped, features)
                 else:
                     loaders = self._raw_loaders(unwrapped, features)
                 self._prepared[kind] = {role: self.accelerator.prepare(dl) for role, dl in loaders.items()}
@@ -531,6 +559,7 @@ class Trainer:
         set_seed(self.tcfg.seed)  # before the model is built: the same initial head on every run and rank
         model = self.build_model()
         self.splits = self._prepare_splits(splits, model)
+        self._fit_lexical(model)
         if self.tcfg.pos_weight != "none" and self.task == "multilabel":
             self._set_pos_weight(model)
         logger.info(
@@ -660,7 +689,7 @@ class Trainer:
         model = self.model
         unwrapped = acc.unwrap_model(model)
         model.eval()
-        probs, labels, masks = [], [], {m: [] for m in MODALITIES}
+        probs, all_logits, labels, masks = [], [], [], {m: [] for m in MODALITIES}
         for batch in loader:
             batch = self.bad_posters.take(batch)
             if hide is not None:
@@ -670,13 +699,14 @@ class Trainer:
             present = {m: batch[f"{m}_mask"] for m in MODALITIES if f"{m}_mask" in batch}
             logits, target, present = acc.gather_for_metrics((logits, target, present))
             probs.append(unwrapped.probabilities(logits).cpu())
+            all_logits.append(logits.cpu())
             labels.append(target.cpu())
             for m, v in present.items():
                 masks[m].append(v.cpu())
         y = torch.cat(labels)
         if self.task == "singlelabel":
             y = torch.nn.functional.one_hot(y.clamp_min(0), len(self.labels)).float()
-        out = {"probs": torch.cat(probs).numpy(), "labels": y.numpy()}
+        out = {"probs": torch.cat(probs).numpy(), "logits": torch.cat(all_logits).numpy(), "labels": y.numpy()}
         for m, parts in masks.items():
             if parts:
                 out[f"has_{m}"] = torch.cat(parts).numpy()
@@ -712,6 +742,32 @@ class Trainer:
             result = [{"summary": summary, "thresholds": thresholds}]
         broadcast_object_list(result)
         return result[0]
+
+    def _tune_lexical_weight(self, loader) -> Optional[dict]:
+        """Choose ``lexical_weight`` on the validation split: the fused logits F and the lexical ones X are read off
+        two predictions (weight 0 and 1; logits are linear in the weight), then each weight of the grid is scored
+        by validation micro-F1 under its own tuned thresholds. Every process computes the same choice from the
+        same gathered predictions."""
+        from mmgcs.metrics import compute_metrics
+
+        config = self.accelerator.unwrap_model(self.model).config
+        if not config.lexical:
+            return None
+        config.lexical_weight = 0.0
+        fused = self._predict(loader)
+        config.lexical_weight = 1.0
+        lexical = self._predict(loader)["logits"] - fused["logits"]
+        scores = {}
+        for weight in LEXICAL_WEIGHTS:
+            pred = dict(fused, probs=1.0 / (1.0 + np.exp(-(fused["logits"] + weight * lexical))))
+            thresholds = self._tune(pred)
+            scores[weight] = compute_metrics(pred["probs"], pred["labels"], self.labels,
+                                             thresholds=thresholds if thresholds is not None else config.threshold)["micro_f1"]
+        best = max(scores, key=lambda w: (round(scores[w], 6), -w))  # ties: the smaller weight
+        config.lexical_weight = float(best)
+        logger.info("Lexical weight %.2f (validation micro-F1 %.4f; without the lexical branch %.4f)",
+                    best, scores[best], scores[0.0])
+        return {"weight": float(best), "val_micro_f1_by_weight": {str(w): round(v, 4) for w, v in scores.items()}}
 
     def _default_threshold(self) -> float:
         return float(self.accelerator.unwrap_model(self.model).config.threshold)
@@ -861,6 +917,7 @@ class Trainer:
         # The inputs of the last epoch run: its cached towers were frozen up to then, so their features hold for
         # the best model (a resumed finished run has only built the first stage's loaders so far).
         loaders = self._loaders_for(max(len(self.history) - 1, 0))
+        lexical = self._tune_lexical_weight(loaders["validation"])
         val_pred = self._predict(loaders["validation"])
         test_pred = self._predict(loaders["test"])
         both = self.use_text and self.use_image
@@ -881,6 +938,8 @@ class Trainer:
                 "rows": {role: len(s) for role, s in self.splits.items()},
                 "dataset": self.cfg.data.path,
             }
+            if lexical is not None:
+                metrics["lexical"] = lexical
             if both:
                 # What the fused model does when a movie has only a plot / only a poster: scored on the test rows
                 # that have that input, with the other one hidden.

@@ -14,6 +14,7 @@ from mmgcs.models.preprocessing import check_plot, compose_text, plot_present
 if TYPE_CHECKING:
     from mmgcs.models.classifier import GenreClassifier
 
+LEXICAL_INPUTS = ("lexical_ids", "lexical_values")
 NO_INPUT = (
     "Nothing to classify: give the movie's plot (text), its poster (an image file, bytes or PIL image), or both"
 )
@@ -98,6 +99,8 @@ def run_batch(model, batch: dict, by_modality: bool) -> tuple[torch.Tensor, Opti
     batch = {k: v.to(device) for k, v in batch.items()}
     masks = {"text": batch.get("text_mask"), "image": batch.get("image_mask")}
     features = _encode(model, batch)
+    # The lexical branch reads the text's n-grams directly (no tower); the text mask switches it off per row.
+    features.update({k: batch[k] for k in LEXICAL_INPUTS if k in batch})
     probs = _head_probs(model, features, masks)
     if not by_modality:
         return probs, None
@@ -108,7 +111,7 @@ def run_batch(model, batch: dict, by_modality: bool) -> tuple[torch.Tensor, Opti
         if mask is None or not bool(mask.any()):
             continue  # a view is only meaningful for rows that have that input
         only = {other: (m if other == name else torch.zeros_like(m)) for other, m in masks.items() if m is not None}
-        kept = {f"{name}_features": features[f"{name}_features"]}
+        kept = {k: v for k, v in features.items() if k == f"{name}_features" or (name == "text" and k in LEXICAL_INPUTS)}
         views[name] = (_head_probs(model, kept, only), mask.cpu())
     return probs, views
 

@@ -104,6 +104,7 @@ TINY_TOWERS = {
     "model.max_text_length": 32,
     "model.fusion_dim": 32,
     "model.pretrained": "false",
+    "model.lexical_features": 2048,  # the shipped configs' lexical branch, small
 }
 
 

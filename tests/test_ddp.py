@@ -72,6 +72,8 @@ def test_two_process_run_keeps_replicas_identical_and_scores_each_movie_once(tmp
         assert record["processes"] == 2 and record["replicas_in_sync"] is True
         assert record["val_n_samples"] == len(splits["validation"])
     assert history[1]["trainable_parameters"] > history[0]["trainable_parameters"]
+    # stage 1 reads both frozen towers from the cache; stage 2 trains the image tower and still reads the text one
+    assert [r["inputs"] for r in history] == ["features", "raw+text_features"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["n_samples"] == len(splits["test"])
     assert metrics["validation"]["n_samples"] == len(splits["validation"])
@@ -81,6 +83,7 @@ def test_two_process_run_keeps_replicas_identical_and_scores_each_movie_once(tmp
     saved = np.load(out / "test_predictions.npz")
     assert saved["ids"].tolist() == splits["test"]["id"]
     model = GenreClassifier.from_pretrained(out / "model")
+    assert model.lexical is not None and model.lexical.fitted  # fitted on rank 0, given to rank 1 by DDP's broadcast
     test = splits["test"].cast_column("poster", Image(decode=False))
     with torch.no_grad():
         # The text the model was trained on: its plot under the bundle's text_template (e.g. "{title}. {plot}").

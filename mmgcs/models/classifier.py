@@ -18,6 +18,7 @@ from torch import nn
 from mmgcs.config import ModelConfig
 from mmgcs.models.fusion import create_fusion
 from mmgcs.models.image import create_image_tower, image_tower_from_config
+from mmgcs.models.lexical import LexicalBranch
 from mmgcs.models.preprocessing import check_plot, image_transform, plot_present, tokenize
 from mmgcs.models.text import POOLINGS, create_text_tower, text_tower_from_config
 from mmgcs.models.tower import Tower
@@ -55,6 +56,12 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError(f"Unknown image_crop_mode {cfg.image_crop_mode!r}; available: {list(CROP_MODES)}")
     if cfg.text_pooling not in POOLINGS:
         raise ValueError(f"Unknown text_pooling {cfg.text_pooling!r}; available: {sorted(POOLINGS)}")
+    if cfg.lexical and cfg.text_tower == "none":
+        raise ValueError("config.lexical reads the plot text, but text_tower='none'; set lexical=false or add a text tower")
+    if cfg.lexical and cfg.task != "multilabel":
+        raise ValueError("config.lexical supports the multilabel task only; set lexical=false for a singlelabel model")
+    if cfg.lexical and (cfg.lexical_features <= 0 or cfg.lexical_ngrams < 1 or cfg.lexical_min_df < 1 or cfg.lexical_c <= 0):
+        raise ValueError("config.lexical_features, lexical_ngrams, lexical_min_df and lexical_c must be positive")
     positions = (cfg.text_backbone_config or {}).get("max_position_embeddings")
     if cfg.text_tower == "hf" and isinstance(positions, int) and cfg.max_text_length > positions:
         raise ValueError(
@@ -96,6 +103,10 @@ class GenreClassifier(
         self.fusion = create_fusion(
             config.fusion, dims, len(config.labels), config.fusion_dim, config.dropout, fusion_heads=config.fusion_heads
         )
+        self.lexical = (
+            LexicalBranch(config.lexical_features, len(config.labels), config.lexical_ngrams, config.lexical_min_df)
+            if config.lexical else None
+        )
         pos_weight = torch.tensor(config.pos_weight, dtype=torch.float32) if config.pos_weight is not None else None
         # Not persistent: config.json is the one source of truth for pos_weight.
         self.register_buffer("pos_weight", pos_weight, persistent=False)
@@ -131,6 +142,8 @@ class GenreClassifier(
         image_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         token_type_ids: Optional[torch.Tensor] = None,  # accepted from tokenizer output; unused (single segment)
+        lexical_ids: Optional[torch.Tensor] = None,
+        lexical_values: Optional[torch.Tensor] = None,
     ) -> dict[str, Optional[torch.Tensor]]:
         batch_size = next(
             (t.shape[0] for t in (input_ids, pixel_values, text_features, image_features, labels) if t is not None), None
@@ -168,10 +181,16 @@ class GenreClassifier(
         features = [
             f if f is not None else torch.zeros(batch_size, t.out_dim, device=self.device) for f, t in zip(features, towers)
         ]
+        has_text = masks[0] if self.text_tower is not None else None
         if self.training and self.config.modality_dropout > 0 and len(masks) == 2:
             masks = self._drop_modality(masks)
-        logits = self.fusion(features, masks)
-        loss = self.loss(logits, labels) if labels is not None else None
+        fused = self.fusion(features, masks)
+        # The head learns on its own loss; the lexical branch is fitted in closed form (see mmgcs.models.lexical).
+        loss = self.loss(fused, labels) if labels is not None else None
+        logits = fused
+        if self.lexical is not None and lexical_ids is not None and self.config.lexical_weight:
+            lexical = self.lexical(lexical_ids, lexical_values) * has_text.unsqueeze(1).to(fused)
+            logits = fused + self.config.lexical_weight * lexical
         return {"loss": loss, "logits": logits}
 
     def _needed(self, mask: Optional[torch.Tensor]) -> bool:
@@ -237,6 +256,8 @@ class GenreClassifier(
                 check_plot(p, i)
             batch.update(tokenize(self.get_tokenizer(), self.config, [p if plot_present(p) else "" for p in plots]))
             batch["text_mask"] = torch.tensor([plot_present(p) for p in plots], dtype=torch.bool)
+            if self.lexical is not None:
+                batch.update(self.lexical.featurize([p if plot_present(p) else "" for p in plots]))
         if self.image_tower is not None:
             batch["pixel_values"], batch["image_mask"] = self._images(posters, train)
         return batch
