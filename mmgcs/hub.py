@@ -354,6 +354,8 @@ def render_model_card(model_config: ModelConfig, metrics: Optional[dict] = None,
         text_weights=weights.get("text", "-"),
         image_weights=weights.get("image", "-"),
         fusion=cfg.fusion,
+        lexical=(f"TF-IDF logistic regression over hashed word 1-{cfg.lexical_ngrams}-grams of the plot, added to the "
+                 f"fused logits with weight {cfg.lexical_weight:g} (tuned on the validation split)") if cfg.lexical else "none",
         thresholds="tuned per genre on the validation split" if cfg.thresholds else f"{cfg.threshold} for every genre",
         dataset=dataset_id or "a local movie dataset built with `python -m mmgcs.data build`",
         metrics_table=_metrics_table(cfg, metrics),

@@ -119,6 +119,8 @@ def test_save_and_load_keep_the_branch_bit_for_bit(tmp_path):
     model.save_pretrained(tmp_path)
     assert {"lexical.idf", "lexical.weight", "lexical.bias"} <= set(load_file(str(tmp_path / "model.safetensors")))
     assert json.loads((tmp_path / "config.json").read_text())["lexical_weight"] == 0.75
+    assert "**Lexical branch:** TF-IDF logistic regression" in (tmp_path / "README.md").read_text()
+    assert "weight 0.75" in (tmp_path / "README.md").read_text()
     loaded = GenreClassifier.from_pretrained(tmp_path)
     assert loaded.lexical.fitted and loaded.config.lexical_weight == 0.75
     plots = ["a ghost at night", "jokes at the wedding", None]
