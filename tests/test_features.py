@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -190,14 +191,98 @@ def test_text_and_image_are_cached_apart(cache, model, split):
 
 # ------------------------------------------------------------------------------------ invalidation
 @pytest.mark.parametrize("modality", ["text", "image"])
-def test_a_changed_dataset_is_a_miss(cache, model, split, modality):
+def test_fewer_rows_are_a_miss(cache, model, split, modality):
     _get(cache, model, split, modality)
-    _get(cache, model, split.select(range(len(split) - 1)), modality)  # fewer rows
-    edited = split.map(lambda row: {"plot": (row["plot"] or "") + " again"})  # same rows, new content
-    _get(cache, model, edited, modality)
-    assert cache.misses == 3 and cache.hits == 0
+    _get(cache, model, split.select(range(len(split) - 1)), modality)
+    assert cache.misses == 2 and cache.hits == 0
     _get(cache, model, split, modality)
     assert cache.hits == 1
+
+
+def test_new_plots_recompute_text_features_only(cache, model, split):
+    """Another text template rewrites the plot column: the poster features must come from the cache."""
+    from mmgcs.batching import apply_text_template
+
+    titled = split.add_column("title", [f"Film {i}" for i in range(len(split))])
+    text, _ = _get(cache, model, titled, "text")
+    image, _ = _get(cache, model, titled, "image")
+    composed = apply_text_template(titled, "{title}. {plot}")
+    assert composed["plot"][0].startswith("Film 0. ")
+    text2, mask2 = _get(cache, model, composed, "text")
+    image2, _ = _get(cache, model, composed, "image")
+    assert (cache.misses, cache.hits) == (3, 1)  # text, image, text again; then the image hit
+    assert torch.equal(image, image2)
+    assert not torch.allclose(text[mask2], text2[mask2])
+
+
+def test_a_changed_poster_recomputes_image_features_only(cache, model, split):
+    _get(cache, model, split, "text")
+    _get(cache, model, split, "image")
+    posters = _posters()
+    posters[2] = {"bytes": _jpeg(99), "path": None}
+    changed = make_split(posters=posters)
+    _get(cache, model, changed, "text")
+    assert (cache.misses, cache.hits) == (2, 1)
+    feats, _ = _get(cache, model, changed, "image")
+    assert (cache.misses, cache.hits) == (3, 1)
+    model.eval()
+    with torch.no_grad():
+        expected = model.encode_image(model.preprocess(posters=[posters[2]])["pixel_values"])
+    torch.testing.assert_close(feats[2:3], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_reordered_rows_are_a_miss_and_come_back_in_the_new_order(cache, model, split, modality):
+    feats, mask = _get(cache, model, split, modality)
+    order = list(range(len(split)))[::-1]
+    feats2, mask2 = _get(cache, model, split.select(order), modality)
+    assert cache.misses == 2 and cache.hits == 0
+    assert torch.equal(mask2, mask[order])
+    torch.testing.assert_close(feats2, feats[order], rtol=1e-4, atol=1e-6)
+
+
+def test_new_row_ids_are_a_miss(cache, model, split):
+    _get(cache, model, split, "text")
+    _get(cache, model, split.map(lambda row: {"id": row["id"] + 1000}), "text")
+    assert cache.misses == 2 and cache.hits == 0
+
+
+def test_undecoded_posters_and_other_columns_share_the_key(cache, model, split):
+    """What is not read by the tower does not count: the Image feature's decode flag, the genres, extra columns."""
+    _get(cache, model, split, "image")
+    _get(cache, model, split.cast_column("poster", Image(decode=False)), "image")
+    _get(cache, model, split.map(lambda row: {"genres": [1, 2]}).add_column("note", ["x"] * len(split)), "image")
+    assert (cache.misses, cache.hits) == (1, 2)
+
+
+def test_a_poster_file_changed_under_the_same_path_is_a_miss(cache, model, tmp_path):
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(_jpeg(i))
+        paths.append(str(path))
+    on_disk = make_split(plots=PLOTS[:3], posters=paths)
+    _get(cache, model, on_disk, "image")
+    _get(cache, model, on_disk, "image")
+    Path(paths[1]).write_bytes(_jpeg(42, size=(31, 45)))  # new content (and size) under the same name
+    feats, _ = _get(cache, model, on_disk, "image")
+    assert (cache.misses, cache.hits) == (2, 1)
+    with torch.no_grad():
+        expected = model.eval().encode_image(model.preprocess(posters=[paths[1]])["pixel_values"])
+    torch.testing.assert_close(feats[1:2], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_column_digest_reads_the_logical_rows_not_the_stored_table():
+    """select/shuffle keep the old table behind an index mapping; equal rows must hash equal however stored."""
+    full = make_split()
+    picked = full.select([4, 2, 6])
+    rebuilt = make_split(plots=[PLOTS[i] for i in (4, 2, 6)], posters=[_posters()[i] for i in (4, 2, 6)])
+    for column in ("plot", "poster", "id"):
+        assert F.column_digest(picked, column) != F.column_digest(full, column)
+        if column != "id":
+            assert F.column_digest(picked, column) == F.column_digest(rebuilt, column)
+    # slices that start inside a stored chunk (HASH_ROWS smaller than the table)
+    assert F.column_digest(full.select(range(2, 6)), "plot") == F.column_digest(make_split(plots=PLOTS[2:6], posters=_posters()[2:6]), "plot")
 
 
 def test_changed_preprocessing_is_a_miss(cache, model, split):
@@ -256,7 +341,7 @@ def test_a_corrupt_cache_file_is_recomputed_with_a_warning(cache, model, split, 
 def test_a_file_stored_under_another_key_is_not_trusted(cache, model, split):
     _get(cache, model, split, "text")
     path = cache.path_for(model, split, "text")
-    other = split.select(range(len(split)))  # same rows, new fingerprint → another file name
+    other = split.map(lambda row: {"plot": (row["plot"] or "") + " again"})  # new plots → another file name
     other_path = cache.path_for(model, other, "text")
     assert other_path != path
     other_path.write_bytes(path.read_bytes())  # e.g. copied or renamed by hand
