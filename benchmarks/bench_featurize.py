@@ -37,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 CORES = os.cpu_count() or 1
+MODES = ("workers-optimized", "workers-eager", "main-optimized", "main-eager")
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
@@ -147,10 +148,12 @@ def bench_posters(args, model, table: Table):
     for workers in args.workers:
         for in_workers in (False, True):
             for optimize in (False, True):
+                if f"{'workers' if in_workers else 'main'}-{'optimized' if optimize else 'eager'}" not in args.modes:
+                    continue
                 F.MIN_POSTERS_TO_OPTIMIZE = 0 if optimize else 10**12
                 where = "decode+encode in workers" if in_workers else "decode in workers, encode in main"
                 what = (f"posters: featurizer, {workers} worker(s), {where}, "
-                        f"{'traced+BN-folded' if optimize else 'eager'}, batch {F.CPU_FORWARD_BATCH}")
+                        f"{'optimized' if optimize else 'eager'}, batch {F.CPU_FORWARD_BATCH}")
                 run = lambda: F.compute_image_features(  # noqa: E731
                     model, split, batch_size=64, num_workers=workers, encode_in_workers=in_workers
                 )
@@ -279,6 +282,9 @@ def main(argv=None):
                     help="decode-worker counts to try, comma-separated")
     ap.add_argument("--forward-batch", type=lambda s: [int(x) for x in s.split(",")], default=[4],
                     help="CPU forward batch sizes: the first is used throughout, the others get one extra row each")
+    ap.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
+                    help=f"featurizer modes to time, comma-separated, from {','.join(MODES)} (where the tower runs: "
+                         "in the decode workers or in the main process; traced+optimized or eager)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: posters,plots,epoch")

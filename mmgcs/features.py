@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import io
 import json
 import logging
 import os
@@ -505,7 +506,8 @@ def compute_text_features(
         worker_tower = None
         if device.type == "cpu" and workers > 0:
             batches = list(batches)  # token ids only: a few bytes per token
-            worker_tower = _worker_text_tower(model, batches[-1])
+            with _main_threads(1):
+                worker_tower = _worker_text_tower(model, batches[-1])
         if worker_tower is not None:
             loader = torch.utils.data.DataLoader(
                 batches, batch_size=None, num_workers=workers, prefetch_factor=2, collate_fn=_EncodeText(worker_tower),
@@ -589,10 +591,9 @@ class _FeaturizePosters(_DecodePosters):
     or two threads with small batches wastes far less time in thread synchronization, above all on a busy machine.
     """
 
-    def __init__(self, transform, tower: torch.nn.Module, optimize: bool):
+    def __init__(self, transform, encoder: "torch.nn.Module | bytes"):
         super().__init__(transform, channels_last=True)
-        self.tower = tower
-        self.optimize = optimize
+        self.encoder = encoder  # an eager tower, or the optimized one saved by FastImageEncoder.save
         self._encoder = None
 
     def __call__(self, items):
@@ -600,9 +601,9 @@ class _FeaturizePosters(_DecodePosters):
         if len(rows) == 0:
             return rows, torch.empty(0), bad
         with torch.inference_mode(False), torch.no_grad():
-            if self._encoder is None:  # first batch of this worker: build its encoder
+            if self._encoder is None:  # first batch of this worker
                 _setup_compute_worker()
-                self._encoder = FastImageEncoder(self.tower, pixels[:2], optimize=self.optimize)
+                self._encoder = FastImageEncoder.load(self.encoder) if isinstance(self.encoder, bytes) else self.encoder
             return rows, self._encoder(pixels), bad
 
 
@@ -689,9 +690,10 @@ def compute_image_features(
     bad: list[tuple[int, str]] = []
     with _eval_mode(tower):
         in_workers = device.type == "cpu" and workers > 0 and encode_in_workers is not False
-        worker_tower = _worker_tower(model, posters, rows, transform) if in_workers else None
-        if worker_tower is not None:
-            collate = _FeaturizePosters(transform, worker_tower, optimize)
+        with _main_threads(1):  # a few posters: not worth waking threads that would compete with the workers
+            worker_encoder = _worker_encoder(model, posters, rows, transform, optimize) if in_workers else None
+        if worker_encoder is not None:
+            collate = _FeaturizePosters(transform, worker_encoder)
             loader_batch = min(batch_size, CPU_FORWARD_BATCH)
         else:
             collate = _DecodePosters(transform, channels_last=device.type == "cpu")
@@ -704,12 +706,12 @@ def compute_image_features(
             prefetch_factor=4 if workers > 0 else None,
         )
         encoder = None
-        with _main_threads(1) if worker_tower is not None else contextlib.nullcontext():
+        with _main_threads(1) if worker_encoder is not None else contextlib.nullcontext():
             for batch_rows, out, batch_bad in loader:
                 bad.extend(batch_bad)
                 if len(batch_rows) == 0:
                     continue
-                if worker_tower is None:  # `out` holds pixels: encode them here
+                if worker_encoder is None:  # `out` holds pixels: encode them here
                     pixels = out.to(device)
                     if encoder is None:
                         with torch.no_grad():
@@ -731,8 +733,10 @@ def compute_image_features(
     return features, mask
 
 
-def _worker_tower(model, posters, rows, transform) -> Optional[torch.nn.Module]:
-    """An eval-mode copy of the image tower for the workers, if it computes exactly `model.encode_image`."""
+def _worker_encoder(model, posters, rows, transform, optimize: bool) -> "torch.nn.Module | bytes | None":
+    """What the workers encode posters with, if it computes exactly `model.encode_image` (else None): the
+    optimized tower, built and checked here once and passed as bytes (any start method can send them; each
+    worker loads it in a fraction of a second instead of tracing its own), or an eager copy of the tower."""
     sample_rows, sample, _ = _DecodePosters(transform, channels_last=False)(
         [(int(r), posters[int(r)]["poster"]) for r in rows[:8]]
     )
@@ -740,10 +744,14 @@ def _worker_tower(model, posters, rows, transform) -> Optional[torch.nn.Module]:
         return None
     copy_ = copy.deepcopy(model.image_tower).eval()
     with torch.no_grad():
-        if _close(copy_(sample[:2]), model.encode_image(sample[:2])):
-            return copy_
-    logger.info("model.encode_image is not just its image tower; encoding in the main process")
-    return None
+        if not _close(copy_(sample[:2]), model.encode_image(sample[:2])):
+            logger.info("model.encode_image is not just its image tower; encoding in the main process")
+            return None
+        if optimize:
+            fast = FastImageEncoder(copy_, sample[:2])
+            if fast.kind != "eager":
+                return fast.save()
+    return copy_
 
 
 class FastImageEncoder:
@@ -795,9 +803,33 @@ class FastImageEncoder:
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.kind == "eager" or tuple(pixels.shape[1:]) != self._size:  # static padding fits one size only
+            if self._reference is None:
+                raise ValueError(f"This encoder takes inputs of shape {self._size}, got {tuple(pixels.shape[1:])}")
             return self._reference(pixels)
         with _onednn_fusion():
             return self._fn(pixels.contiguous(memory_format=torch.channels_last))
+
+    def save(self) -> bytes:
+        """The optimized (checked) tower as bytes for `load` in another process; only when `kind` is not eager."""
+        if self.kind == "eager":
+            raise ValueError("Only an optimized encoder can be saved; an eager one is just its tower")
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+            torch.jit.save(self._fn, buf, _extra_files={"input_size": json.dumps(self._size)})
+        return buf.getvalue()
+
+    @classmethod
+    def load(cls, data: bytes) -> "FastImageEncoder":
+        """An encoder from `save`'s bytes (which this process or its parent made: TorchScript runs code it holds)."""
+        extra = {"input_size": ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
+        encoder = cls.__new__(cls)
+        encoder.kind, encoder._fn, encoder._reference = "torchscript-frozen", module, None
+        encoder._size = tuple(json.loads(extra["input_size"]))
+        return encoder
 
 
 class _onednn_fusion:
