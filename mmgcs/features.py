@@ -564,24 +564,59 @@ class _DecodePosters:
     def __init__(self, transform, channels_last: bool):
         self.transform = transform
         self.channels_last = channels_last
+        self.split = _split_eval_transform(transform)
 
     def __call__(self, items):
         from mmgcs.data.images import InvalidImageError, load_image
 
-        rows, tensors, bad = [], [], []
+        rows, images, bad = [], [], []
+        resize = self.split[0] if self.split else self.transform
         for r, poster in items:
             try:
-                tensors.append(self.transform(load_image(poster)))
+                images.append(resize(load_image(poster)))
                 rows.append(r)
             except InvalidImageError as e:
                 bad.append((r, str(e)))
-        if tensors:
-            pixels = torch.stack(tensors)
-            if self.channels_last:
-                pixels = pixels.contiguous(memory_format=torch.channels_last)
-        else:
+        if not images:
             pixels = torch.empty(0)
+        elif self.split:
+            pixels = _to_normalized_batch(images, *self.split[1:])
+        else:
+            pixels = torch.stack(images)
+        if self.channels_last and pixels.ndim == 4:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         return torch.tensor(rows, dtype=torch.long), pixels, bad
+
+
+def _split_eval_transform(transform):
+    """`(resize, mean, std)` when `transform` is timm's "squash" eval transform (resize to S x S, a center crop of
+    S x S that keeps every pixel, to-tensor, normalize), else None.
+
+    Then the resize runs per poster and the rest once per batch, with the very same arithmetic (uint8 → float,
+    / 255, - mean, / std: the same results bit for bit) but without four tensor ops and copies per poster.
+    """
+    from torchvision import transforms as T
+
+    steps = getattr(transform, "transforms", None)
+    if not steps or len(steps) != 4:
+        return None
+    resize, crop, to_tensor, normalize = steps
+    if not (type(resize) is T.Resize and type(crop) is T.CenterCrop and isinstance(to_tensor, T.ToTensor)
+            and type(normalize) is T.Normalize and not normalize.inplace):
+        return None
+    size = list(resize.size) if isinstance(resize.size, (list, tuple)) else None
+    if size is None or len(size) != 2 or list(crop.size) != size or resize.max_size is not None:
+        return None
+    mean = torch.as_tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return resize, mean, std
+
+
+def _to_normalized_batch(images, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Same-size RGB PIL images → (B, 3, H, W) float, as torchvision's to_tensor then normalize compute it."""
+    arrays = np.stack([np.asarray(im, dtype=np.uint8) for im in images])  # (B, H, W, 3)
+    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).float()  # channels-last strides, like the model wants
+    return pixels.div_(255).sub_(mean).div_(std)
 
 
 class _FeaturizePosters(_DecodePosters):

@@ -101,3 +101,29 @@ def test_featurizing_with_fewer_workers_than_cores_finishes():
         pytest.fail("featurizing with num_workers=1 hung")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("done")
+
+
+@pytest.mark.parametrize("crop_mode", ["squash", "center"])
+def test_batched_poster_decoding_equals_the_models_transform_bit_for_bit(crop_mode):
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    from mmgcs.data.images import load_image
+    from mmgcs.testing import tiny_model
+
+    model = tiny_model(["A", "B"], image_crop_mode=crop_mode)
+    transform = model.image_transform(False)
+    rng = np.random.RandomState(0)
+    posters = []
+    for w, h in [(30, 45), (64, 64), (90, 40), (20, 20)]:
+        buf = io.BytesIO()
+        PIL.Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        posters.append(buf.getvalue())
+    decode = F._DecodePosters(transform, channels_last=True)
+    assert (decode.split is not None) == (crop_mode == "squash")  # the batched path only where it is exact
+    rows, pixels, bad = decode(list(enumerate(posters)))
+    assert rows.tolist() == [0, 1, 2, 3] and bad == []
+    assert pixels.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(pixels, torch.stack([transform(load_image(p)) for p in posters]))
