@@ -17,11 +17,13 @@ name and renamed into place, so a crash never leaves a half-written file that co
 file that is unreadable anyway (disk error, manual edit) is recomputed with a warning.
 
 Featurization is built for CPU speed. Posters: DataLoader workers read the JPEG bytes straight from the dataset
-(the main process never decodes), run the model's own eval transform, and, on CPU, encode them too, each with
-its own copy of the tower (channels-last, traced with BatchNorm folded into the convolutions, checked against
-`model.encode_image` before use) on its share of the cores, in batches of 4 that keep activations in cache.
+(the main process never decodes), run the model's own eval transform, and, on CPU, encode them too, one worker
+per core on one thread each, in batches of 4 that keep activations in cache. They run an optimized copy of the
+tower built once by the main process (`FastImageEncoder`: static "SAME" padding, channels-last, traced and frozen
+with BatchNorm folded into the convolutions, oneDNN-fused; checked against `model.encode_image` before use).
 Plots: tokenized in groups, encoded longest-first in batches of similar length (little padding), on CPU in
-workers too. On a GPU, workers decode and the main process encodes. benchmarks/bench_featurize.py measures it.
+workers too. On a GPU, workers decode and the main process encodes. benchmarks/bench_featurize.py measures it:
+EfficientNet-Lite0 at 224 px, ~13 ms of CPU a poster, decode and resize included (2-core EPYC).
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ MODALITIES = ("text", "image")
 CACHE_FORMAT = 1
 COLUMNS = {"text": "plot", "image": "poster"}
 DEFAULT_CACHE_DIR = ".cache/mmgcs-features"
-# Posters per forward pass and CPU thread. Small batches keep a convnet's activations in cache: EfficientNet-Lite0
-# (traced, one thread, 2-core EPYC) took 14.5 ms a poster at 4, 17 at 8, 18.7 at 16 and 23 at 32; its "SAME"
-# padding copies whole activation maps, which costs more the less of them fits in cache.
+# Posters per forward pass and CPU thread. EfficientNet-Lite0 (FastImageEncoder, one thread, 2-core EPYC) took
+# 9.6 ms a poster at 1 and 2, 10.5 at 4, 10.1 at 8 and 10.3 at 16: flat once freed memory is kept (see
+# _setup_compute_worker); small batches keep results flowing from the workers.
 CPU_FORWARD_BATCH = 4
 # Worker processes used when the caller does not say (one per core up to this): each holds a copy of the tower.
 MAX_WORKERS = 8
