@@ -119,3 +119,25 @@ def test_two_stage_run_reads_the_frozen_tower_from_the_cache_in_both_stages_and_
     assert again["test"] == whole["test"]
     np.testing.assert_array_equal(np.load(out / "test_predictions.npz")["probs"],
                                   np.load(tmp_path / "whole" / "test_predictions.npz")["probs"])
+
+
+def test_head_only_epochs_run_on_one_thread_and_the_callers_threads_come_back(tmp_path, data, monkeypatch):
+    """Cached-feature epochs (tiny ops) use one CPU thread; epochs that run a tower use the run's threads."""
+    monkeypatch.delenv("MMGCS_NUM_THREADS", raising=False)
+    seen = []
+    original = Trainer._train_epoch
+
+    def recording(self, loader, epoch):
+        seen.append((self.loader_kind, torch.get_num_threads()))
+        return original(self, loader, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        main(tiny_overrides(data, tmp_path / "run", train__epochs=2, train__freeze_epochs=1, **IMAGE_PARTIAL),
+             default_config=FUSION)
+        assert seen == [("features", 1), ("raw+text_features", 2)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
