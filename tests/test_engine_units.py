@@ -206,3 +206,15 @@ def test_bad_text_templates_are_config_errors(template):
         from mmgcs.config import validate_config
 
         validate_config(load_config(None, [f"model.text_template={template}"]))
+
+
+def test_importing_mmgcs_makes_idle_openmp_workers_sleep_unless_the_user_chose(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "import mmgcs, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "ACTIVE"
