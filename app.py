@@ -36,9 +36,7 @@ from typing import Any
 
 # The Space must not phone home; set before gradio is imported (it reads this at import time).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-# Idle OpenMP threads of torch must sleep, not spin: on a shared 2-core machine the spinning cost 4-10x the CPU
-# of a prediction (measured: 1,160 vs 130 ms of CPU for one fused movie). Read when torch is first imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# (Importing mmgcs below makes idle OpenMP workers sleep, not spin: see mmgcs/__init__.py.)
 
 import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
