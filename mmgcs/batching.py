@@ -66,7 +66,8 @@ def _compose_plots(titles, plots, template):
 def apply_text_template(split, template: str):
     """The split with its `plot` column replaced by what the text tower reads (``ModelConfig.text_template``).
 
-    A deterministic map: the new fingerprint is the same in every run, so the feature cache keeps working.
+    Only the `plot` column changes, so the feature cache (keyed on the column each tower reads) keeps the poster
+    features and recomputes the text ones.
     """
     if template == "{plot}" or "plot" not in split.column_names:
         return split
@@ -84,8 +85,8 @@ def apply_text_template(split, template: str):
 def select_inputs(split, use_text: bool, use_image: bool):
     """The columns batches are built from; posters stay encoded (decoded by the model's preprocessing).
 
-    The same columns whatever the model's towers, so a split keeps one fingerprint and a text-only, poster-only
-    and fused model share their cached tower features (the cache is keyed on the dataset fingerprint).
+    The same columns whatever the model's towers; the feature cache is keyed on the column a tower reads (plus
+    the row ids), so a text-only, poster-only and fused model share their cached tower features.
     """
     from datasets import Image
 
