@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_helpers import REPO_ROOT, build_dataset, subprocess_env
+from engine_helpers import REPO_ROOT, TINY_TOWERS, build_dataset, subprocess_env
 
 from mmgcs.testing import tiny_text_backbone_dir
 
@@ -48,12 +48,8 @@ def test_two_process_run_keeps_replicas_identical_and_scores_each_movie_once(tmp
         "train.log_with": "none",
         "train.cache_dir": tmp_path / "cache",
         "train.early_stopping_patience": 0,
+        **TINY_TOWERS,
         "model.text_backbone": tiny_text_backbone_dir(),
-        "model.image_backbone": "test_efficientnet",
-        "model.image_size": 64,
-        "model.max_text_length": 32,
-        "model.fusion_dim": 32,
-        "model.pretrained": "false",
     }
     env = subprocess_env()
     env.pop("ACCELERATE_USE_CPU")  # the engine itself must pick the CPU backend when no GPU is visible

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_helpers import REPO_ROOT, build_dataset, subprocess_env
+from engine_helpers import REPO_ROOT, TINY_TOWERS, build_dataset, subprocess_env
 
 from mmgcs.testing import tiny_text_backbone_dir
 
@@ -33,12 +33,8 @@ def _args(data, out):
         # Raw inputs: poster augmentation, dropout and modality dropout all draw random numbers, so the resumed
         # run only matches if the data order and every RNG state are restored.
         "train.cache_features": "false",
+        **TINY_TOWERS,
         "model.text_backbone": tiny_text_backbone_dir(),
-        "model.image_backbone": "test_efficientnet",
-        "model.image_size": 64,
-        "model.max_text_length": 32,
-        "model.fusion_dim": 32,
-        "model.pretrained": "false",
         "model.modality_dropout": 0.3,
     }
     return [f"{k}={v}" for k, v in settings.items()]
