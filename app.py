@@ -107,7 +107,7 @@ def check_plot(plot: Any) -> str | None:
     if len(plot) > LIMITS.max_plot_chars:
         raise _user_error(
             f"The plot is {len(plot):,} characters long; the limit is {LIMITS.max_plot_chars:,}. Paste a summary "
-            "of a paragraph or two: the model reads only the beginning of the text."
+            "of a paragraph or two, like the plots the model was trained on."
         )
     return plot
 
