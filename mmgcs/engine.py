@@ -550,9 +550,9 @@ class Trainer:
 
     def _use_threads(self, kind: str) -> None:
         """One CPU thread while only the head runs on cached features, else the run's threads. The head's ops are
-        tiny: one thread is as fast on an idle CPU (2.86 vs 3.13 s per epoch of the default head here) and it does
-        not collapse when other processes compete for the cores, where OpenMP workers wait out each other's time
-        slices at every op (measured 244 s for the same epoch with 2 threads). MMGCS_NUM_THREADS overrides."""
+        tiny: while another process used the cores, an epoch of the default head took 2.9 s on one thread, 3.5 s on
+        two with OMP_WAIT_POLICY=PASSIVE and 244 s on two spinning ones (OpenMP workers wait out each other's time
+        slices at every op). MMGCS_NUM_THREADS overrides."""
         if self.accelerator.device.type != "cpu" or "MMGCS_NUM_THREADS" in os.environ:
             return
         want = 1 if kind == "features" else self.threads
@@ -757,20 +757,22 @@ class Trainer:
         broadcast_object_list(result)
         return result[0]
 
-    def _tune_lexical_weight(self, loader) -> Optional[dict]:
+    def _tune_lexical_weight(self, loader) -> tuple[Optional[dict], Optional[dict]]:
         """Choose ``lexical_weight`` on the validation split: the fused logits F and the lexical ones X are read off
         two predictions (weight 0 and 1; logits are linear in the weight), then each weight of the grid is scored
         by validation micro-F1 under its own tuned thresholds. Every process computes the same choice from the
-        same gathered predictions."""
+        same gathered predictions. Returns (summary, the validation prediction at the chosen weight when one of
+        the two passes made it, else None)."""
         from mmgcs.metrics import compute_metrics
 
         config = self.accelerator.unwrap_model(self.model).config
         if not config.lexical:
-            return None
+            return None, None
         config.lexical_weight = 0.0
         fused = self._predict(loader)
         config.lexical_weight = 1.0
-        lexical = self._predict(loader)["logits"] - fused["logits"]
+        full = self._predict(loader)
+        lexical = full["logits"] - fused["logits"]
         scores = {}
         for weight in LEXICAL_WEIGHTS:
             pred = dict(fused, probs=1.0 / (1.0 + np.exp(-(fused["logits"] + weight * lexical))))
@@ -781,7 +783,8 @@ class Trainer:
         config.lexical_weight = float(best)
         logger.info("Lexical weight %.2f (validation micro-F1 %.4f; without the lexical branch %.4f)",
                     best, scores[best], scores[0.0])
-        return {"weight": float(best), "val_micro_f1_by_weight": {str(w): round(v, 4) for w, v in scores.items()}}
+        summary = {"weight": float(best), "val_micro_f1_by_weight": {str(w): round(v, 4) for w, v in scores.items()}}
+        return summary, {0.0: fused, 1.0: full}.get(best)
 
     def _default_threshold(self) -> float:
         return float(self.accelerator.unwrap_model(self.model).config.threshold)
@@ -931,8 +934,9 @@ class Trainer:
         # The inputs of the last epoch run: its cached towers were frozen up to then, so their features hold for
         # the best model (a resumed finished run has only built the first stage's loaders so far).
         loaders = self._loaders_for(max(len(self.history) - 1, 0))
-        lexical = self._tune_lexical_weight(loaders["validation"])
-        val_pred = self._predict(loaders["validation"])
+        lexical, val_pred = self._tune_lexical_weight(loaders["validation"])
+        if val_pred is None:
+            val_pred = self._predict(loaders["validation"])
         test_pred = self._predict(loaders["test"])
         both = self.use_text and self.use_image
         hidden = {m: self._predict(loaders["test"], hide=m) for m in MODALITIES} if both else {}
