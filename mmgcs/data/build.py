@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
+from mmgcs.data.confine import Refusal, read_confined, unidentified_image_detail
 from mmgcs.data.genres import canonical_genre, select_labels
 from mmgcs.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InvalidImageError, PreparedPoster, prepare_poster
 from mmgcs.data.records import BuildReport, RawMovie
@@ -52,6 +53,7 @@ class BuildOptions:
     drop_unlabeled: bool = False
     max_image_pixels: int = MAX_IMAGE_PIXELS
     progress: bool = True
+    allow_private_hosts: bool = False  # let the downloader fetch from loopback/private addresses (local test servers)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Movie:
     source: str
     where: str
     poster_file: Path | None = None
+    poster_root: Path | None = None  # the folder poster_file must resolve inside (its source, or the download cache)
     poster_url: str | None = None
     split: str | None = None
     official_split: bool = False
@@ -141,20 +144,22 @@ def _read_sources(opts: BuildOptions, report: BuildReport) -> tuple[list[Movie],
             name = f"{name}-{i}"
         info[name] = {"path": src, "format": fmt.name, "download": fmt.download_by_default if opts.download_posters is None else opts.download_posters}
         n = 0
+        root = path if path.is_dir() else path.parent
         rows = fmt.read(path, name, report)
         for row in tqdm(rows, desc=f"reading {name}", unit=" rows", disable=not opts.progress, file=sys.stderr):
             if opts.limit is not None and n >= opts.limit:
                 break
-            movies.append(_movie(row))
+            movies.append(_movie(row, root))
             n += 1
         info[name]["read"] = n + sum(1 for e in report.events if e["source"] == name and e["action"] == "dropped")
     return movies, info
 
 
-def _movie(row: RawMovie) -> Movie:
+def _movie(row: RawMovie, root: Path) -> Movie:
     return Movie(
         id=row.id, title=row.title, plot=row.plot, genres=list(row.genres), source=row.source, where=row.where,
-        poster_file=row.poster_file, poster_url=row.poster_url, split=row.split, official_split=row.split is not None,
+        poster_file=row.poster_file, poster_root=root, poster_url=row.poster_url, split=row.split,
+        official_split=row.split is not None,
     )
 
 
@@ -204,20 +209,21 @@ def _attach_posters(movies, source_info, opts: BuildOptions, report: BuildReport
     if to_fetch:
         from mmgcs.data.download import PosterDownloader
 
-        downloader = PosterDownloader(opts.poster_cache, rate=opts.download_rate, timeout=opts.download_timeout, retries=opts.download_retries)
+        downloader = PosterDownloader(opts.poster_cache, rate=opts.download_rate, timeout=opts.download_timeout,
+                                      retries=opts.download_retries, allow_private_hosts=opts.allow_private_hosts)
         bar = tqdm(total=len({m.poster_url for m in to_fetch}), desc="downloading posters", unit=" posters", disable=not opts.progress, file=sys.stderr)
         results = downloader.fetch_many([m.poster_url for m in to_fetch], progress=lambda r: bar.update())
         bar.close()
         for m in to_fetch:
             r = results[m.poster_url]
             if r.path is not None:
-                m.poster_file = r.path
+                m.poster_file, m.poster_root = r.path, downloader.cache_dir
             else:
                 report.changed(m.source, m.id, "poster_download_failed", f"{m.poster_url}: {r.error}; poster stored as null", m.where)
     with_file = [m for m in movies if m.poster_file is not None]
     # PIL decodes without the GIL: threads use every core; results come back in order, so the report is stable.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        checked = pool.map(lambda m: _check_poster(Path(m.poster_file), opts.max_image_pixels), with_file)
+        checked = pool.map(lambda m: _check_poster(Path(m.poster_file), m.poster_root, opts.max_image_pixels), with_file)
         bar = tqdm(zip(with_file, checked), total=len(with_file), desc="checking posters", unit=" posters",
                    disable=not opts.progress, file=sys.stderr)
         for m, (prepared, reason, detail) in bar:
@@ -229,19 +235,16 @@ def _attach_posters(movies, source_info, opts: BuildOptions, report: BuildReport
             m.poster, m.poster_format = prepared.data, prepared.format
 
 
-def _check_poster(path: Path, max_pixels: int) -> tuple[PreparedPoster | None, str | None, str | None]:
-    """(prepared poster, None, None) or (None, reason, detail)."""
-    if not path.is_file():
-        return None, "missing_poster_file", f"poster file {str(path)!r} not found; poster stored as null"
+def _check_poster(path: Path, root: Path, max_pixels: int) -> tuple[PreparedPoster | None, str | None, str | None]:
+    """(prepared poster, None, None) or (None, reason, detail). Only a regular file inside `root` is read, and
+    at most MAX_IMAGE_BYTES of it (confine.py); the detail never quotes the file."""
+    data = read_confined(path, root, MAX_IMAGE_BYTES)
+    if isinstance(data, Refusal):
+        return None, data.reason, data.detail
     try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:  # checked before reading a huge file into memory
-            raise InvalidImageError(f"{path.name}: {size / 2**20:.0f} MB is over the {MAX_IMAGE_BYTES // 2**20} MB poster limit. Resize it.")
-        return prepare_poster(path.read_bytes(), max_pixels=max_pixels, source=path.name), None, None
+        return prepare_poster(data, max_pixels=max_pixels, source=path.name), None, None
     except InvalidImageError as e:
-        return None, "invalid_poster", f"{e} Poster stored as null."
-    except OSError as e:  # unreadable file (permissions, I/O error)
-        return None, "invalid_poster", f"{path.name}: cannot read the file ({e}). Poster stored as null."
+        return None, "invalid_poster", unidentified_image_detail(path.name, data) or f"{e} Poster stored as null."
 
 
 def _drop(report: BuildReport, m: Movie, reason: str, detail: str) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmgcs.data.confine import inside
 from mmgcs.data.genres import parse_genres
 from mmgcs.data.records import BuildReport, RawMovie
 
@@ -236,6 +237,10 @@ def read_csv(path: Path, source: str, report: BuildReport) -> Iterator[RawMovie]
             local = file.parent / poster_path.lstrip("/")
             if poster_path.startswith(("http://", "https://")):
                 movie.poster_url = poster_path
+            elif not inside(local, file.parent):
+                # refused (and reported) by the builder; testing is_file() first would tell whether a file
+                # exists outside the source folder
+                movie.poster_file = local
             elif local.is_file():
                 movie.poster_file = local
             elif poster_path.startswith("/"):
