@@ -1,4 +1,7 @@
-"""Poster downloader and CSV source against a real HTTP server on 127.0.0.1 (no internet)."""
+"""Poster downloader and CSV source against a real HTTP server on 127.0.0.1 (no internet).
+
+The downloader refuses loopback addresses unless told otherwise, so the tests that fetch from the local server
+pass allow_private_hosts=True explicitly; the ones without it check the refusal itself."""
 
 from __future__ import annotations
 
@@ -13,8 +16,12 @@ import pytest
 from data_helpers import image_bytes
 from mmgcs.data.build import BuildOptions, build
 from mmgcs.data.download import PosterDownloader
+from mmgcs.data.netguard import RefusedURL, check_address
 
 JPEG = image_bytes("JPEG", size=(40, 60), seed=11)
+# stands for a secret the server (or a file it reads) holds: it must never reach an error or a report
+MARKER = "ROOT-SECRET-7f3a9c"
+SECRET_BODY = f"{MARKER}:x:0:0:root:/root:/bin/bash\n".encode() * 3  # an /etc/passwd look-alike
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -36,6 +43,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, JPEG, "image/jpeg")
             elif path == "/html.jpg":
                 self._send(200, b"<!doctype html><html><body>Sign in</body></html>", "text/html")
+            elif path == "/secret.jpg":
+                self._send(200, SECRET_BODY, "text/plain")
+            elif path == "/reason.jpg":  # a reason phrase is free text the server chooses
+                self._send(404, b"", "text/plain", reason=f"Not Found {MARKER}")
+            elif path == "/redirect-same.jpg":
+                self._redirect("/ok-after-redirect.jpg")
+            elif path == "/redirect-host.jpg":  # the same server under another name
+                self._redirect(f"http://localhost:{self.server.server_address[1]}/ok-other-host.jpg")
+            elif path == "/redirect-ftp.jpg":
+                self._redirect(f"ftp://127.0.0.1:{self.server.server_address[1]}/ok-ftp.jpg")
             elif path == "/flaky.jpg":
                 if self.hits[path] == 1:
                     self._send(503, b"busy", "text/plain")
@@ -46,8 +63,14 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout test)
 
-    def _send(self, code, body, ctype):
-        self.send_response(code)
+    def _redirect(self, location):
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _send(self, code, body, ctype, reason=None):
+        self.send_response(code, reason)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -67,7 +90,7 @@ def server():
 
 
 def _downloader(tmp_path, **kw):
-    kw = {"rate": 0, "timeout": 0.4, "retries": 2, "backoff": 0.05, **kw}
+    kw = {"rate": 0, "timeout": 0.4, "retries": 2, "backoff": 0.05, "allow_private_hosts": True, **kw}
     return PosterDownloader(tmp_path / "cache", **kw)
 
 
@@ -98,8 +121,56 @@ def test_non_image_body_is_refused_and_not_cached(server, tmp_path):
     base, _ = server
     d = _downloader(tmp_path)
     r = d.fetch(f"{base}/html.jpg")
-    assert r.path is None and "not an image" in r.error and "doctype" in r.error
+    assert r.path is None and "not an image" in r.error and "48 bytes" in r.error
+    assert "doctype" not in r.error.lower()  # the body is never quoted (it went into the report)
     assert not d.cache_path(f"{base}/html.jpg").exists()
+
+
+def test_errors_quote_nothing_the_server_sent(server, tmp_path):
+    base, _ = server
+    d = _downloader(tmp_path)
+    body = d.fetch(f"{base}/secret.jpg")
+    assert "not an image" in body.error and f"{len(SECRET_BODY):,} bytes" in body.error
+    status = d.fetch(f"{base}/reason.jpg")
+    assert status.error == "HTTP 404 Not Found"  # the standard phrase, not the server's
+    assert MARKER not in body.error and MARKER not in status.error
+
+
+def test_loopback_is_refused_without_the_option(server, tmp_path):
+    base, hits = server
+    port = base.rsplit(":", 1)[1]
+    d = _downloader(tmp_path, allow_private_hosts=False)
+    for url in (f"{base}/ok.jpg", f"http://localhost:{port}/ok.jpg", f"http://[::ffff:127.0.0.1]:{port}/ok.jpg"):
+        r = d.fetch(url)
+        assert r.path is None and r.error.startswith("refused:") and "public hosts only" in r.error, url
+        assert r.attempts == 1  # not retried: it cannot succeed
+    assert sum(hits.values()) == 0  # no connection was made
+    assert not any((tmp_path / "cache").glob("*"))
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
+                                "100.64.0.1", "0.0.0.0", "224.0.0.1", "240.0.0.1", "::1", "fe80::1%eth0",
+                                "fc00::1", "ff02::1", "::ffff:10.0.0.1"])
+def test_non_public_addresses_are_refused(ip):
+    with pytest.raises(RefusedURL, match="public hosts only"):
+        check_address(ip)
+
+
+@pytest.mark.parametrize("ip", ["93.184.216.34", "2606:4700::6810:84e5"])
+def test_public_addresses_pass(ip):
+    check_address(ip)
+
+
+def test_redirect_is_followed_only_on_the_same_host_and_scheme(server, tmp_path):
+    base, hits = server
+    d = _downloader(tmp_path)  # loopback allowed: the redirect rule holds all the same
+    same = d.fetch(f"{base}/redirect-same.jpg")
+    assert same.error is None and same.path.read_bytes() == JPEG and hits["/ok-after-redirect.jpg"] == 1
+    other = d.fetch(f"{base}/redirect-host.jpg")
+    assert other.path is None and "redirected to another host; refused" in other.error and other.attempts == 1
+    ftp = d.fetch(f"{base}/redirect-ftp.jpg")
+    assert ftp.path is None and "redirected to another scheme; refused" in ftp.error
+    assert hits["/ok-other-host.jpg"] == 0 and "localhost" not in other.error  # the target is not quoted
 
 
 def test_server_error_is_retried_with_backoff(server, tmp_path):
@@ -134,7 +205,7 @@ def test_csv_source_downloads_posters_and_reports_failures(server, tmp_path):
     (src / "movies.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     result = build(BuildOptions(sources=[str(src)], out=str(tmp_path / "out"), min_genre_count=1, progress=False,
                                 poster_cache=str(tmp_path / "cache"), download_rate=0, download_timeout=1.0,
-                                download_retries=1))
+                                download_retries=1, allow_private_hosts=True))
     kept = {r["id"]: r for split in result.dataset.values() for r in split}
     names = result.dataset["train"].features["genres"].feature.names
     assert set(kept) == {1, 2, 3, 4, 6}
@@ -148,6 +219,49 @@ def test_csv_source_downloads_posters_and_reports_failures(server, tmp_path):
     assert hits["/ok1.jpg"] == 1 and hits["/missing.jpg"] == 1  # distinct URLs are fetched once
     # a second build reuses the cache: no new request for the good poster
     build(BuildOptions(sources=[str(src)], out=str(tmp_path / "out2"), min_genre_count=1, progress=False,
-                       poster_cache=str(tmp_path / "cache"), download_rate=0, download_timeout=1.0, download_retries=0))
+                       poster_cache=str(tmp_path / "cache"), download_rate=0, download_timeout=1.0, download_retries=0,
+                       allow_private_hosts=True))
     assert hits["/ok1.jpg"] == 1
     assert json.loads((tmp_path / "out" / "build_report.json").read_text())["sources"]["csvsrc"]["format"] == "csv"
+
+
+def _csv_source(tmp_path, lines):
+    src = tmp_path / "csvsrc"
+    src.mkdir(parents=True)
+    (src / "movies.csv").write_text("\n".join(["id,title,overview,genres,poster_url,poster_path", *lines]) + "\n",
+                                    encoding="utf-8")
+    return src
+
+
+def test_build_report_quotes_no_response_and_refuses_private_hosts(server, tmp_path):
+    base, hits = server
+    src = _csv_source(tmp_path, [f"1,One,A plot.,Drama,{base}/secret.jpg,", f"2,Two,B plot.,Drama,{base}/reason.jpg,",
+                                 f"3,Three,C plot.,Drama,{base}/redirect-host.jpg,", "4,Four,D plot.,Drama,,",
+                                 "5,Five,E plot.,Drama,,"])
+    opts = dict(sources=[str(src)], min_genre_count=1, progress=False, poster_cache=str(tmp_path / "cache"),
+                download_rate=0, download_timeout=1.0, download_retries=0)
+    allowed = build(BuildOptions(out=str(tmp_path / "out"), allow_private_hosts=True, **opts))
+    text = (tmp_path / "out" / "build_report.json").read_text(encoding="utf-8")
+    failed = {e["id"]: e["detail"] for e in allowed.report["events"] if e["reason"] == "poster_download_failed"}
+    assert "not an image" in failed[1] and "HTTP 404 Not Found" in failed[2] and "another host" in failed[3]
+    assert MARKER not in text
+    before = sum(hits.values())
+    refused = build(BuildOptions(out=str(tmp_path / "out2"), **opts))  # the default: public hosts only
+    failed = {e["id"]: e["detail"] for e in refused.report["events"] if e["reason"] == "poster_download_failed"}
+    assert set(failed) == {1, 2, 3} and all("public hosts only" in d for d in failed.values())
+    assert sum(hits.values()) == before  # not one request reached the local server
+
+
+def test_cli_allow_private_hosts_flag(server, tmp_path):
+    from mmgcs.data.__main__ import main
+
+    base, hits = server
+    rows = [f"{i},T{i},Plot {i}.,Drama,{base}/ok{i}.jpg," for i in range(1, 4)]
+    src = _csv_source(tmp_path, rows)
+    args = ["build", "--source", str(src), "--min-genre-count", "1", "--no-progress", "--download-rate", "0",
+            "--download-retries", "0", "--poster-cache", str(tmp_path / "cache")]
+    assert main([*args, "--out", str(tmp_path / "default")]) == 0
+    assert sum(hits.values()) == 0
+    assert main([*args, "--out", str(tmp_path / "allowed"), "--allow-private-hosts"]) == 0
+    report = json.loads((tmp_path / "allowed" / "build_report.json").read_text())
+    assert report["totals"]["with_poster"] == 3 and sum(hits.values()) == 3

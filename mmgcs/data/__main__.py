@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--download-rate", type=float, default=5.0, metavar="PER_S", help="max requests per second (default 5)")
     b.add_argument("--download-timeout", type=float, default=10.0, metavar="S", help="per request (default 10)")
     b.add_argument("--download-retries", type=int, default=3, metavar="N", help="retries with exponential backoff (default 3)")
+    b.add_argument("--allow-private-hosts", action="store_true",
+                   help="also fetch posters from loopback, private and link-local addresses (a local mirror); "
+                        "by default only public hosts are fetched")
     b.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
                    help=f"refuse larger posters as possible decompression bombs (default {MAX_IMAGE_PIXELS:,})")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -63,6 +66,7 @@ def _options(args):
         download_posters=args.download_posters, poster_cache=args.poster_cache, download_rate=args.download_rate,
         download_timeout=args.download_timeout, download_retries=args.download_retries, rename_genres=renames,
         drop_unlabeled=args.drop_unlabeled, max_image_pixels=args.max_image_pixels, progress=not args.no_progress,
+        allow_private_hosts=args.allow_private_hosts,
     )
 
 

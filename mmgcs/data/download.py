@@ -2,11 +2,16 @@
 
 Only an identifiable image is ever written to the cache (an HTML error page served with 200 is refused), and it is
 written atomically, so an interrupted build never leaves a half file that a later build would trust.
+
+Only public addresses are fetched, and a redirect is followed only on the same host and scheme (netguard.py).
+An error names the problem in the downloader's own words and sizes: nothing the server sent (body, reason
+phrase, redirect target) is quoted, since the errors go into build_report.json, which ships with the dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import socket
@@ -17,12 +22,14 @@ import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import urlparse
 
 import PIL.Image
 
 from mmgcs.data.images import MAX_IMAGE_BYTES
+from mmgcs.data.netguard import RefusedURL, opener
 
 USER_AGENT = "mmgcs-dataset-builder/0.1"
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -66,6 +73,7 @@ class PosterDownloader:
         backoff: float = 0.5,
         workers: int = 4,
         max_bytes: int = MAX_IMAGE_BYTES,
+        allow_private_hosts: bool = False,
     ):
         self.cache_dir = Path(cache_dir)
         self.timeout = timeout
@@ -74,6 +82,8 @@ class PosterDownloader:
         self.workers = max(1, workers)
         self.max_bytes = max_bytes
         self.limiter = RateLimiter(rate)
+        # False: loopback, private, link-local, reserved and multicast addresses are refused (netguard.py)
+        self.allow_private_hosts = allow_private_hosts
 
     def cache_path(self, url: str) -> Path:
         ext = Path(urlparse(url).path).suffix.lower()
@@ -118,7 +128,7 @@ class PosterDownloader:
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
         deadline = time.monotonic() + self.timeout
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with opener(self.allow_private_hosts).open(request, timeout=self.timeout) as response:
                 declared = response.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > self.max_bytes:
                     return None, f"poster is {int(declared):,} bytes, over the {self.max_bytes:,} limit", None
@@ -132,16 +142,25 @@ class PosterDownloader:
                     chunks.append(chunk)
                 return b"".join(chunks), None, None
         except urllib.error.HTTPError as e:
+            e.close()
             retry = e.code in _RETRY_STATUS
             retry_after = _retry_after(e.headers.get("Retry-After")) if retry else None
-            return None, f"HTTP {e.code} {e.reason}", (retry_after if retry_after is not None else 0.0) if retry else None
+            return None, f"HTTP {e.code} {_phrase(e.code)}", (retry_after if retry_after is not None else 0.0) if retry else None
+        except RefusedURL as e:  # retrying cannot help
+            return None, f"refused: {e}", None
         except (TimeoutError, socket.timeout):
             return None, f"timed out after {self.timeout:g} s", 0.0
         except urllib.error.URLError as e:
             reason = e.reason
             if isinstance(reason, (TimeoutError, socket.timeout)):
                 return None, f"timed out after {self.timeout:g} s", 0.0
+            if isinstance(reason, RefusedURL):
+                return None, f"refused: {reason}", None
             return None, f"cannot connect ({reason})", 0.0
+        except http.client.HTTPException as e:  # a malformed status line or header: its text is the server's
+            if isinstance(e, ConnectionError):  # RemoteDisconnected
+                return None, "the server closed the connection without a response", 0.0
+            return None, f"the server's response is not valid HTTP ({type(e).__name__})", 0.0
         except (ConnectionError, OSError) as e:
             return None, f"connection failed ({type(e).__name__}: {e})", 0.0
 
@@ -150,6 +169,14 @@ class PosterDownloader:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
         tmp.write_bytes(data)
         os.replace(tmp, path)
+
+
+def _phrase(code: int) -> str:
+    """The standard reason phrase for `code`: the one the server sent is free text it chose."""
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "(non-standard status)"
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -168,5 +195,4 @@ def _not_an_image(data: bytes) -> str | None:
     except PIL.Image.DecompressionBombError:
         return None  # an image all the same: the build refuses it with the size in the message
     except Exception:
-        head = data[:40]
-        return f"the server sent {len(data):,} bytes that are not an image (starting {head!r})"
+        return f"the server sent {len(data):,} bytes that are not an image"
