@@ -279,6 +279,11 @@ def validate_config(cfg: "RunConfig") -> None:
         if value < low or (value == low and not inclusive):
             bound = f">= {low}" if inclusive else f"> {low}"
             raise ConfigError(f"{key}: must be {bound}, got {value!r}")
+    from mmgcs.bundle_checks import image_kwargs_problem
+
+    kwargs_problem = image_kwargs_problem(cfg.model.image_backbone_kwargs)
+    if kwargs_problem:
+        raise ConfigError(f"model.{kwargs_problem}")
     try:
         from mmgcs.models.preprocessing import check_text_template
 

@@ -69,10 +69,14 @@ def is_hub_id(name: Union[str, Path]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- save
-def config_dict(cfg: ModelConfig) -> dict:
+def config_dict(cfg: ModelConfig, tokenizer_files: Optional[list] = None) -> dict:
     from mmgcs import __version__
 
-    return {FORMAT_KEY: {"format": FORMAT_VERSION, "mmgcs_version": __version__}, **dataclasses.asdict(cfg)}
+    meta = {"format": FORMAT_VERSION, "mmgcs_version": __version__}
+    if tokenizer_files:
+        meta["tokenizer_files"] = sorted(tokenizer_files)  # loading requires each (a lone tokenizer_config.json
+        # would otherwise load as a 5-token vocabulary)
+    return {FORMAT_KEY: meta, **dataclasses.asdict(cfg)}
 
 
 def save_bundle_files(model, folder: Path) -> None:
@@ -83,9 +87,13 @@ def save_bundle_files(model, folder: Path) -> None:
     # An older card would otherwise survive a re-save (the mixin never overwrites README.md).
     (folder / CARD_NAME).unlink(missing_ok=True)
     save_model(model, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "library": "mmgcs"})
-    (folder / CONFIG_NAME).write_text(json.dumps(config_dict(model.config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    written = []
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(folder))
+        saved = {Path(p).name for p in model.tokenizer.save_pretrained(str(folder))}
+        # Only names the Hub download and upload carry (BUNDLE_PATTERNS) can be required when loading.
+        written = [n for n in TOKENIZER_FILES if n in saved and (folder / n).is_file()]
+    text = json.dumps(config_dict(model.config, written), indent=2, sort_keys=True) + "\n"
+    (folder / CONFIG_NAME).write_text(text, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------- load
@@ -118,6 +126,11 @@ def resolve_bundle(path_or_repo_id: Union[str, Path], *, revision=None, cache_di
 
 
 def read_config(folder: Path) -> ModelConfig:
+    return read_config_and_meta(folder)[0]
+
+
+def read_config_and_meta(folder: Path) -> tuple[ModelConfig, dict]:
+    """The ModelConfig and the bundle's `mmgcs_bundle` entry (format, version, the tokenizer files saved)."""
     file = folder / CONFIG_NAME
     if not file.is_file():
         raise BundleError(f"{folder} has no {CONFIG_NAME}: it is not an MMGCS model folder (save one with model.save_pretrained)")
@@ -133,7 +146,7 @@ def read_config(folder: Path) -> ModelConfig:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise BundleError(f"{file}: bundle format {meta!r} is not supported by this MMGCS (format {FORMAT_VERSION}); upgrade mmgcs")
     try:
-        return model_config_from_dict(raw)
+        return model_config_from_dict(raw), meta
     except ConfigError as e:
         raise BundleError(f"{file}: {e}") from None
 
@@ -146,9 +159,17 @@ def read_state_dict(folder: Path, device: str = "cpu") -> dict[str, torch.Tensor
     if not file.is_file():
         raise BundleError(f"{folder} has no {WEIGHTS_NAME}; re-save the model (only safetensors weights are loaded, never pickle)")
     try:
-        return load_file(str(file), device=device)
+        state = load_file(str(file), device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise BundleError(f"{file} is corrupt or truncated ({type(e).__name__}: {e}); re-save or re-download the bundle") from None
+    from mmgcs.bundle_checks import non_finite_tensors
+
+    bad = non_finite_tensors(state)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise BundleError(f"{file} holds NaN or infinite values in {shown}: the weights are damaged or come from a "
+                          "diverged training run. Re-download the bundle or re-train the model")
+    return state
 
 
 def load_weights_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -176,21 +197,63 @@ def load_weights_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], 
 def load_tokenizer_from_bundle(folder: Path, cfg: ModelConfig):
     if cfg.text_tower == "none":
         return None
+    from mmgcs.bundle_checks import tokenizer_problem
     from mmgcs.models.text import load_tokenizer
 
-    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
-        raise BundleError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json); re-save the model")
     try:
-        return load_tokenizer(str(folder), local_files_only=True)
+        tokenizer = load_tokenizer(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
         raise BundleError(f"The tokenizer in {folder} cannot be loaded ({type(e).__name__}: {e}); re-save the model") from None
+    problem = tokenizer_problem(tokenizer, cfg)
+    if problem:
+        raise BundleError(f"The tokenizer in {folder} does not fit the model: {problem}. Re-download the bundle "
+                          "or re-save it with model.save_pretrained")
+    return tokenizer
+
+
+def check_bundle_files(folder: Path, cfg: ModelConfig, meta: dict) -> None:
+    """Every file the config needs is there: the weights and, with a text tower, its tokenizer files."""
+    from mmgcs.bundle_checks import missing_tokenizer_files
+
+    missing = [] if (folder / WEIGHTS_NAME).is_file() else [WEIGHTS_NAME]
+    if cfg.text_tower != "none":
+        missing += missing_tokenizer_files(folder, meta.get("tokenizer_files"))
+    if missing:
+        why = " (only safetensors weights are loaded, never pickle)" if WEIGHTS_NAME in missing else ""
+        raise BundleError(
+            f"{folder} has no {', '.join(missing)}, which its config.json needs: the bundle is incomplete. Re-download "
+            f"it (or copy the whole folder), or re-save the model with model.save_pretrained{why}"
+        )
+
+
+def check_buildable(cls, cfg: ModelConfig, file: Path) -> None:
+    """Bounds, allowlists and the exact parameter count, all before any tensor is allocated."""
+    from mmgcs import bundle_checks as checks
+
+    problem = checks.size_problem(cfg) or checks.image_kwargs_problem(cfg.image_backbone_kwargs)
+    if not problem and cfg.text_tower == "hf":
+        problem = checks.text_config_problem(cfg.text_backbone_config)
+    if not problem and cfg.image_tower == "timm":
+        problem = checks.image_source_problem(cfg)
+    if problem:
+        raise BundleError(f"{file}: {problem}. Fix config.json or re-save the model with model.save_pretrained")
+    try:
+        total, largest, largest_size = checks.count_on_meta(cls, cfg)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise BundleError(f"{file} describes a model that cannot be built: {e}") from None
+    if total > checks.MAX_PARAMETERS:
+        raise BundleError(
+            f"{file} describes a model of {total:,} parameters, above the bound of {checks.MAX_PARAMETERS:,} "
+            f"(largest tensor: {largest}, {largest_size:,} values); a size in config.json is wrong. Fix it or "
+            "re-save the model with model.save_pretrained"
+        )
 
 
 def load_bundle(cls, path_or_repo_id, *, force_download=False, token=None, cache_dir=None, local_files_only=False,
                 revision=None, map_location="cpu", overrides: Optional[dict] = None):
     folder = resolve_bundle(path_or_repo_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
                             token=token, local_files_only=local_files_only)
-    cfg = read_config(folder)
+    cfg, meta = read_config_and_meta(folder)
     if overrides:
         bad = sorted(set(overrides) - LOAD_OVERRIDABLE)
         if bad:
@@ -199,10 +262,12 @@ def load_bundle(cls, path_or_repo_id, *, force_download=False, token=None, cache
             cfg = model_config_from_dict({**dataclasses.asdict(cfg), **overrides})
         except ConfigError as e:
             raise TypeError(f"from_pretrained: {e}") from None
+    check_bundle_files(folder, cfg, meta)
+    check_buildable(cls, cfg, folder / CONFIG_NAME)
     tokenizer = load_tokenizer_from_bundle(folder, cfg)
     try:
         model = cls(cfg, tokenizer=tokenizer)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise BundleError(f"{folder / CONFIG_NAME} describes a model that cannot be built: {e}") from None
     load_weights_strict(model, read_state_dict(folder), str(folder / WEIGHTS_NAME))
     model.to(map_location)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
+from mmgcs.bundle_checks import image_kwargs_problem
 from mmgcs.config import ModelConfig
 from mmgcs.models.fusion import create_fusion
 from mmgcs.models.image import create_image_tower, image_tower_from_config
@@ -54,6 +55,9 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError("config.image_size and config.max_text_length must be positive")
     if cfg.image_crop_mode not in CROP_MODES:
         raise ValueError(f"Unknown image_crop_mode {cfg.image_crop_mode!r}; available: {list(CROP_MODES)}")
+    kwargs_problem = image_kwargs_problem(cfg.image_backbone_kwargs)
+    if kwargs_problem:
+        raise ValueError(f"config.{kwargs_problem}")
     if cfg.text_pooling not in POOLINGS:
         raise ValueError(f"Unknown text_pooling {cfg.text_pooling!r}; available: {sorted(POOLINGS)}")
     if cfg.lexical and cfg.text_tower == "none":

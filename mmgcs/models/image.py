@@ -58,8 +58,10 @@ class TimmImageTower(Tower):
         import timm
 
         name = cfg.image_backbone
-        if not pretrained and name.startswith("hf-hub:") and cfg.image_backbone_config.get("architecture"):
-            name = cfg.image_backbone_config["architecture"]  # rebuild offline: the Hub name would fetch a config
+        if not pretrained and name.startswith(("hf-hub:", "local-dir:")) and cfg.image_backbone_config.get("architecture"):
+            # Rebuild offline from the stored architecture: the prefixed name would read a config from the Hub or
+            # a folder outside the bundle.
+            name = cfg.image_backbone_config["architecture"]
         try:
             return timm.create_model(name, pretrained=pretrained, num_classes=0, **cfg.image_backbone_kwargs)
         except RuntimeError as e:

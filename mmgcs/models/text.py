@@ -156,9 +156,14 @@ class HFTextTower(Tower):
                 "config.text_backbone_config is empty: build a new model with mmgcs.create_model(...) "
                 "(it resolves the backbone), or load a saved bundle with GenreClassifier.from_pretrained(...)"
             )
+        from mmgcs.bundle_checks import text_config_problem
+
+        problem = text_config_problem(stored)
+        if problem:  # the stored config comes from a bundle: it never selects remote code or kernels
+            raise ValueError(problem)
         hf_config = AutoConfig.for_model(**stored)
         model_cls = AutoModel._model_mapping[type(hf_config)]
-        backbone = AutoModel.from_config(hf_config, **cls._model_kwargs(model_cls))
+        backbone = AutoModel.from_config(hf_config, trust_remote_code=False, **cls._model_kwargs(model_cls))
         return cls(backbone, cfg.text_pooling)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,251 @@
+"""What a bundle's config.json may ask for, checked before anything is built or allocated.
+
+A bundle comes from disk or the Hub, so its config.json is input, not code: a typo'd or tampered size could ask
+for terabytes (`vocab_size=2**34`), a backbone kwarg could make timm open an arbitrary file (`checkpoint_path`),
+a backbone name could reach for the Hub ("hf-hub:..."), and a text config could point at remote code
+(`auto_map`). Each check raises one error naming the field, its value, the bound and the remedy. The bounds are
+generous (real models sit far below them); they exist to turn a wrong number into a clear message.
+
+Import-light (no torch at import time): mmgcs.config uses the kwargs allowlist when validating a run config.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+# The whole model (towers + fusion + lexical branch), counted on the meta device before the real build.
+# 2e9 float32 parameters are 8 GB; the largest shipped config (mpnet-base + ConvNeXt-T) is ~140 M.
+MAX_PARAMETERS = 2_000_000_000
+
+# ModelConfig fields that size a tensor or a loop: (lowest, highest).
+MODEL_FIELD_BOUNDS: dict[str, tuple[int, int]] = {
+    "max_text_length": (1, 65_536),
+    "image_size": (8, 2_048),  # 3 x 2048^2 floats = 50 MB per poster at inference
+    "fusion_dim": (1, 65_536),
+    "fusion_heads": (1, 1_024),
+    "word_embedding_dim": (1, 65_536),
+    "lstm_hidden_dim": (1, 65_536),
+    "vocab_size": (1, 1 << 22),
+    "lexical_features": (1, 1 << 24),
+    "lexical_ngrams": (1, 8),
+}
+MAX_LABELS = 4_096
+
+# Size fields of a transformers config (any model type; also inside nested text/vision sub-configs).
+BACKBONE_FIELD_BOUNDS: dict[str, int] = {
+    **dict.fromkeys(("vocab_size",), 1 << 22),  # 4 M tokens (the largest real vocabularies are ~256 k)
+    **dict.fromkeys(("hidden_size", "d_model", "dim", "n_embd", "embedding_size", "embed_dim", "head_dim"), 32_768),
+    **dict.fromkeys(("intermediate_size", "hidden_dim", "ffn_dim", "n_inner", "d_ff", "encoder_ffn_dim"), 262_144),
+    **dict.fromkeys(("num_hidden_layers", "n_layers", "num_layers", "n_layer", "encoder_layers"), 512),
+    **dict.fromkeys(("num_attention_heads", "n_heads", "n_head", "num_key_value_heads", "encoder_attention_heads"), 1_024),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "max_seq_len"), 1 << 20),
+    **dict.fromkeys(("type_vocab_size", "num_labels", "num_buckets"), 65_536),
+}
+# Every other integer in a backbone config (token ids, windows, ...): a number above this is no real setting.
+MAX_OTHER_BACKBONE_INT = 1 << 24
+
+# Keys of a transformers config that load code or fetch things: a bundle never runs code it ships.
+REFUSED_TEXT_KEYS = ("auto_map", "trust_remote_code", "quantization_config", "custom_pipelines")
+SAFE_ATTENTION = (None, "eager", "sdpa")
+
+
+# ---------------------------------------------------------------------------------------- backbone kwargs
+def _rate(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) < 1.0
+
+
+def _pool(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[a-z_]{0,16}", value) is not None
+
+
+def _img_size(value: Any) -> bool:
+    sizes = value if isinstance(value, (list, tuple)) and len(value) == 2 else [value]
+    return all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 2_048 for v in sizes)
+
+
+# timm.create_model kwargs that only change regularization, pooling or the input size. Anything else
+# (checkpoint_path, pretrained_cfg_overlay, in_chans, ...) could read a file, fetch weights or change shapes.
+IMAGE_BACKBONE_KWARGS = {
+    "drop_rate": (_rate, "a rate in [0, 1)"),
+    "drop_path_rate": (_rate, "a rate in [0, 1)"),
+    "drop_block_rate": (_rate, "a rate in [0, 1)"),
+    "attn_drop_rate": (_rate, "a rate in [0, 1)"),
+    "proj_drop_rate": (_rate, "a rate in [0, 1)"),
+    "pos_drop_rate": (_rate, "a rate in [0, 1)"),
+    "global_pool": (_pool, "a timm pooling name such as 'avg' or 'max'"),
+    "img_size": (_img_size, "an int (or [height, width]) between 8 and 2048"),
+}
+
+
+def image_kwargs_problem(kwargs: Any) -> Optional[str]:
+    """Why `image_backbone_kwargs` is refused (a message naming the key), or None when every key is allowed."""
+    if not isinstance(kwargs, dict):
+        return f"image_backbone_kwargs must be a mapping, got {type(kwargs).__name__}"
+    for key, value in kwargs.items():
+        if key not in IMAGE_BACKBONE_KWARGS:
+            return (f"image_backbone_kwargs: {key!r} is not allowed (it could read files, fetch weights or change "
+                    f"the architecture); allowed keys: {sorted(IMAGE_BACKBONE_KWARGS)}")
+        ok, expected = IMAGE_BACKBONE_KWARGS[key]
+        if not ok(value):
+            return f"image_backbone_kwargs.{key}: expected {expected}, got {value!r}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------- size bounds
+def _int_problem(name: str, value: Any, low: int, high: int) -> Optional[str]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+            value = int(value)
+        else:
+            return f"{name}={value!r} is not an integer"
+    if not low <= value <= high:
+        return f"{name}={value} is outside the bound [{low}, {high}]"
+    return None
+
+
+def backbone_config_problem(config: Any, prefix: str) -> Optional[str]:
+    """The first out-of-bound size in a (possibly nested) backbone config dict, or None."""
+    if isinstance(config, dict):
+        items = config.items()
+    elif isinstance(config, list):
+        items = ((str(i), v) for i, v in enumerate(config))
+    else:
+        return None
+    for key, value in items:
+        name = f"{prefix}.{key}"
+        if key in BACKBONE_FIELD_BOUNDS and not isinstance(value, (dict, list)):
+            problem = _int_problem(name, value, 0, BACKBONE_FIELD_BOUNDS[key])
+        elif isinstance(value, int) and not isinstance(value, bool):
+            problem = _int_problem(name, value, -MAX_OTHER_BACKBONE_INT, MAX_OTHER_BACKBONE_INT)
+        else:
+            problem = backbone_config_problem(value, name)
+        if problem:
+            return problem
+    return None
+
+
+def size_problem(cfg) -> Optional[str]:
+    """The first ModelConfig size (its own fields, then the towers' backbone configs) out of bounds, or None."""
+    if len(cfg.labels) > MAX_LABELS:
+        return f"labels has {len(cfg.labels)} entries, above the bound of {MAX_LABELS}"
+    for name, (low, high) in MODEL_FIELD_BOUNDS.items():
+        problem = _int_problem(name, getattr(cfg, name), low, high)
+        if problem:
+            return problem
+    return (backbone_config_problem(cfg.text_backbone_config, "text_backbone_config")
+            or backbone_config_problem(cfg.image_backbone_config, "image_backbone_config"))
+
+
+# ---------------------------------------------------------------------------------------- sources
+def text_config_problem(config: Any) -> Optional[str]:
+    """Why a stored transformers config may not be rebuilt (remote code, quantization, kernels), or None."""
+    if not isinstance(config, dict):
+        return None
+    for key in REFUSED_TEXT_KEYS:
+        if key in config:
+            return f"text_backbone_config.{key} is set: a bundle never loads remote code or quantization backends"
+    for key in ("attn_implementation", "_attn_implementation"):
+        value = config.get(key)
+        # A repo id ("kernels-community/flash-attn", "org/repo:fn") makes transformers fetch kernel code from the
+        # Hub; plain names (eager, sdpa, flash_attention_2, ...) only pick an installed implementation.
+        if value is not None and (not isinstance(value, str) or "/" in value or ":" in value):
+            return (f"text_backbone_config.{key}={value!r} is not allowed (it fetches kernel code from the Hub); "
+                    f"use a plain implementation name such as {list(SAFE_ATTENTION[1:])}")
+    for key, value in config.items():
+        problem = text_config_problem(value) if isinstance(value, dict) else None
+        if problem:
+            return problem.replace("text_backbone_config.", f"text_backbone_config.{key}.", 1)
+    return None
+
+
+def _plain_timm_name(name: Any) -> bool:
+    import timm
+
+    return isinstance(name, str) and ":" not in name and timm.is_model(name)
+
+
+def image_source_problem(cfg) -> Optional[str]:
+    """Why the image backbone cannot be rebuilt offline from the stored config alone, or None."""
+    name = cfg.image_backbone
+    if _plain_timm_name(name):
+        return None
+    arch = (cfg.image_backbone_config or {}).get("architecture")
+    if ":" in str(name) and _plain_timm_name(arch):
+        return None  # rebuilt from the stored architecture (TimmImageTower._build), never from the Hub or a folder
+    if ":" in str(name):
+        return (f"image_backbone={name!r} would fetch its architecture from the Hub or a folder, and "
+                f"image_backbone_config.architecture ({arch!r}) is not a timm model; a bundle is rebuilt from its "
+                "stored configs only. Re-save the model with mmgcs (it stores the architecture)")
+    return f"image_backbone={name!r} is not a timm model in this timm version; upgrade timm or re-save the model"
+
+
+# ---------------------------------------------------------------------------------------- files
+# A vocabulary file a tokenizer can be rebuilt from when a (legacy) bundle has no tokenizer.json.
+VOCAB_FILES = ("vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def missing_tokenizer_files(folder: Path, recorded: Optional[list]) -> list[str]:
+    """The tokenizer files the text tower needs that `folder` lacks. `recorded` is the list save_pretrained
+    wrote into config.json; bundles from before that record need tokenizer.json or a vocabulary file."""
+    if isinstance(recorded, list) and recorded:
+        return [str(n) for n in recorded if not (folder / Path(str(n)).name).is_file()]
+    if (folder / "tokenizer.json").is_file():
+        return []
+    if (folder / "tokenizer_config.json").is_file() and any((folder / n).is_file() for n in VOCAB_FILES):
+        return []
+    return ["tokenizer.json"]
+
+
+def tokenizer_problem(tokenizer, cfg) -> Optional[str]:
+    """Why a loaded tokenizer cannot feed the stored text tower, or None: a vocabulary of special tokens only
+    (what transformers builds when the vocabulary file is gone), or token ids past the embedding table."""
+    size = len(tokenizer)
+    specials = len(set(getattr(tokenizer, "all_special_ids", []) or []))
+    if size <= specials:
+        return f"the tokenizer has only its {size} special tokens (its vocabulary file is missing or empty)"
+    vocab = (cfg.text_backbone_config or {}).get("vocab_size")
+    if isinstance(vocab, int) and size > vocab:
+        return f"the tokenizer has {size} tokens but the text tower's embedding holds {vocab} (text_backbone_config.vocab_size)"
+    return None
+
+
+
+
+# ---------------------------------------------------------------------------------------- parameter count
+def count_on_meta(cls, cfg) -> tuple[int, str, int]:
+    """(parameters + buffers, the largest tensor's name, its size) of `cls(cfg)` built on the meta device:
+    exact, and nothing is allocated. Run after `size_problem`, so no single field can make the build slow."""
+    import torch
+
+    with torch.device("meta"):
+        model = cls(cfg, tokenizer=None)
+    sizes = {name: t.numel() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    del model
+    largest = max(sizes, key=sizes.get, default="")
+    return sum(sizes.values()), largest, sizes.get(largest, 0)
+
+
+def non_finite_tensors(state: dict) -> list[str]:
+    """Names of the floating tensors holding a NaN or an Inf (a diverged run or a damaged file)."""
+    import torch
+
+    return sorted(name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+
+
+__all__ = [
+    "IMAGE_BACKBONE_KWARGS",
+    "MAX_PARAMETERS",
+    "count_on_meta",
+    "image_kwargs_problem",
+    "image_source_problem",
+    "missing_tokenizer_files",
+    "non_finite_tensors",
+    "size_problem",
+    "text_config_problem",
+    "tokenizer_problem",
+]
