@@ -8,7 +8,7 @@ Run `python app.py` (a Hugging Face Space runs this file as is). Settings come f
   the examples (default `data/movies`; no examples when it is absent — posters are never shipped with the app).
 - `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`: the address (default 127.0.0.1:7860).
 - Limits: `MMGCS_MAX_PLOT_CHARS`, `MMGCS_MAX_IMAGE_PIXELS`, `MMGCS_MAX_FILE_MB`, `MMGCS_CONCURRENCY`,
-  `MMGCS_QUEUE_SIZE`, `MMGCS_MAX_BATCH` (defaults in `mmgcs.serving.Limits`); `MMGCS_PRECISION` (see
+  `MMGCS_QUEUE_SIZE`, `MMGCS_MAX_BATCH`, `MMGCS_MAX_DECODED_PIXELS` (defaults in `mmgcs.serving.Limits`); `MMGCS_PRECISION` (see
   `mmgcs.serving.choose_precision`).
 
 The serving logic (model loading, limits, precision, request batching) lives in `mmgcs.serving`; this file is
@@ -22,7 +22,6 @@ API (see the app's "Use via API" page): `/predict(plot, poster, title) -> {"scor
 from __future__ import annotations
 
 import atexit
-import base64
 import html
 import io
 import logging
@@ -39,9 +38,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # (Importing mmgcs below makes idle OpenMP workers sleep, not spin: see mmgcs/__init__.py.)
 
 import gradio as gr  # noqa: E402
+import gradio.utils  # noqa: E402
 import PIL.Image  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
-from mmgcs.data.images import InvalidImageError, load_image  # noqa: E402
+from mmgcs.data.images import InvalidImageError, image_size, load_image  # noqa: E402
 from mmgcs.serving import (  # noqa: E402
     BatchingPredictor,
     Limits,
@@ -49,6 +50,17 @@ from mmgcs.serving import (  # noqa: E402
     ServingConfigError,
     choose_precision,
     load_model,
+    log_failure,
+)
+from mmgcs.uploads import (  # noqa: E402
+    BodySizeLimit,
+    PixelBudget,
+    UPLOAD_REMEDY,
+    UploadedPoster,
+    UploadError,
+    check_size,
+    decode_data_url,
+    read_upload,
 )
 
 log = logging.getLogger("mmgcs.app")
@@ -57,6 +69,7 @@ DEFAULT_MODEL = "runs/fusion/model"
 DEFAULT_EXAMPLES = "data/movies"
 N_EXAMPLES = 4
 MAX_TITLE_CHARS = 300  # the longest real titles are ~200 characters
+EXAMPLE_FOLDERS: list[str] = []  # where load_examples put the example posters
 
 try:
     LIMITS = Limits.from_env()
@@ -68,21 +81,32 @@ except ServingConfigError as e:
 # Input checks: each bad input gets its own clear gr.Error; no server path or traceback reaches the user.
 
 
-def _undecoded_upload(payload) -> str | bytes | None:
-    """`gr.Image` preprocessing that hands the upload over undecoded: a path, or the bytes of an inline image.
+def _undecoded_upload(payload) -> UploadedPoster | None:
+    """`gr.Image` preprocessing that hands the upload over undecoded, as bytes read safely from Gradio's upload folder.
 
-    `gr.Image` opens the file with PIL itself and turns a non-image into an opaque "Error"; the app instead
-    checks size and pixel count before decoding (`check_poster`) and says what is wrong. (Set on the instance:
+    The payload comes from the client: its path is trusted only inside the upload folder, as a regular file, read
+    with a hard byte limit (`read_upload`); an inline `data:` URL is refused by its length before decoding.
+    `gr.Image` would open the file with PIL itself and turn a non-image into an opaque "Error"; the app instead
+    checks size and pixel count before decoding (`decode_poster`) and says what is wrong. (Set on the instance:
     a `gr.Image` subclass would make Gradio write an `app.pyi` stub next to this file.)
     """
     if payload is None:
         return None
-    if payload.url and payload.url.startswith("data:"):
-        try:
-            return base64.b64decode(payload.url.split(",", 1)[1], validate=False)
-        except (ValueError, IndexError):
-            return b""
-    return str(payload.path) if payload.path else None
+    name = f"The poster {Path(payload.orig_name).name!r}" if getattr(payload, "orig_name", None) else "The poster"
+    try:
+        if payload.url and payload.url.startswith("data:"):
+            return UploadedPoster(decode_data_url(payload.url, LIMITS.max_file_mb * 2**20), name)
+        if payload.path:
+            return UploadedPoster(read_upload(payload.path, upload_roots(), LIMITS.max_file_mb * 2**20), name)
+    except UploadError as e:
+        raise _user_error(str(e)) from None
+    # e.g. a bare URL Gradio did not fetch: a poster was sent, so it must not be silently dropped
+    raise _user_error(f"The poster could not be used: it has no file. {UPLOAD_REMEDY}")
+
+
+def _raw_text(payload: Any) -> Any:
+    """`gr.Textbox` preprocessing that keeps the JSON type (Gradio's own turns 123 or a list into text)."""
+    return payload
 
 
 def poster_input(**kwargs) -> gr.Image:
@@ -91,17 +115,40 @@ def poster_input(**kwargs) -> gr.Image:
     return image
 
 
+def text_input(**kwargs) -> gr.Textbox:
+    box = gr.Textbox(**kwargs)
+    box.preprocess = _raw_text
+    return box
+
+
+def upload_roots() -> list[str]:
+    """The only folders a poster path may point into: Gradio's upload cache (where every upload, URL download
+    and example file is put) and this app's own examples folder."""
+    return [gradio.utils.get_upload_folder(), *EXAMPLE_FOLDERS]
+
+
 def _user_error(message: str) -> gr.Error:
     return gr.Error(message, title="Cannot predict", print_exception=False)
 
 
+def _valid_text(text: Any, field: str) -> str:
+    if not isinstance(text, str):
+        raise _user_error(f"`{field}` must be text, not {type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800": no tokenizer can read it
+        raise _user_error(
+            f"The {field} has an invalid character at position {e.start} (an unpaired UTF-16 surrogate). "
+            "Remove it or copy the text again."
+        ) from None
+    return text.strip()
+
+
 def check_plot(plot: Any) -> str | None:
-    """The plot, stripped, or None when empty; refuses non-text and over-long plots."""
+    """The plot, stripped, or None when empty; refuses non-text, invalid characters and over-long plots."""
     if plot is None:
         return None
-    if not isinstance(plot, str):
-        raise _user_error(f"`plot` must be text, not {type(plot).__name__}.")
-    plot = plot.strip()
+    plot = _valid_text(plot, "plot")
     if not plot:
         return None
     if len(plot) > LIMITS.max_plot_chars:
@@ -113,44 +160,60 @@ def check_plot(plot: Any) -> str | None:
 
 
 def check_title(title: Any) -> str | None:
-    """The title, stripped, or None when empty; refuses non-text and over-long titles."""
+    """The title, stripped, or None when empty; refuses non-text, invalid characters and over-long titles."""
     if title is None:
         return None
-    if not isinstance(title, str):
-        raise _user_error(f"`title` must be text, not {type(title).__name__}.")
-    title = title.strip()
+    title = _valid_text(title, "title")
     if len(title) > MAX_TITLE_CHARS:
         raise _user_error(f"The title is {len(title):,} characters long; the limit is {MAX_TITLE_CHARS:,}.")
     return title or None
 
 
-def check_poster(poster: Any) -> PIL.Image.Image | None:
-    """The decoded RGB poster, or None when none was given; refuses oversized, undecodable or non-image files."""
+def poster_bytes(poster: Any) -> UploadedPoster | None:
+    """The poster's encoded bytes, or None when none was given. A path (from a caller in this process) is read
+    under the same rules as an upload: inside the upload folder, a regular file, at most the size limit."""
     if poster is None or poster == "":
         return None
     max_bytes = LIMITS.max_file_mb * 2**20
-    if isinstance(poster, (bytes, bytearray)):
-        data, name = bytes(poster), "The poster"
-    elif isinstance(poster, (str, os.PathLike)):
-        path = Path(poster)
-        name = f"The poster {path.name!r}"  # the user's own file name, never the server's folder
-        try:
-            size = path.stat().st_size
-            if size > max_bytes:
-                raise _user_error(f"{name} is {size / 2**20:.1f} MB; the limit is {LIMITS.max_file_mb} MB. Resize it.")
-            data = path.read_bytes()
-        except OSError:
-            raise _user_error("The poster upload could not be read on the server; upload it again.") from None
-    else:
-        raise _user_error(f"`poster` must be an image file, not {type(poster).__name__}.")
-    if len(data) > max_bytes:
-        raise _user_error(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {LIMITS.max_file_mb} MB. Resize it.")
-    stream = io.BytesIO(data)
-    stream.name = name  # load_image names the input by this in its messages
+    try:
+        if isinstance(poster, UploadedPoster):
+            return poster
+        if isinstance(poster, (bytes, bytearray)):
+            check_size(len(poster), max_bytes)
+            return UploadedPoster(bytes(poster), "The poster")
+        if isinstance(poster, (str, os.PathLike)):
+            return UploadedPoster(read_upload(poster, upload_roots(), max_bytes), f"The poster {Path(poster).name!r}")
+    except UploadError as e:
+        raise _user_error(str(e)) from None
+    raise _user_error(f"`poster` must be an image file, not {type(poster).__name__}.")
+
+
+def poster_pixels(poster: UploadedPoster | None) -> int:
+    """The pixels a poster decodes to, read from its header (what its request reserves of PIXEL_BUDGET)."""
+    if poster is None:
+        return 0
+    try:
+        width, height = image_size(poster.data, poster.name)
+    except InvalidImageError as e:
+        raise _user_error(str(e)) from None
+    return width * height
+
+
+def decode_poster(poster: UploadedPoster | None) -> PIL.Image.Image | None:
+    """The decoded RGB poster; refuses undecodable, non-image and oversized images with what is wrong."""
+    if poster is None:
+        return None
+    stream = io.BytesIO(poster.data)
+    stream.name = poster.name  # load_image names the input by this in its messages
     try:
         return load_image(stream, max_pixels=LIMITS.max_image_pixels)
     except InvalidImageError as e:
         raise _user_error(str(e)) from None
+
+
+def check_poster(poster: Any) -> PIL.Image.Image | None:
+    """The decoded RGB poster, or None when none was given (`poster_bytes`, then `decode_poster`)."""
+    return decode_poster(poster_bytes(poster))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,6 +239,7 @@ try:
 except ServingConfigError as e:
     raise SystemExit(str(e)) from None
 predictor = BatchingPredictor(model, LIMITS.max_batch, PRECISION)
+PIXEL_BUDGET = PixelBudget(LIMITS.max_decoded_pixels)
 
 
 def predict(plot: str | None = None, poster: str | None = None, title: str | None = None) -> dict:
@@ -190,29 +254,37 @@ def predict(plot: str | None = None, poster: str | None = None, title: str | Non
         {"scores": {genre: probability}, "genres": [predicted genres, per-genre thresholds applied], "by_modality":
         {"text": scores from the plot alone, "image": from the poster alone, "fused": from both}}
     """
-    plot_text = check_plot(plot)
-    image = check_poster(poster)
-    title_text = check_title(title)
+    plot_text, title_text = check_plot(plot), check_title(title)
+    encoded = poster_bytes(poster)
     notes = []
     if plot_text is not None and not READS_PLOT:
         plot_text, notes = None, notes + ["This model reads posters only; the plot was ignored."]
-    if image is not None and not READS_POSTER:
-        image, notes = None, notes + ["This model reads plots only; the poster was ignored."]
-    if plot_text is None and image is None:
+    if encoded is not None and not READS_POSTER:
+        encoded, notes = None, notes + ["This model reads plots only; the poster was ignored."]
+    if plot_text is None and encoded is None:
         wanted = " and/or ".join(w for w, ok in (("a plot", READS_PLOT), ("a poster", READS_POSTER)) if ok)
         raise _user_error(f"Nothing to classify: give {wanted}.")
     try:
-        result = predictor(plot_text, image, title_text)
-    except Exception:
-        log.exception("prediction failed")  # the traceback stays in the server log
+        # The decoded poster is held until its answer is ready: the budget bounds what all requests hold at once.
+        with PIXEL_BUDGET.reserve(poster_pixels(encoded)):
+            result = _run_model(plot_text, decode_poster(encoded), title_text)
+    except UploadError as e:
+        raise _user_error(str(e)) from None
+    if notes:
+        result = {**result, "notes": notes}
+    return result
+
+
+def _run_model(plot: str | None, image: PIL.Image.Image | None, title: str | None) -> dict:
+    try:
+        return predictor(plot, image, title)
+    except Exception as e:
+        log_failure(log, "prediction failed", e)  # the details stay in the server log
         raise gr.Error(
             "The model failed on this input. Try again; if it keeps failing, try another poster or plot.",
             title="Prediction failed",
             print_exception=False,
         ) from None
-    if notes:
-        result = {**result, "notes": notes}
-    return result
 
 
 def _backbone_name(name: str) -> str:
@@ -331,6 +403,7 @@ def load_examples(source: str, n: int = N_EXAMPLES) -> list[list]:
         log.warning("no examples: could not load the dataset %s (%s: %s)", source, type(e).__name__, e)
         return []
     folder = Path(tempfile.mkdtemp(prefix="mmgcs-examples-"))
+    EXAMPLE_FOLDERS.append(str(folder))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     chosen, seen = [], set()
     for row in split.select(range(min(len(split), 300))):
@@ -382,14 +455,14 @@ def build_demo(examples: list[list]) -> gr.Blocks:
         gr.Markdown(DESCRIPTION)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                title = gr.Textbox(
+                title = text_input(
                     label="Title (optional)",
                     max_lines=1,
                     max_length=MAX_TITLE_CHARS,
                     info="The model reads it with the plot." if READS_TITLE else "Shown with the result.",
                     elem_id="title",
                 )
-                plot = gr.Textbox(
+                plot = text_input(
                     label="Plot",
                     lines=6,
                     max_length=LIMITS.max_plot_chars,
@@ -442,7 +515,67 @@ def build_demo(examples: list[list]) -> gr.Blocks:
         clear.add([title, plot, poster, verdict, top, table, raw])
         gr.api(model_info, api_name="model_info", concurrency_limit=None)
     demo.queue(default_concurrency_limit=LIMITS.concurrency, max_size=LIMITS.queue_size)
+    guard_requests(demo)
     return demo
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Raw HTTP: the same checks as the page, and a message for every refusal.
+
+PREDICT_INPUTS = ("plot", "poster", "title")
+FILE_DATA = {"_type": "gradio.FileData"}
+POSTER_SHAPE = (
+    '`poster` must be a file: {"path": <the path /gradio_api/upload returned>, "meta": {"_type": "gradio.FileData"}} '
+    "(gradio_client.handle_file(path) sends this), or null"
+)
+
+
+def check_predict_request(inputs: list) -> None:
+    """What a raw HTTP call to /predict must send, checked before Gradio touches a file or a URL in it."""
+    if len(inputs) != len(PREDICT_INPUTS):
+        raise _user_error(
+            f"/predict takes {len(PREDICT_INPUTS)} values in order ({', '.join(PREDICT_INPUTS)}; null for one left "
+            f"out); the request sent {len(inputs)}."
+        )
+    plot, poster, title = inputs
+    for field, value in (("plot", plot), ("title", title)):
+        if value is not None and not isinstance(value, str):
+            raise _user_error(f"`{field}` must be text or null, not {type(value).__name__}.")
+    if poster is None:
+        return
+    # Without this meta key Gradio does not check that the path is an upload (see read_upload for the rest).
+    if not isinstance(poster, dict) or poster.get("meta") != FILE_DATA:
+        raise _user_error(POSTER_SHAPE + f"; got {type(poster).__name__}" + ("" if isinstance(poster, dict) else "."))
+    if not isinstance(poster.get("path") or poster.get("url"), str):
+        raise _user_error(POSTER_SHAPE + "; the file has neither a path nor a url.")
+
+
+def guard_requests(demo: gr.Blocks) -> None:
+    """Check /predict's raw inputs first, and turn any other refusal of Gradio's own (a path outside the upload
+    folder, a private URL, a malformed value) into a message instead of `{"error": null}`, logged as one line."""
+    preprocess = demo.preprocess_data
+
+    async def checked_preprocess(block_fn, inputs, state, explicit_call=False):
+        if block_fn.api_name == "predict":
+            check_predict_request(list(inputs))
+        try:
+            return await preprocess(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except Exception as e:
+            log.warning("refused a request to %s (%s)", block_fn.api_name or "an event", type(e).__name__)
+            raise _user_error(
+                "The request could not be used: a file must be one uploaded to this app (gradio_client.handle_file "
+                "uploads it) or a public http(s) image URL, and each value must have the type /predict documents."
+            ) from None
+
+    demo.preprocess_data = checked_preprocess
+
+
+def max_request_bytes() -> int:
+    """The largest body a valid request can have: an inline poster at the file limit (base64), the longest plot
+    and title with every character escaped, and room for the JSON around them."""
+    return LIMITS.max_file_mb * 2**20 * 4 // 3 + (LIMITS.max_plot_chars + MAX_TITLE_CHARS) * 12 + 2**16
 
 
 demo = build_demo(load_examples(os.environ.get("MMGCS_EXAMPLES", DEFAULT_EXAMPLES).strip()))
@@ -451,4 +584,8 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by launch(); show_error stays off so that unexpected
     # exceptions reach users as a generic message, never as a traceback.
-    demo.launch(max_file_size=LIMITS.max_file_mb * 2**20, show_error=False)
+    demo.launch(
+        max_file_size=LIMITS.max_file_mb * 2**20,
+        show_error=False,
+        app_kwargs={"middleware": [Middleware(BodySizeLimit, max_bytes=max_request_bytes())]},
+    )

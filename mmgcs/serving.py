@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import os
 import queue
 import threading
@@ -61,6 +62,9 @@ class Limits:
     # first `max_text_length` tokens; far longer text is refused, as it is not a plot summary.
     max_plot_chars: int = 10_000
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    # Decoded poster pixels all requests may hold at once (a 78 KB PNG can decode to 40 MP, 120 MB of RGB);
+    # 4 of the largest posters, ~0.5 GB. A request beyond it waits for others (see mmgcs.uploads.PixelBudget).
+    max_decoded_pixels: int = 4 * MAX_IMAGE_PIXELS
     # A poster is ~15 KB-2 MB; 10 MB leaves room for a phone photo of one.
     max_file_mb: int = 10
     # Requests validated and decoded at once; their model work is batched (see BatchingPredictor).
@@ -120,6 +124,20 @@ def load_model(source: str):
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval()
+
+
+_logged_failures: set[str] = set()
+
+
+def log_failure(log: logging.Logger, what: str, error: BaseException) -> None:
+    """A failure in the server log: the traceback the first time an exception type is seen, one line after
+    that (a client repeating a bad request must not flood the log)."""
+    kind = type(error).__name__
+    if kind in _logged_failures:
+        log.warning("%s (%s; traceback logged before)", what, kind)
+    else:
+        _logged_failures.add(kind)
+        log.error("%s (%s)", what, kind, exc_info=error)
 
 
 def jsonable(value: Any) -> Any:
@@ -245,5 +263,5 @@ class BatchingPredictor(MicroBatcher):
 
 __all__ = [
     "BatchingPredictor", "Limits", "MicroBatcher", "ModelNotFoundError", "ServingConfigError", "choose_precision",
-    "cpu_has_native_bf16", "env_int", "jsonable", "load_model",
+    "cpu_has_native_bf16", "env_int", "jsonable", "load_model", "log_failure",
 ]

@@ -239,11 +239,11 @@ def test_a_plot_only_model_ignores_a_poster_and_says_so(tmp_path, files):
     tiny_model(LABELS, image=False).save_pretrained(tmp_path / "text-only")
     app = import_app(tmp_path / "text-only", "mmgcs_space_app_text_only")
     assert app.READS_PLOT and not app.READS_POSTER
-    result = app.predict(plot=PLOTS[0], poster=str(files["good_png"]))
+    result = app.predict(plot=PLOTS[0], poster=files["good_png"].read_bytes())  # in-process: bytes, as an upload gives
     assert result["notes"] == ["This model reads plots only; the poster was ignored."]
     assert set(result["by_modality"]) == {"text", "fused"}
     with pytest.raises(gr.Error, match="give a plot"):
-        app.predict(poster=str(files["good_png"]))
+        app.predict(poster=files["good_png"].read_bytes())
 
 
 def test_an_internal_failure_reaches_the_user_without_details(app_module, monkeypatch):

@@ -144,3 +144,53 @@ def test_concurrent_loads_stay_strict_and_restore_the_global_flag(monkeypatch):
         results = list(pool.map(outcome, [good, cut] * 40))
     assert results == ["ok", "refused"] * 40
     assert PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Memory and content safety (issue 9)
+
+
+def test_a_non_image_message_never_quotes_the_content():
+    from mmgcs.data.images import InvalidImageError, load_image
+
+    with pytest.raises(InvalidImageError) as err:
+        load_image(b"root:x:0:0:SECRET-MARKER:/root:/bin/bash\n")
+    assert "SECRET" not in str(err.value) and "root:" not in str(err.value)
+    assert "not a recognised image" in str(err.value)
+
+
+@pytest.mark.parametrize("size", [(1, 25), (21, 1), (1, 40_000)])
+def test_a_thin_image_is_refused_before_decoding(size):
+    import io
+
+    from PIL import Image
+
+    from mmgcs.data.images import InvalidImageError, image_size, load_image
+
+    data = io.BytesIO()
+    Image.new("L", size).save(data, format="PNG")
+    with pytest.raises(InvalidImageError, match="too thin"):
+        load_image(data.getvalue())
+    assert image_size(data.getvalue()) == size  # the header alone, for the app's pixel budget
+
+
+def test_a_huge_jpeg_is_decoded_at_a_reduced_scale_and_a_poster_exactly():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmgcs.data.images import DRAFT_MIN_SIDE, load_image
+
+    def jpeg(w, h):
+        data = io.BytesIO()
+        Image.new("RGB", (w, h), (200, 40, 40)).save(data, format="JPEG")
+        return data.getvalue()
+
+    big = load_image(jpeg(4400, 6000))
+    assert DRAFT_MIN_SIDE <= min(big.size) < 2 * DRAFT_MIN_SIDE
+    assert abs(big.width / big.height - 4400 / 6000) < 0.01
+    poster_bytes = jpeg(500, 750)
+    poster = load_image(poster_bytes)
+    assert poster.size == (500, 750)
+    assert np.array_equal(np.asarray(poster), np.asarray(Image.open(io.BytesIO(poster_bytes)).convert("RGB")))

@@ -27,6 +27,15 @@ MAX_IMAGE_PIXELS = 40_000_000
 # Largest encoded file we read at all; a poster is ~15 KB-2 MB.
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 
+# A very thin image is cheap to send but not to preprocess: resizing its short side to the tower's input size
+# blows the long side up (a 1 x 40,000,000 PNG took +2.2 GB). Posters are 2:3; a 20:1 banner still loads.
+MAX_ASPECT_RATIO = 20
+
+# A JPEG much larger than any tower needs is decoded at a reduced scale (libjpeg's DCT scaling, `Image.draft`)
+# down to no less than this short side: 4-8x less memory and time for a phone photo, and posters of usual sizes
+# (TMDb w500 is 500 x 750) are decoded exactly as before.
+DRAFT_MIN_SIDE = 1024
+
 _WHITE = (255, 255, 255)
 
 
@@ -61,7 +70,7 @@ def load_image(image: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Imag
     Raises `InvalidImageError` for missing files, non-images, corrupt/truncated data and images with more
     than `max_pixels` pixels.
     """
-    img = _open(image, max_pixels)
+    img = _open(image, max_pixels, draft=True)
     return to_rgb(img)
 
 
@@ -115,24 +124,24 @@ def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
     return img.convert("RGB")
 
 
-def _open(image: Any, max_pixels: int) -> PIL.Image.Image:
+def _open(image: Any, max_pixels: int, draft: bool = False) -> PIL.Image.Image:
     if isinstance(image, PIL.Image.Image):
         _check_pixels(image.size, max_pixels, "image")
         return _ensure_loaded(image, "image")
     if isinstance(image, dict):
         if image.get("bytes") is not None:
-            return _open_bytes(image["bytes"], max_pixels, image.get("path") or "image bytes")
+            return _open_bytes(image["bytes"], max_pixels, image.get("path") or "image bytes", draft)
         if image.get("path"):
-            return _open_path(image["path"], max_pixels)
+            return _open_path(image["path"], max_pixels, draft)
         raise InvalidImageError(
             "The image dict has neither 'bytes' nor 'path'. Pass {'bytes': <encoded image>} or {'path': <file>}."
         )
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return _open_bytes(bytes(image), max_pixels, "image bytes")
+        return _open_bytes(bytes(image), max_pixels, "image bytes", draft)
     if isinstance(image, (str, os.PathLike)):
-        return _open_path(image, max_pixels)
+        return _open_path(image, max_pixels, draft)
     if hasattr(image, "read"):
-        return _open_bytes(image.read(MAX_IMAGE_BYTES + 1), max_pixels, getattr(image, "name", "image stream"))
+        return _open_bytes(image.read(MAX_IMAGE_BYTES + 1), max_pixels, getattr(image, "name", "image stream"), draft)
     if type(image).__module__ == "numpy" and hasattr(image, "shape"):
         return _from_array(image, max_pixels)
     raise InvalidImageError(
@@ -141,20 +150,21 @@ def _open(image: Any, max_pixels: int) -> PIL.Image.Image:
     )
 
 
-def _open_path(path: str | os.PathLike, max_pixels: int) -> PIL.Image.Image:
+def _open_path(path: str | os.PathLike, max_pixels: int, draft: bool = False) -> PIL.Image.Image:
     p = Path(path)
-    if not p.is_file():
+    if not p.is_file():  # also refuses FIFOs and devices, whose reads may never end
         raise InvalidImageError(f"Image file not found: {str(p)!r}. Check the path (poster_file is relative to the source folder).")
-    size = p.stat().st_size
-    if size > MAX_IMAGE_BYTES:
+    with p.open("rb") as f:
+        data = f.read(MAX_IMAGE_BYTES + 1)  # bounded whatever stat() said (/proc files report 0 bytes)
+    if len(data) > MAX_IMAGE_BYTES:
         raise InvalidImageError(
-            f"{str(p)!r} is {size / 2**20:.0f} MB, over the {MAX_IMAGE_BYTES // 2**20} MB limit for a poster. "
+            f"{str(p)!r} is over the {MAX_IMAGE_BYTES // 2**20} MB limit for a poster. "
             "Resize it (a poster needs well under 1,000 px a side)."
         )
-    return _open_bytes(p.read_bytes(), max_pixels, str(p))
+    return _open_bytes(data, max_pixels, str(p), draft)
 
 
-def _open_bytes(data: bytes, max_pixels: int, name: str) -> PIL.Image.Image:
+def _open_bytes(data: bytes, max_pixels: int, name: str, draft: bool = False) -> PIL.Image.Image:
     if not data:
         raise InvalidImageError(f"{name}: the image is empty (0 bytes). Provide a JPEG/PNG/WebP/GIF file.")
     if len(data) > MAX_IMAGE_BYTES:
@@ -173,18 +183,35 @@ def _open_bytes(data: bytes, max_pixels: int, name: str) -> PIL.Image.Image:
             f"{max_pixels:,} pixels."
         ) from None
     except PIL.UnidentifiedImageError:
-        head = data[:16]
-        hint = " (it looks like HTML/text, e.g. an error page)" if head.lstrip()[:1] in (b"<", b"{") else ""
+        # The kind of content, never the content itself: a message can reach a client or a published report.
+        hint = " (it looks like HTML/text, e.g. an error page)" if data.lstrip()[:1] in (b"<", b"{") else ""
         raise InvalidImageError(
-            f"{name}: not a recognised image{hint}; first bytes {head!r}. Provide a JPEG, PNG, WebP or GIF file."
+            f"{name}: not a recognised image{hint} ({len(data):,} bytes). Provide a JPEG, PNG, WebP or GIF file."
         ) from None
     except Exception as e:  # PIL raises assorted errors on garbage headers
         reason = "truncated" if "truncat" in str(e).lower() else "corrupt (unreadable header)"
         raise InvalidImageError(
-            f"{name}: the image data is {reason} ({type(e).__name__}: {e}). Re-download or re-export the file."
+            f"{name}: the image data is {reason} ({type(e).__name__}). Re-download or re-export the file."
         ) from None
     _check_pixels(img.size, max_pixels, name)
+    if draft and img.format == "JPEG" and min(img.size) >= 2 * DRAFT_MIN_SIDE:
+        scale = min(img.size) // DRAFT_MIN_SIDE  # draft keeps at least the requested size
+        img.draft(img.mode, (img.width // scale, img.height // scale))
     return _ensure_loaded(img, name)
+
+
+def image_size(data: bytes, name: str = "The poster") -> tuple[int, int]:
+    """(width, height) from the header alone, nothing decoded: what a request must reserve before decoding."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(io.BytesIO(data)) as img:
+                return img.size
+    except PIL.Image.DecompressionBombError:
+        raise InvalidImageError(f"{name}: refused as a possible decompression bomb. Resize the image.") from None
+    except Exception:
+        # the full decode names the exact problem (empty, not an image, corrupt header)
+        return _open_bytes(data, MAX_IMAGE_PIXELS, name).size
 
 
 def _ensure_loaded(img: PIL.Image.Image, name: str) -> PIL.Image.Image:
@@ -199,7 +226,7 @@ def _ensure_loaded(img: PIL.Image.Image, name: str) -> PIL.Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
         raise InvalidImageError(
-            f"{name}: the image data is {reason} ({type(e).__name__}: {e}). Re-download or re-export the file."
+            f"{name}: the image data is {reason} ({type(e).__name__}). Re-download or re-export the file."
         ) from None
     return img
 
@@ -237,6 +264,11 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
             f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
             "(refused to protect memory; it may be a decompression bomb). Resize the image (a poster needs "
             "well under 1,000 px a side)."
+        )
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise InvalidImageError(
+            f"{name}: {w}x{h} is over {MAX_ASPECT_RATIO}:1, too thin to be a poster (refused to protect memory). "
+            "Crop it to the poster."
         )
 
 
