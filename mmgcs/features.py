@@ -251,6 +251,8 @@ class FeatureCache:
         self.cache_dir = Path(cache_dir)
         self.hits = 0
         self.misses = 0
+        # After a failed write (full disk, read-only folder) the others would fail alike: stop storing, warn once.
+        self.writable = True
 
     def path_for(self, model, split, modality: str) -> Path:
         """Where the features of (model's `modality` tower, preprocessing, split) are stored."""
@@ -322,8 +324,11 @@ class FeatureCache:
         return None
 
     def _store(self, path: Path, features: torch.Tensor, mask: torch.Tensor, key: dict, digest: str, seconds: float) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
+        if not self.writable:
+            return
         meta = {
             "key": key,
             "digest": digest,
@@ -347,9 +352,11 @@ class FeatureCache:
             # Human-readable sidecar (what the file was computed from); the safetensors file alone is authoritative.
             sidecar = path.with_suffix(".json")
             _atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, default=str)))
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
+            self.writable = False
             warnings.warn(
-                f"Could not write the feature cache file {path} ({e}); the features are used for this run only. "
+                f"Could not write the feature cache file {path} ({type(e).__name__}: {e}); the features are used "
+                "for this run only and nothing more is stored in this cache. "
                 "Point train.cache_dir at a writable folder with free space.",
                 FeatureCacheWarning,
                 stacklevel=3,
