@@ -33,12 +33,14 @@ $(DATA)/build_report.json: .make-setup
 	$(BIN)/python -m mmgcs.data build --source $(SHARED)/tmdb5000 --source $(SHARED)/tmdb-plots-extra --out $(DATA)
 
 # --resume: an interrupted `make demo` continues from the last finished epoch instead of starting over.
-$(RUN)/model/model.safetensors: $(DATA)/build_report.json
+# The target is the run's COMPLETE marker (written last), not the weights: an interrupted run has a model/
+# already, and serving it would serve an unfinished model.
+$(RUN)/COMPLETE: $(DATA)/build_report.json
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 	  training/train_fusion.py --resume data.path=$(DATA) train.output_dir=$(RUN)
 
 data: $(DATA)/build_report.json
-train: $(RUN)/model/model.safetensors
+train: $(RUN)/COMPLETE
 
 serve: train
 	MMGCS_MODEL=$(RUN)/model MMGCS_EXAMPLES=$(DATA) $(BIN)/python app.py
