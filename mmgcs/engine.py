@@ -7,7 +7,12 @@
     OUTPUT_DIR/history.json      one record per epoch
     OUTPUT_DIR/config.yaml       the fully resolved config (loadable with --config)
     OUTPUT_DIR/*.png, metrics.md training curves, per-genre F1
-    OUTPUT_DIR/checkpoints/      epoch_NNN/ (accelerate save_state + trainer_state.json): latest and best kept
+    OUTPUT_DIR/checkpoints/      epoch_NNN/ (accelerate save_state + trainer_state.json + MANIFEST.json of
+                                 sha256 digests): latest and best kept; --resume takes the newest intact one
+    OUTPUT_DIR/COMPLETE          written last, once the run has finished (`make train` targets it)
+
+The folder is locked while a run uses it; the locking, the recoverable bundle swap and the checkpoint checks
+live in mmgcs.runs.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import torch
 from mmgcs.config import ConfigError, RunConfig, config_to_dict, load_config, save_config, validate_config
 from mmgcs.hub import PushError, is_hub_id  # PushError: one class for model and dataset uploads
 from mmgcs.report import flatten_dict
+from mmgcs import runs
+from mmgcs.runs import TrainingError  # defined with the run-folder checks; importable from here as before
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +46,6 @@ BUNDLE = "model"
 STATE_FILE = "trainer_state.json"
 # Modalities a batch may carry, by the key prefix of their presence masks (`text_mask`, `image_mask`).
 MODALITIES = ("text", "image")
-
-
-class TrainingError(RuntimeError):
-    """A problem the user can fix (bad data path, an output folder in use, ...); the message says how."""
 
 
 # --------------------------------------------------------------------------------------------- command line
@@ -283,12 +286,19 @@ class Trainer:
         self.tcfg = cfg.train
         self.out = Path(cfg.train.output_dir)
         self.ckpt_root = self.out / CHECKPOINTS
-        self._check_output_dir()
+        self._lock = None
         # Towers frozen for the first `freeze_epochs` and tuned afterwards: parameters that do not train in the
         # first stage must still be known to DDP, which then has to tolerate unused parameters.
         self.final_modes = (self.tcfg.text_finetune, self.tcfg.image_finetune)
         two_stage = self.tcfg.freeze_epochs > 0 and any(m != "frozen" for m in self.final_modes)
         self.accelerator = make_accelerator(cfg, find_unused_parameters=two_stage)
+        # Before anything slow (featurizing): the folder is this run's alone and takes writes.
+        self._lock = runs.take_run_folder(self.accelerator, self.out, self.out / BUNDLE)
+        try:
+            self._check_output_dir()
+        except TrainingError:
+            self._release_lock()
+            raise
         self._caller_threads = torch.get_num_threads()
         use_available_cores(self.accelerator)
         self.threads = torch.get_num_threads()
@@ -308,10 +318,10 @@ class Trainer:
     def _check_output_dir(self) -> None:
         if self.tcfg.resume:
             return
-        previous = _checkpoint_dirs(self.ckpt_root)
+        previous = runs.checkpoint_dirs(self.ckpt_root)
         if previous:
             raise TrainingError(
-                f"{self.out} already holds checkpoints of a run ({previous[-1].name}); pass --resume to continue it, "
+                f"{self.out} already holds checkpoints of a run ({previous[0].name}); pass --resume to continue it, "
                 "or choose another train.output_dir (or delete that folder)"
             )
 
@@ -569,6 +579,8 @@ class Trainer:
         t_start = time.time()
         if self.tcfg.resume:
             self._check_resumed_config()
+        # Verified before anything reads the weights (the cached features are computed from them below).
+        self._resume_from = runs.pick_checkpoint(acc, self.ckpt_root, self.out) if self.tcfg.resume else None
         splits = self.load_data()
         set_seed(self.tcfg.seed)  # before the model is built: the same initial head on every run and rank
         model = self.build_model()
@@ -605,6 +617,7 @@ class Trainer:
             self._resume()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            runs.mark_incomplete(self.out)
             save_config(self.cfg, self.out / "config.yaml")
         self._start_trackers()
 
@@ -840,27 +853,22 @@ class Trainer:
         """Write the unwrapped model (no DDP `module.` prefix) as a Hub bundle, replacing ``folder`` atomically."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        if self.is_main:
-            model = acc.unwrap_model(self.model)
-            previous = model.config.thresholds
-            model.config.thresholds = thresholds
-            tmp = folder.with_name(f".{folder.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                model.save_pretrained(tmp)
-            finally:
-                model.config.thresholds = previous
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            if folder.exists():
-                folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+        runs.collective(acc, lambda: self._write_bundle(folder, thresholds) if self.is_main else None,
+                        runs.save_failed("the best model", folder))
+
+    def _write_bundle(self, folder: Path, thresholds: Optional[list[float]]) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        previous = model.config.thresholds
+        model.config.thresholds = thresholds
+        try:
+            runs.replace_folder(folder, model.save_pretrained)
+        finally:
+            model.config.thresholds = previous
 
     def _trainer_state(self, epoch: int) -> dict:
         return {
             "epoch": epoch,
+            "epochs": self.tcfg.epochs,  # the run's plan: a checkpoint past it is refused on resume
             "global_step": self.global_step,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
@@ -873,26 +881,33 @@ class Trainer:
         acc = self.accelerator
         final = self.ckpt_root / f"epoch_{epoch:03d}"
         tmp = self.ckpt_root / f".tmp-epoch_{epoch:03d}"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # model (safetensors), optimizer, scheduler, every rank's RNG states
-        acc.wait_for_everyone()
-        if self.is_main:
-            # Our own state is JSON, not a pickled "custom object".
-            _write_json(tmp / STATE_FILE, self._trainer_state(epoch))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)  # a checkpoint folder exists only once it is complete
-            _write_json(self.out / "history.json", self.history)
-            keep = {final.name, f"epoch_{self.best_epoch:03d}"}
-            for old in _checkpoint_dirs(self.ckpt_root):
-                if old.name not in keep:
-                    shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+        failed = runs.save_failed(f"the checkpoint of epoch {epoch}", self.ckpt_root)
+
+        def start() -> None:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+
+        # Each step is collective (a barrier), and a failed write stops every process with the same error.
+        runs.collective(acc, start, failed)
+        # model (safetensors), optimizer, scheduler, every rank's RNG states
+        runs.collective(acc, lambda: acc.save_state(str(tmp)), failed)
+        runs.collective(acc, lambda: self._publish_checkpoint(tmp, final, epoch) if self.is_main else None, failed)
+
+    def _publish_checkpoint(self, tmp: Path, final: Path, epoch: int) -> None:
+        # Our own state is JSON, not a pickled "custom object"; the digests of every file are written last.
+        _write_json(tmp / STATE_FILE, self._trainer_state(epoch))
+        runs.write_manifest(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # a checkpoint folder exists only once it is complete
+        _write_json(self.out / "history.json", self.history)
+        keep = {final.name, f"epoch_{self.best_epoch:03d}"}
+        for old in runs.checkpoint_dirs(self.ckpt_root):  # damaged leftovers too
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _resume(self) -> None:
-        ckpt = latest_checkpoint(self.out)
+        ckpt = self._resume_from  # verified in fit (runs.pick_checkpoint)
         if ckpt is None:
             logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", self.ckpt_root)
             return
@@ -941,6 +956,7 @@ class Trainer:
         both = self.use_text and self.use_image
         hidden = {m: self._predict(loaders["test"], hide=m) for m in MODALITIES} if both else {}
         result: list[Any] = [None]
+        saved = None
         if self.is_main:
             thresholds = self._tune(val_pred)
             thr = thresholds if thresholds is not None else self._default_threshold()
@@ -970,8 +986,10 @@ class Trainer:
                         continue
                     sub = {"probs": pred["probs"][rows], "labels": pred["labels"][rows]}
                     metrics["test_single_input"][f"{m}_only"] = self._score(sub, thr)
-            self._save_outputs(metrics, thresholds, test_pred, hidden)
+            saved = (metrics, thresholds, test_pred, hidden)
             result = [metrics]
+        runs.collective(acc, lambda: self._save_outputs(*saved) if saved else None,
+                        runs.save_failed("the final model and metrics", self.out))
         from accelerate.utils import broadcast_object_list
 
         broadcast_object_list(result)
@@ -986,17 +1004,17 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         model.config.thresholds = thresholds
         bundle = self.out / BUNDLE
-        # Re-save the best weights with the thresholds tuned on validation, and fill the card's model-index.
-        tmp = bundle.with_name(f".{bundle.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
         dataset = _hub_dataset_id(self.cfg.data.path) or Path(self.cfg.data.path).expanduser().resolve().name
-        fill_model_card(
-            tmp, metrics["test"], model_name=f"mmgcs-{self.out.resolve().name}", dataset_name=dataset,
-            dataset_type=dataset, task_type=_pipeline_tag(model),
-        )
-        shutil.rmtree(bundle, ignore_errors=True)
-        tmp.rename(bundle)
+
+        def write(tmp: Path) -> None:
+            # The best weights with the thresholds tuned on validation, and the card's model-index filled.
+            model.save_pretrained(tmp)
+            fill_model_card(
+                tmp, metrics["test"], model_name=f"mmgcs-{self.out.resolve().name}", dataset_name=dataset,
+                dataset_type=dataset, task_type=_pipeline_tag(model),
+            )
+
+        runs.replace_folder(bundle, write)  # recoverable from a kill at any step (see mmgcs.runs)
         _write_json(self.out / "metrics.json", metrics)
         _write_json(self.out / "history.json", self.history)
         arrays = {"probs": test_pred["probs"], "labels": test_pred["labels"]}
@@ -1017,6 +1035,7 @@ class Trainer:
             metrics["test"]["micro_f1"], metrics["test"]["macro_f1"], metrics["test"]["mAP"] or float("nan"),
             self.best_epoch, self.out,
         )
+        runs.mark_complete(self.out, {"best_epoch": self.best_epoch, "metrics": "metrics.json", "model": BUNDLE})
 
     def _push(self) -> None:
         repo_id = self.tcfg.push_to_hub
@@ -1035,11 +1054,19 @@ class Trainer:
         logger.info("Pushed the bundle to %s", url)
 
     def close(self) -> None:
-        if getattr(self, "_trackers_started", False):
-            self.accelerator.end_training()
+        try:
+            if getattr(self, "_trackers_started", False):
+                self.accelerator.end_training()
+        finally:
+            self._release_lock()
         if getattr(self, "_caller_threads", None):
             torch.set_num_threads(self._caller_threads)  # a run inside a notebook or a test leaves its threads as found
         reset_accelerate_state()
+
+    def _release_lock(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
 
 
 __all__ = ["PushError", "Trainer", "TrainingError", "latest_checkpoint", "main", "resolve_mixed_precision", "run"]
