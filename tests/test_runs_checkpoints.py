@@ -144,3 +144,30 @@ def test_every_checkpoint_carries_digests_of_all_its_files(runs_dir):
     assert checkpoint_problem(folder) is None
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["epoch"] == 2 and state["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_ddp_resume_skips_a_damaged_checkpoint_on_every_process(runs_dir, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from engine_helpers import subprocess_env
+
+    data, out, _, root, _ = _copy(runs_dir, tmp_path)
+    _zero_tail(out / "checkpoints" / "epoch_002" / "model.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(REPO_ROOT / "training" / "train_fusion.py"), *_args(data, out, root), "--resume"]
+    env = subprocess_env()
+    env.pop("ACCELERATE_USE_CPU")
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert log.count("cannot be trusted") == 1 and "epoch_002" in log  # decided once, on the main process
+    assert "Resumed from" in log and (out / "COMPLETE").is_file()
+    history = json.loads((out / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2] and history[1]["processes"] == 2
