@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     from mmgcs.models.classifier import GenreClassifier
 
 LEXICAL_INPUTS = ("lexical_ids", "lexical_values")
+# What a batch carries for each modality (raw inputs or cached features). The lexical branch reads the plot's
+# n-grams, so it goes with the text.
+MODALITY_INPUTS = {
+    "text": ("input_ids", "attention_mask", "token_type_ids", "text_features", *LEXICAL_INPUTS),
+    "image": ("pixel_values", "image_features"),
+}
 NO_INPUT = (
     "Nothing to classify: give the movie's plot (text), its poster (an image file, bytes or PIL image), or both"
 )
@@ -42,6 +48,24 @@ def _check_usable(model, plot: Any, poster: Any, index: Optional[int] = None) ->
     if model.image_tower is None and poster is not None:
         raise ValueError(f"{where}this model reads plots only; pass plot=... (the poster alone cannot be classified)")
     raise ValueError(where + NO_INPUT + ("" if plot is None else " (the plot is empty)"))
+
+
+def without_modality(batch: dict, modality: str) -> dict:
+    """`batch` as the model sees a movie without `modality` (the one rule for a plot-only or poster-only
+    prediction): that modality's inputs and features dropped and its mask all False. A new dict; `batch` is kept.
+
+    Dropping the inputs (not only masking them) means the tower is not run at all; the fusion heads ignore a
+    masked modality, so the scores equal those of a forward that still carries the inputs under a False mask."""
+    if modality not in MODALITY_INPUTS:
+        raise ValueError(f"Unknown modality {modality!r}; available: {sorted(MODALITY_INPUTS)}")
+    key = f"{modality}_mask"
+    mask = batch.get(key)
+    if mask is None:
+        rows = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        mask = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    out = {k: v for k, v in batch.items() if k not in MODALITY_INPUTS[modality]}
+    out[key] = torch.zeros_like(mask, dtype=torch.bool)
+    return out
 
 
 def _result(model, probs: torch.Tensor) -> dict:
@@ -107,12 +131,15 @@ def run_batch(model, batch: dict, by_modality: bool) -> tuple[torch.Tensor, Opti
     # The per-modality views re-run only the small head, with the other modality withheld (its features left
     # out and its mask all False), which is exactly what a full forward without that input computes.
     views = {"fused": (probs, None)}
-    for name, mask in masks.items():
-        if mask is None or not bool(mask.any()):
+    present = {name: m for name, m in masks.items() if m is not None}
+    for name, mask in present.items():
+        if not bool(mask.any()):
             continue  # a view is only meaningful for rows that have that input
-        only = {other: (m if other == name else torch.zeros_like(m)) for other, m in masks.items() if m is not None}
-        kept = {k: v for k, v in features.items() if k == f"{name}_features" or (name == "text" and k in LEXICAL_INPUTS)}
-        views[name] = (_head_probs(model, kept, only), mask.cpu())
+        alone = dict(features, **{f"{m}_mask": v for m, v in present.items()})
+        for other in present:
+            if other != name:
+                alone = without_modality(alone, other)
+        views[name] = (_head_probs(model, alone, {}), mask.cpu())
     return probs, views
 
 
@@ -198,4 +225,4 @@ class Predictor:
     __call__ = predict
 
 
-__all__ = ["NO_INPUT", "Predictor", "predict", "predict_batch"]
+__all__ = ["NO_INPUT", "Predictor", "predict", "predict_batch", "without_modality"]

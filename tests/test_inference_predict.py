@@ -252,3 +252,21 @@ def test_the_default_template_ignores_the_title(model):
     assert model.config.text_template == "{plot}"
     with_title = model.predict(plot=PLOT, title="Die Hard", by_modality=True)
     assert with_title == model.predict(plot=PLOT, by_modality=True)
+
+
+def test_without_modality_drops_the_inputs_and_masks_the_rows(model):
+    from mmgcs.inference import without_modality
+
+    batch = model.preprocess([PLOT, None], [png_bytes("RGB"), png_bytes("L")])
+    no_text = without_modality(batch, "text")
+    assert not {"input_ids", "attention_mask", "text_features", "lexical_ids"} & set(no_text)
+    assert no_text["text_mask"].tolist() == [False, False] and torch.equal(no_text["pixel_values"], batch["pixel_values"])
+    assert batch["text_mask"].tolist() == [True, False], "the caller's batch is not changed"
+    no_image = without_modality({"text_features": torch.ones(3, 4)}, "image")  # no mask given: one is made
+    assert no_image["image_mask"].tolist() == [False] * 3
+    # the same scores as a forward that keeps the inputs under a False mask
+    with torch.inference_mode():
+        masked = dict(batch, image_mask=torch.zeros_like(batch["image_mask"]))
+        torch.testing.assert_close(model(**without_modality(batch, "image"))["logits"], model(**masked)["logits"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Unknown modality 'audio'; available"):
+        without_modality(batch, "audio")
