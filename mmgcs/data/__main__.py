@@ -7,7 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+from mmgcs.data.build import BuildOptions, build, format_summary
+from mmgcs.data.genres import parse_renames
 from mmgcs.data.images import MAX_IMAGE_PIXELS
+from mmgcs.data.publish import PushError, push_folder
+from mmgcs.data.splits import parse_ratios
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,10 +56,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _options(args):
-    from mmgcs.data.build import BuildOptions
-    from mmgcs.data.genres import parse_renames
-    from mmgcs.data.splits import parse_ratios
-
     renames = parse_renames(args.rename_genre)
     genres = [g.strip() for g in args.genres.split(",") if g.strip()] if args.genres else None
     if args.min_genre_count < 1:
@@ -72,8 +72,6 @@ def _options(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from mmgcs.data.publish import PushError, push_folder
-
     if args.command == "push":
         try:
             print(push_folder(args.folder, args.repo_id, private=args.private))
@@ -81,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 3
         return 0
-
-    from mmgcs.data.build import build, format_summary
 
     try:
         opts = _options(args)

@@ -9,26 +9,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import datasets
 import numpy as np
+import pyarrow as pa
+from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
 
+import mmgcs
+
+from mmgcs.data.card import render_card
 from mmgcs.data.confine import Refusal, read_confined, unidentified_image_detail
 from mmgcs.data.genres import canonical_genre, select_labels
 from mmgcs.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InvalidImageError, PreparedPoster, prepare_poster
+from mmgcs.data.download import PosterDownloader
 from mmgcs.data.records import BuildReport, RawMovie
 from mmgcs.data.sources import detect_format, get_format, source_name
 from mmgcs.data.splits import SPLITS, stratified_split
-
-if TYPE_CHECKING:
-    import datasets
 
 DEFAULT_POSTER_CACHE = ".cache/posters"
 MAX_SHARD_BYTES = 500 * 1024 * 1024  # the Hub's usual parquet shard size
@@ -116,8 +120,6 @@ class _Clock:
         self._t = time.perf_counter()
 
     def lap(self, name: str) -> None:
-        import resource
-
         now = time.perf_counter()
         self.laps[name] = (now - self._t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         self._t = now
@@ -207,8 +209,6 @@ def _clean(m: Movie, opts: BuildOptions, report: BuildReport) -> Movie:
 def _attach_posters(movies, source_info, opts: BuildOptions, report: BuildReport) -> None:
     to_fetch = [m for m in movies if m.poster_file is None and m.poster_url and source_info[m.source]["download"]]
     if to_fetch:
-        from mmgcs.data.download import PosterDownloader
-
         downloader = PosterDownloader(opts.poster_cache, rate=opts.download_rate, timeout=opts.download_timeout,
                                       retries=opts.download_retries, allow_private_hosts=opts.allow_private_hosts)
         bar = tqdm(total=len({m.poster_url for m in to_fetch}), desc="downloading posters", unit=" posters", disable=not opts.progress, file=sys.stderr)
@@ -308,8 +308,6 @@ def _assign_splits(movies: list[Movie], labels: list[str], opts: BuildOptions) -
 
 
 def features_for(labels: list[str]):
-    import datasets
-
     return datasets.Features(
         {
             "id": datasets.Value("int64"),
@@ -325,10 +323,6 @@ def features_for(labels: list[str]):
 def _to_dataset(movies: list[Movie], labels: list[str]):
     """One in-memory Arrow table per split, built column by column with pyarrow: the poster bytes are copied
     once (Dataset.from_dict's row-wise encoding took ~5x the poster bytes in peak memory)."""
-    import datasets
-    import pyarrow as pa
-    from datasets.table import InMemoryTable
-
     features = features_for(labels)
     schema = features.arrow_schema
     index = {g: i for i, g in enumerate(labels)}
@@ -373,21 +367,17 @@ def _content_fingerprint(table) -> str:
 
 
 def _write(dataset, summary: dict, out: Path) -> None:
-    import datasets as ds_bars
-
     # datasets' own per-step bars ("Map", "Creating parquet") would bury ours
-    was_disabled = ds_bars.are_progress_bars_disabled()
-    ds_bars.disable_progress_bars()
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
         _write_files(dataset, summary, out)
     finally:
         if not was_disabled:
-            ds_bars.enable_progress_bars()
+            datasets.enable_progress_bars()
 
 
 def _write_files(dataset, summary: dict, out: Path) -> None:
-    from mmgcs.data.card import render_card
-
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "data"
     if data_dir.exists():  # stale shards of an earlier build would be loaded with the new ones
@@ -409,8 +399,6 @@ def _write_files(dataset, summary: dict, out: Path) -> None:
 
 
 def _summarize(movies, labels, removed, source_info, opts: BuildOptions, report: BuildReport) -> dict:
-    import mmgcs
-
     sources = {}
     for name, info in source_info.items():
         mine = [m for m in movies if m.source == name]

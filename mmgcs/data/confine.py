@@ -10,10 +10,14 @@ size, never the file's content.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+import PIL.Image
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,6 @@ def unidentified_image_detail(name: str, data: bytes) -> str | None:
     """The report's detail for bytes that are no image format at all, or None when PIL recognises the format.
     Written here rather than passed on from the image loader's error, so the report says what the file is
     (its size) and never quotes it: a report ships with the dataset."""
-    import io
-    import warnings
-
-    import PIL.Image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import PIL.ImageFile
 import PIL.ImageOps
@@ -273,8 +274,6 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
 
 
 def _scale_to_l(img: PIL.Image.Image) -> PIL.Image.Image:
-    import numpy as np
-
     a = np.asarray(img, dtype=np.float64)
     a = np.nan_to_num(a)
     lo, hi = float(a.min(initial=0.0)), float(a.max(initial=0.0))
@@ -285,8 +284,6 @@ def _scale_to_l(img: PIL.Image.Image) -> PIL.Image.Image:
 
 
 def _from_array(arr: Any, max_pixels: int) -> PIL.Image.Image:
-    import numpy as np
-
     a = np.asarray(arr)
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise InvalidImageError(
