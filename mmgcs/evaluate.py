@@ -15,6 +15,11 @@ per movie.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m mmgcs.evaluate`: the CPU policy, before anything loads torch
+    from mmgcs.runtime import configure_cpu_policy
+
+    configure_cpu_policy()
+
 import argparse
 import json
 import sys
