@@ -63,35 +63,39 @@ def render_card(
 
 
 def _body(dataset, labels, report, formats, pretty_name) -> str:
-    lines = [f"# {pretty_name}", ""]
-    lines += [
-        "Movies with a plot summary, a poster (when one could be had) and their genres, for multi-label genre "
-        "classification from text, image or both. Built by MMGCS with "
-        "`python -m mmgcs.data build`; `build_report.json` beside this card lists every movie that was dropped "
-        "or changed, with the reason.",
-        "",
-        "```python",
-        "from datasets import load_dataset",
-        'ds = load_dataset("<this folder or repo id>")',
-        'labels = ds["train"].features["genres"].feature.names',
-        "```",
-        "",
-        "## Fields",
-        "",
-        "| field | type | notes |",
-        "|---|---|---|",
-        "| `id` | int64 | source id (TMDb id, or IMDb number for MM-IMDb); unique across splits |",
-        "| `title` | string | may be null |",
-        "| `plot` | string | plot summary, surrounding whitespace stripped; null when the source has none (then the poster is present) |",
-        "| `poster` | image | the poster, RGB, bytes embedded; null when missing or unusable |",
-        "| `genres` | list of class labels | multi-label; may be empty when all of a movie's genres are too rare |",
-        "| `source` | string | which source the row came from |",
-        "",
-        "## Splits",
-        "",
-        "| split | movies | with poster | with plot |",
-        "|---|---:|---:|---:|",
-    ]
+    lines = [f"# {pretty_name}", "", *_INTRO_AND_FIELDS]
+    lines += _splits_section(report) + _labels_section(labels, report) + _sources_section(report)
+    return "\n".join(lines + _terms_section(formats)) + "\n"
+
+
+_INTRO_AND_FIELDS = [
+    "Movies with a plot summary, a poster (when one could be had) and their genres, for multi-label genre "
+    "classification from text, image or both. Built by MMGCS with "
+    "`python -m mmgcs.data build`; `build_report.json` beside this card lists every movie that was dropped "
+    "or changed, with the reason.",
+    "",
+    "```python",
+    "from datasets import load_dataset",
+    'ds = load_dataset("<this folder or repo id>")',
+    'labels = ds["train"].features["genres"].feature.names',
+    "```",
+    "",
+    "## Fields",
+    "",
+    "| field | type | notes |",
+    "|---|---|---|",
+    "| `id` | int64 | source id (TMDb id, or IMDb number for MM-IMDb); unique across splits |",
+    "| `title` | string | may be null |",
+    "| `plot` | string | plot summary, surrounding whitespace stripped; null when the source has none (then the poster is present) |",
+    "| `poster` | image | the poster, RGB, bytes embedded; null when missing or unusable |",
+    "| `genres` | list of class labels | multi-label; may be empty when all of a movie's genres are too rare |",
+    "| `source` | string | which source the row came from |",
+    "",
+]
+
+
+def _splits_section(report) -> list[str]:
+    lines = ["## Splits", "", "| split | movies | with poster | with plot |", "|---|---:|---:|---:|"]
     for name in SPLITS:
         s = report["splits"][name]
         lines.append(f"| {name} | {s['movies']:,} | {s['with_poster']:,} | {s['with_plot']:,} |")
@@ -103,6 +107,12 @@ def _body(dataset, labels, report, formats, pretty_name) -> str:
         "an id is never in two splits."
         + (f" Rows of {', '.join(official)} keep their source's official split." if official else ""),
         "",
+    ]
+    return lines
+
+
+def _labels_section(labels, report) -> list[str]:
+    lines = [
         "## Labels",
         "",
         f"{len(labels)} genres"
@@ -117,10 +127,18 @@ def _body(dataset, labels, report, formats, pretty_name) -> str:
     if report["removed_genres"]:
         removed = ", ".join(f"{g} ({n})" for g, n in report["removed_genres"].items())
         lines += ["", f"Genres left out of the labels (too rare or not requested): {removed}."]
-    lines += ["", "## Sources", "", "| source | format | read | kept | with poster |", "|---|---|---:|---:|---:|"]
+    return lines + [""]
+
+
+def _sources_section(report) -> list[str]:
+    lines = ["## Sources", "", "| source | format | read | kept | with poster |", "|---|---|---:|---:|---:|"]
     for name, s in report["sources"].items():
         lines.append(f"| {name} | {s['format']} | {s['read']:,} | {s['kept']:,} | {s['with_poster']:,} |")
-    lines += ["", "## Terms and attribution", ""]
+    return lines
+
+
+def _terms_section(formats) -> list[str]:
+    lines = ["", "## Terms and attribution", ""]
     if formats - {"mmimdb"}:
         lines += [
             f"Metadata and posters come from The Movie Database (TMDb). {TMDB_ATTRIBUTION}.",
@@ -130,4 +148,4 @@ def _body(dataset, labels, report, formats, pretty_name) -> str:
         ]
     if "mmimdb" in formats:
         lines += ["", f"MM-IMDb rows: cite {MMIMDB_CITATION}"]
-    return "\n".join(lines) + "\n"
+    return lines
