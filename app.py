@@ -29,13 +29,16 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# The Space must not phone home; set before gradio is imported (it reads this at import time).
+from mmgcs.runtime import configure_cpu_policy
+
+# The Space must not phone home; set before gradio is imported (it reads this at import time). Idle OpenMP workers
+# sleep instead of spinning: set before anything loads torch (see mmgcs.runtime).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-# (Importing mmgcs below makes idle OpenMP workers sleep, not spin: see mmgcs/__init__.py.)
+configure_cpu_policy()
 
 import gradio as gr  # noqa: E402
 import gradio.utils  # noqa: E402
@@ -189,7 +192,7 @@ def poster_bytes(poster: Any) -> UploadedPoster | None:
 
 
 def poster_pixels(poster: UploadedPoster | None) -> int:
-    """The pixels a poster decodes to, read from its header (what its request reserves of PIXEL_BUDGET)."""
+    """The pixels a poster decodes to, read from its header (what its request reserves of the Space's pixel budget)."""
     if poster is None:
         return 0
     try:
@@ -217,29 +220,51 @@ def check_poster(poster: Any) -> PIL.Image.Image | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The model, loaded once.
-
-MODEL_SOURCE = os.environ.get("MMGCS_MODEL", "").strip() or DEFAULT_MODEL
-try:
-    model = load_model(MODEL_SOURCE)
-except ModelNotFoundError as e:
-    if __name__ == "__main__":
-        raise SystemExit(f"app.py: {e}") from None  # the message, without a traceback, in the Space's logs
-    raise
-LABELS: list[str] = list(model.config.labels)
-READS_PLOT = getattr(model, "text_tower", None) is not None
-READS_POSTER = getattr(model, "image_tower", None) is not None
-# A model trained on e.g. "{title}. {plot}" reads the title with the plot; any other shows it only on the page.
-READS_TITLE = READS_PLOT and "{title}" in getattr(model.config, "text_template", "{plot}")
+# The model, loaded once when the Space starts.
 
 
-THRESHOLDS = dict(zip(LABELS, model.decision_thresholds()))  # per-genre when tuned, else the global one
-try:
-    PRECISION = choose_precision(model.device.type)
-except ServingConfigError as e:
-    raise SystemExit(str(e)) from None
-predictor = BatchingPredictor(model, LIMITS.max_batch, PRECISION)
-PIXEL_BUDGET = PixelBudget(LIMITS.max_decoded_pixels)
+@dataclass
+class Space:
+    """The served model and what the page and the API say about it (made once, by `open_space`)."""
+
+    model: Any
+    predictor: Any  # a BatchingPredictor: concurrent requests batched into one model call
+    precision: str
+    pixel_budget: PixelBudget  # decoded poster pixels that all requests may hold at once
+    labels: list[str]
+    thresholds: dict[str, float]  # per-genre when tuned, else the global one
+    reads_plot: bool
+    reads_poster: bool
+    # A model trained on e.g. "{title}. {plot}" reads the title with the plot; any other shows it only on the page.
+    reads_title: bool
+
+
+def open_space(source: str, limits: Limits, *, exit_if_missing: bool) -> Space:
+    """Load the model and its batching predictor. A bad setting stops the app with its remedy (`SystemExit`: the
+    message, without a traceback, in the Space's logs), and so does a missing model when `exit_if_missing`."""
+    try:
+        model = load_model(source)
+    except ModelNotFoundError as e:
+        if exit_if_missing:
+            raise SystemExit(f"app.py: {e}") from None
+        raise
+    try:
+        precision = choose_precision(model.device.type)
+    except ServingConfigError as e:
+        raise SystemExit(str(e)) from None
+    labels = list(model.config.labels)
+    reads_plot = getattr(model, "text_tower", None) is not None
+    return Space(
+        model=model,
+        predictor=BatchingPredictor(model, limits.max_batch, precision),
+        precision=precision,
+        pixel_budget=PixelBudget(limits.max_decoded_pixels),
+        labels=labels,
+        thresholds=dict(zip(labels, model.decision_thresholds())),
+        reads_plot=reads_plot,
+        reads_poster=getattr(model, "image_tower", None) is not None,
+        reads_title=reads_plot and "{title}" in getattr(model.config, "text_template", "{plot}"),
+    )
 
 
 def predict(plot: str | None = None, poster: str | None = None, title: str | None = None) -> dict:
@@ -257,16 +282,16 @@ def predict(plot: str | None = None, poster: str | None = None, title: str | Non
     plot_text, title_text = check_plot(plot), check_title(title)
     encoded = poster_bytes(poster)
     notes = []
-    if plot_text is not None and not READS_PLOT:
+    if plot_text is not None and not SPACE.reads_plot:
         plot_text, notes = None, notes + ["This model reads posters only; the plot was ignored."]
-    if encoded is not None and not READS_POSTER:
+    if encoded is not None and not SPACE.reads_poster:
         encoded, notes = None, notes + ["This model reads plots only; the poster was ignored."]
     if plot_text is None and encoded is None:
-        wanted = " and/or ".join(w for w, ok in (("a plot", READS_PLOT), ("a poster", READS_POSTER)) if ok)
+        wanted = " and/or ".join(w for w, ok in (("a plot", SPACE.reads_plot), ("a poster", SPACE.reads_poster)) if ok)
         raise _user_error(f"Nothing to classify: give {wanted}.")
     try:
         # The decoded poster is held until its answer is ready: the budget bounds what all requests hold at once.
-        with PIXEL_BUDGET.reserve(poster_pixels(encoded)):
+        with SPACE.pixel_budget.reserve(poster_pixels(encoded)):
             result = _run_model(plot_text, decode_poster(encoded), title_text)
     except UploadError as e:
         raise _user_error(str(e)) from None
@@ -277,7 +302,7 @@ def predict(plot: str | None = None, poster: str | None = None, title: str | Non
 
 def _run_model(plot: str | None, image: PIL.Image.Image | None, title: str | None) -> dict:
     try:
-        return predictor(plot, image, title)
+        return SPACE.predictor(plot, image, title)
     except Exception as e:
         log_failure(log, "prediction failed", e)  # the details stay in the server log
         raise gr.Error(
@@ -300,31 +325,31 @@ def model_info() -> dict:
     Returns:
         {"labels": [...], "thresholds": {genre: threshold}, "reads_plot": bool, "reads_poster": bool, ...}
     """
-    cfg = model.config
+    cfg = SPACE.model.config
     return {
-        "labels": LABELS,
-        "thresholds": THRESHOLDS,
-        "reads_plot": READS_PLOT,
-        "reads_poster": READS_POSTER,
-        "reads_title": READS_TITLE,
-        "text_backbone": _backbone_name(cfg.text_backbone) if READS_PLOT else None,
-        "image_backbone": _backbone_name(cfg.image_backbone) if READS_POSTER else None,
+        "labels": SPACE.labels,
+        "thresholds": SPACE.thresholds,
+        "reads_plot": SPACE.reads_plot,
+        "reads_poster": SPACE.reads_poster,
+        "reads_title": SPACE.reads_title,
+        "text_backbone": _backbone_name(cfg.text_backbone) if SPACE.reads_plot else None,
+        "image_backbone": _backbone_name(cfg.image_backbone) if SPACE.reads_poster else None,
         "fusion": cfg.fusion,
-        "device": model.device.type,
-        "precision": PRECISION,
+        "device": SPACE.model.device.type,
+        "precision": SPACE.precision,
         "limits": asdict(LIMITS),
     }
 
 
-def _warm_up() -> None:
-    """One prediction at start-up, so the first user does not pay for lazy initialisation."""
+def warm_up(space: Space) -> None:
+    """One prediction before serving, so the first user does not pay for lazy initialisation."""
     try:
-        predictor("A warm-up plot." if READS_PLOT else None, PIL.Image.new("RGB", (64, 96)) if READS_POSTER else None)
+        space.predictor(
+            "A warm-up plot." if space.reads_plot else None,
+            PIL.Image.new("RGB", (64, 96)) if space.reads_poster else None,
+        )
     except Exception:
         log.warning("warm-up prediction failed", exc_info=True)
-
-
-_warm_up()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,7 +392,7 @@ def render(result: dict | None, title: str | None):
             _pct(text.get(g) if text else None),
             _pct(image.get(g) if image else None),
             _pct(fused.get(g)),
-            _pct(THRESHOLDS.get(g)),
+            _pct(SPACE.thresholds.get(g)),
             "✓" if g in genres else "",
         ]
         for g in order
@@ -436,13 +461,13 @@ drove each genre."""
 def _about() -> str:
     info = model_info()
     parts = []
-    if READS_PLOT:
+    if info["reads_plot"]:
         parts.append(f"plot encoder `{info['text_backbone']}`")
-    if READS_POSTER:
+    if info["reads_poster"]:
         parts.append(f"poster encoder `{info['image_backbone']}`")
     return (
-        f"**Model:** {' + '.join(parts)}, `{info['fusion']}` fusion, {len(LABELS)} genres "
-        f"({info['device']}, {'bfloat16' if PRECISION == 'bf16' else 'float32'}). "
+        f"**Model:** {' + '.join(parts)}, `{info['fusion']}` fusion, {len(info['labels'])} genres "
+        f"({info['device']}, {'bfloat16' if info['precision'] == 'bf16' else 'float32'}). "
         f"**Limits:** plot ≤ {LIMITS.max_plot_chars:,} characters; poster ≤ {LIMITS.max_file_mb} MB and "
         f"≤ {LIMITS.max_image_pixels / 1e6:g} megapixels. Use it from code: see *Use via API* at the bottom.\n\n"
         "Movie data and posters from [TMDb](https://www.themoviedb.org/). This product uses the TMDb API but is "
@@ -450,52 +475,62 @@ def _about() -> str:
     )
 
 
-def build_demo(examples: list[list]) -> gr.Blocks:
+def _inputs(space: Space) -> tuple[gr.Textbox, gr.Textbox, gr.Image]:
+    """The title, plot and poster fields (those the model does not read are hidden)."""
+    title = text_input(
+        label="Title (optional)",
+        max_lines=1,
+        max_length=MAX_TITLE_CHARS,
+        info="The model reads it with the plot." if space.reads_title else "Shown with the result.",
+        elem_id="title",
+    )
+    tokens = space.model.config.max_text_length
+    plot = text_input(
+        label="Plot",
+        lines=6,
+        max_length=LIMITS.max_plot_chars,
+        placeholder="A young farm boy joins a rebellion to rescue a princess from an evil empire...",
+        info=f"The model reads the first {tokens} tokens (about {tokens * 3 // 4} words); the rest of a longer "
+        "plot is ignored.",
+        visible=space.reads_plot,
+        elem_id="plot",
+    )
+    poster = poster_input(
+        label="Poster", sources=["upload", "clipboard"], height=360, visible=space.reads_poster, elem_id="poster"
+    )
+    return title, plot, poster
+
+
+def _outputs() -> tuple[gr.Markdown, gr.Label, gr.Dataframe, gr.JSON]:
+    """The verdict, the top genres, the per-modality table and the raw /predict answer."""
+    verdict = gr.Markdown(elem_id="verdict")
+    top = gr.Label(label="Top genres", num_top_classes=5, elem_id="top-genres")
+    table = gr.Dataframe(
+        headers=COLUMNS,
+        label="What each input says",
+        interactive=False,
+        wrap=True,
+        column_widths=["25%", "15%", "16%", "12%", "16%", "16%"],
+        max_height=900,
+        elem_id="by-modality",
+    )
+    with gr.Accordion("API response (JSON)", open=False):
+        raw = gr.JSON(label="/predict", elem_id="raw")
+    return verdict, top, table, raw
+
+
+def build_demo(space: Space, examples: list[list]) -> gr.Blocks:
+    """The page and its two API endpoints (/predict, /model_info) for the model `space` serves."""
     with gr.Blocks(title="MMGCS — movie genre classifier") as demo:
         gr.Markdown(DESCRIPTION)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                title = text_input(
-                    label="Title (optional)",
-                    max_lines=1,
-                    max_length=MAX_TITLE_CHARS,
-                    info="The model reads it with the plot." if READS_TITLE else "Shown with the result.",
-                    elem_id="title",
-                )
-                plot = text_input(
-                    label="Plot",
-                    lines=6,
-                    max_length=LIMITS.max_plot_chars,
-                    placeholder="A young farm boy joins a rebellion to rescue a princess from an evil empire...",
-                    info=f"The model reads the first {model.config.max_text_length} tokens (about "
-                    f"{model.config.max_text_length * 3 // 4} words); the rest of a longer plot is ignored.",
-                    visible=READS_PLOT,
-                    elem_id="plot",
-                )
-                poster = poster_input(
-                    label="Poster",
-                    sources=["upload", "clipboard"],
-                    height=360,
-                    visible=READS_POSTER,
-                    elem_id="poster",
-                )
+                title, plot, poster = _inputs(space)
                 with gr.Row():
                     clear = gr.ClearButton(value="Clear")
                     submit = gr.Button("Predict genres", variant="primary", elem_id="predict")
             with gr.Column(scale=1):
-                verdict = gr.Markdown(elem_id="verdict")
-                top = gr.Label(label="Top genres", num_top_classes=5, elem_id="top-genres")
-                table = gr.Dataframe(
-                    headers=COLUMNS,
-                    label="What each input says",
-                    interactive=False,
-                    wrap=True,
-                    column_widths=["25%", "15%", "16%", "12%", "16%", "16%"],
-                    max_height=900,
-                    elem_id="by-modality",
-                )
-                with gr.Accordion("API response (JSON)", open=False):
-                    raw = gr.JSON(label="/predict", elem_id="raw")
+                verdict, top, table, raw = _outputs()
         if examples:
             gr.Examples(examples, inputs=[title, plot, poster], label="Examples from your dataset's test split")
         gr.Markdown(_about())
@@ -578,10 +613,10 @@ def max_request_bytes() -> int:
     return LIMITS.max_file_mb * 2**20 * 4 // 3 + (LIMITS.max_plot_chars + MAX_TITLE_CHARS) * 12 + 2**16
 
 
-demo = build_demo(load_examples(os.environ.get("MMGCS_EXAMPLES", DEFAULT_EXAMPLES).strip()))
-
-if __name__ == "__main__":
+def main() -> None:
+    """Serve the page (what a Space runs): warm the model up, then launch with the body-size limit."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    warm_up(SPACE)
     # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by launch(); show_error stays off so that unexpected
     # exceptions reach users as a generic message, never as a traceback.
     demo.launch(
@@ -589,3 +624,13 @@ if __name__ == "__main__":
         show_error=False,
         app_kwargs={"middleware": [Middleware(BodySizeLimit, max_bytes=max_request_bytes())]},
     )
+
+
+# Loaded once, when the Space starts; `demo` at module level, where Spaces and `gradio app.py` look for it.
+SPACE = open_space(
+    os.environ.get("MMGCS_MODEL", "").strip() or DEFAULT_MODEL, LIMITS, exit_if_missing=__name__ == "__main__"
+)
+demo = build_demo(SPACE, load_examples(os.environ.get("MMGCS_EXAMPLES", DEFAULT_EXAMPLES).strip()))
+
+if __name__ == "__main__":
+    main()

@@ -238,7 +238,7 @@ def test_a_plot_only_model_ignores_a_poster_and_says_so(tmp_path, files):
 
     tiny_model(LABELS, image=False).save_pretrained(tmp_path / "text-only")
     app = import_app(tmp_path / "text-only", "mmgcs_space_app_text_only")
-    assert app.READS_PLOT and not app.READS_POSTER
+    assert app.SPACE.reads_plot and not app.SPACE.reads_poster
     result = app.predict(plot=PLOTS[0], poster=files["good_png"].read_bytes())  # in-process: bytes, as an upload gives
     assert result["notes"] == ["This model reads plots only; the poster was ignored."]
     assert set(result["by_modality"]) == {"text", "fused"}
@@ -249,10 +249,10 @@ def test_a_plot_only_model_ignores_a_poster_and_says_so(tmp_path, files):
 def test_an_internal_failure_reaches_the_user_without_details(app_module, monkeypatch):
     import gradio as gr
 
-    def broken(plot, poster):
+    def broken(plot, poster, title=None):
         raise RuntimeError("boom in /srv/secret/model.py")
 
-    monkeypatch.setattr(app_module, "predictor", broken)
+    monkeypatch.setattr(app_module.SPACE, "predictor", broken)
     with pytest.raises(gr.Error) as err:
         app_module.predict(plot=PLOTS[0])
     assert "/srv/secret" not in str(err.value) and "boom" not in str(err.value)
@@ -292,9 +292,30 @@ def test_the_app_serves_with_the_settings_it_reports(app_module):
     from mmgcs.serving import BatchingPredictor, Limits
 
     assert app_module.LIMITS == Limits.from_env(TEST_LIMITS) != Limits()
-    assert isinstance(app_module.predictor, BatchingPredictor)
-    assert app_module.predictor.max_batch == app_module.LIMITS.max_batch
-    assert app_module.predictor.precision == app_module.PRECISION == app_module.model_info()["precision"] == "fp32"
+    space = app_module.SPACE
+    assert isinstance(space.predictor, BatchingPredictor)
+    assert space.predictor.max_batch == app_module.LIMITS.max_batch
+    assert space.predictor.precision == space.precision == app_module.model_info()["precision"] == "fp32"
+
+
+def test_starting_the_space_warms_the_model_up_then_serves_with_the_body_limit(app_module, monkeypatch):
+    calls = []
+    monkeypatch.setattr(app_module, "warm_up", lambda space: calls.append(("warm_up", space)))
+    monkeypatch.setattr(app_module.demo, "launch", lambda **kwargs: calls.append(("launch", kwargs)))
+    app_module.main()
+    assert [c[0] for c in calls] == ["warm_up", "launch"] and calls[0][1] is app_module.SPACE
+    launch = calls[1][1]
+    assert launch["show_error"] is False and launch["max_file_size"] == app_module.LIMITS.max_file_mb * 2**20
+    (middleware,) = launch["app_kwargs"]["middleware"]
+    assert middleware.kwargs["max_bytes"] == app_module.max_request_bytes()
+
+
+def test_the_warm_up_predicts_once_with_what_the_model_reads(app_module, monkeypatch):
+    seen = []
+    monkeypatch.setattr(app_module.SPACE, "predictor", lambda plot, poster: seen.append((plot, poster)))
+    app_module.warm_up(app_module.SPACE)
+    ((plot, poster),) = seen
+    assert plot and poster.size == (64, 96)
 
 
 def test_app_without_a_model_exits_with_the_remedy(tmp_path):

@@ -1,0 +1,104 @@
+"""The CPU policy is the entry points' business: `import mmgcs` changes no environment, and every entry point sets
+OMP_WAIT_POLICY=PASSIVE before torch is first imported (GNU OpenMP reads it only then), the user's setting winning."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401  (loaded in this process: the policy comes too late for it)
+
+from mmgcs import runtime
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs an entry point in a fresh interpreter and prints the policy torch saw when it was first imported ("-" when
+# the run never imported torch) and the policy at the end.
+SPY = r"""
+import os, runpy, sys
+
+seen = {}
+
+
+class TorchImportSpy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "torch" not in seen:
+            seen["torch"] = os.environ.get("OMP_WAIT_POLICY")
+        return None
+
+
+sys.meta_path.insert(0, TorchImportSpy())
+kind, target, *argv = sys.argv[1:]
+sys.argv = [target, *argv]
+try:
+    if kind == "path":
+        runpy.run_path(target, run_name="__main__")
+    else:
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+finally:
+    print("torch-saw", seen.get("torch", "-"), "end", os.environ.get("OMP_WAIT_POLICY"))
+"""
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    return {**env, "HF_HUB_OFFLINE": "1", **extra}
+
+
+def _spy(kind: str, target: str, *argv: str, **env: str) -> str:
+    run = subprocess.run(
+        [sys.executable, "-c", SPY, kind, target, *argv], cwd=REPO, env=_env(**env), capture_output=True, text=True,
+        timeout=300,
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("torch-saw")]
+    assert lines, run.stderr[-3000:]
+    return lines[-1]
+
+
+def test_importing_mmgcs_changes_no_environment():
+    run = subprocess.run(
+        [sys.executable, "-c", "import os, mmgcs; print('OMP_WAIT_POLICY' in os.environ)"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert run.stdout.strip() == "False", run.stderr
+
+
+@pytest.mark.parametrize("script", ["train_text.py", "train_image.py", "train_fusion.py", "sweep.py"])
+def test_training_scripts_set_the_policy_before_torch_loads(script, tmp_path):
+    # A missing config file stops the run right after the imports: torch is loaded by then.
+    line = _spy("path", f"training/{script}", "--config", str(tmp_path / "absent.yaml"))
+    assert line == "torch-saw PASSIVE end PASSIVE"
+
+
+def test_the_app_sets_the_policy_before_torch_loads(tmp_path):
+    # No model: the app stops with its remedy after loading torch to look for one.
+    line = _spy("path", "app.py", MMGCS_MODEL=str(tmp_path / "no-model"), MMGCS_EXAMPLES="")
+    assert line == "torch-saw PASSIVE end PASSIVE"
+
+
+def test_evaluate_sets_the_policy():
+    line = _spy("module", "mmgcs.evaluate", "--help")
+    assert line.endswith("end PASSIVE") and line.split()[1] in ("PASSIVE", "-")
+
+
+def test_the_users_own_setting_wins(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    runtime.configure_cpu_policy()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_too_late_is_reported(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "x")
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert runtime.configure_cpu_policy() is False
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_available_cores_is_this_processes_share():
+    cores = runtime.available_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        assert cores == len(os.sched_getaffinity(0))
