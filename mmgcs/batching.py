@@ -14,8 +14,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-INPUT_COLUMNS = ("plot", "poster")
-
 
 def label_names(split) -> list[str]:
     """The genre vocabulary of a split built by ``mmgcs.data`` (a Sequence of ClassLabel)."""
