@@ -133,6 +133,7 @@ def naive_texts(model, split, batch_size=64):
 
 def bench_posters(args, model, table: Table):
     import mmgcs.features as F
+    import mmgcs.features.workers as W  # the tuning constants are read from here at call time
 
     split = poster_split(args.posters_dir, args.posters)
     n = len(split)
@@ -141,24 +142,24 @@ def bench_posters(args, model, table: Table):
         table.add("posters: naive loop (main process, NCHW, batch 64)", n, "posters",
                   timed(lambda: naive_images(model, split), args.repeat))
     for forward_batch in args.forward_batch[1:]:
-        F.CPU_FORWARD_BATCH = forward_batch
+        W.CPU_FORWARD_BATCH = forward_batch
         table.add(f"posters: featurizer, default settings but batch {forward_batch}", n, "posters",
                   timed(lambda: F.compute_image_features(model, split, batch_size=64), args.repeat))
-    F.CPU_FORWARD_BATCH = args.forward_batch[0]
+    W.CPU_FORWARD_BATCH = args.forward_batch[0]
     for workers in args.workers:
         for in_workers in (False, True):
             for optimize in (False, True):
                 if f"{'workers' if in_workers else 'main'}-{'optimized' if optimize else 'eager'}" not in args.modes:
                     continue
-                F.MIN_POSTERS_TO_OPTIMIZE = 0 if optimize else 10**12
+                W.MIN_POSTERS_TO_OPTIMIZE = 0 if optimize else 10**12
                 where = "decode+encode in workers" if in_workers else "decode in workers, encode in main"
                 what = (f"posters: featurizer, {workers} worker(s), {where}, "
-                        f"{'optimized' if optimize else 'eager'}, batch {F.CPU_FORWARD_BATCH}")
+                        f"{'optimized' if optimize else 'eager'}, batch {W.CPU_FORWARD_BATCH}")
                 run = lambda: F.compute_image_features(  # noqa: E731
                     model, split, batch_size=64, num_workers=workers, encode_in_workers=in_workers
                 )
                 table.add(what, n, "posters", timed(run, args.repeat))
-    F.MIN_POSTERS_TO_OPTIMIZE = 256
+    W.MIN_POSTERS_TO_OPTIMIZE = 256
     return split
 
 
@@ -227,6 +228,7 @@ def bench_epoch(args, model, table: Table):
 def profile_posters(model, split, workers: int):
     """Where the time goes: the main process (cProfile) and the tower's ops (torch profiler)."""
     import mmgcs.features as F
+    import mmgcs.features.workers as W
 
     print(f"\n== cProfile of compute_image_features ({len(split)} posters, {workers} workers), top 20 by own time ==")
     prof = cProfile.Profile()
@@ -260,7 +262,7 @@ def profile_posters(model, split, workers: int):
     from torch.profiler import ProfilerActivity, profile
 
     x = torch.randn(4, 3, model.config.image_size, model.config.image_size).contiguous(memory_format=torch.channels_last)
-    with F._main_threads(1):
+    with W._main_threads(1):
         with torch.inference_mode(False), torch.no_grad():
             enc = F.FastImageEncoder(model.eval(), x[:2].clone())
         with torch.inference_mode():

@@ -14,6 +14,8 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image, Sequence, Value
 
 import mmgcs.features as F
+import mmgcs.features.store as store
+import mmgcs.features.workers as W
 from mmgcs.features import FeatureCache, FeatureCacheWarning
 from mmgcs.testing import tiny_model
 
@@ -82,22 +84,22 @@ def _get(cache, model, split, modality, **kw):
 
 
 class CountingCompute:
-    """Wraps mmgcs.features.compute_features to count real computations."""
+    """Wraps the cache's compute_features (mmgcs.features.store's) to count real computations."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = F.compute_features
+        real = store.compute_features
 
         def counted(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(F, "compute_features", counted)
+        monkeypatch.setattr(store, "compute_features", counted)
 
 
 # ------------------------------------------------------------------------------------- correctness
 def test_image_features_equal_encode_image_of_preprocess(cache, model, split, monkeypatch):
-    monkeypatch.setattr(F, "MIN_POSTERS_TO_OPTIMIZE", 0)  # the optimized (traced, BatchNorm-folded) encoder too
+    monkeypatch.setattr(W, "MIN_POSTERS_TO_OPTIMIZE", 0)  # the optimized (traced, BatchNorm-folded) encoder too
     with pytest.warns(FeatureCacheWarning, match=r"id 105: .*not a recognised image"):
         feats, mask = cache.get_or_compute(model, split, "image", batch_size=3, num_workers=0)
     assert mask.tolist() == [True, False, True, True, True, False, True, True]
@@ -135,7 +137,7 @@ def test_features_do_not_change_the_models_mode_or_layout(cache, model, split):
 
 
 def test_worker_processes_give_the_same_features(tmp_path, model, split, monkeypatch):
-    monkeypatch.setattr(F, "MIN_POSTERS_TO_OPTIMIZE", 0)  # workers trace their own tower copy too
+    monkeypatch.setattr(W, "MIN_POSTERS_TO_OPTIMIZE", 0)  # workers trace their own tower copy too
     one, mask_one = _get(FeatureCache(tmp_path / "a"), model, split, "image", num_workers=0)
     two, mask_two = _get(FeatureCache(tmp_path / "b"), model, split, "image", num_workers=2, batch_size=2)
     assert torch.equal(mask_one, mask_two)
@@ -408,3 +410,74 @@ def test_a_split_without_any_poster_gives_an_all_false_mask(cache, model):
     split = make_split(posters=[None] * len(PLOTS))
     feats, mask = _get(cache, model, split, "image")
     assert not mask.any() and torch.all(feats == 0)
+
+
+# ------------------------------------------------------------------------------------ tower-agnostic keys
+# Digests computed by the code before the restructuring of issue 10 (mmgcs/features.py at commit 9968d98, which
+# built the key itself from `config.image_*` / `config.text_*`), for this file's split and tiny_model(seed=0)
+# with text_backbone renamed "tiny-bert" (the tiny backbone lives in a temporary folder of random name). The
+# key now comes from the towers' own `cache_key`; equal digests mean caches written before stay warm.
+KEYS_BEFORE_ISSUE_10 = {
+    ("default", "text"): "59eec81eb983a259aa38c7e561fcd01d",
+    ("default", "image"): "2d391a25cab53d557752c97ba3d04be1",
+    ("bilstm_simplecnn", "text"): "44380ce0bef2a1006d230009a57f93ce",
+    ("bilstm_simplecnn", "image"): "3d8e5357a28286e0864d0242ad50dd63",
+    ("cls_center", "text"): "d1bf9480459584638d1e2301981e59a5",
+    ("cls_center", "image"): "b3314adeea0a6db73d69aa4983e16ff9",
+}
+KEY_MODELS = {
+    "default": {},
+    "bilstm_simplecnn": dict(text_tower="bilstm", image_tower="simplecnn"),
+    "cls_center": dict(text_pooling="cls", image_crop_mode="center"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(KEY_MODELS))
+def test_keys_are_byte_identical_to_those_before_the_towers_said_them(split, variant):
+    model = tiny_model(LABELS, seed=0, **KEY_MODELS[variant])
+    model.config.text_backbone = "tiny-bert"
+    for modality in ("text", "image"):
+        key = F.feature_key(model, split, modality)
+        assert F.key_digest(key) == KEYS_BEFORE_ISSUE_10[(variant, modality)], (variant, modality)
+        assert FeatureCache("c").path_for(model, split, modality).name.startswith(f"{modality}-")
+
+
+def test_the_key_is_the_towers_cache_key_and_the_rows(split, model):
+    for modality in ("text", "image"):
+        tower = getattr(model, f"{modality}_tower")
+        key = F.feature_key(model, split, modality)
+        assert {k: key[k] for k in ("backbone", "weights", "preprocessing")} == tower.cache_key(model.config, model.tokenizer)
+        assert key["weights"] == F.weights_hash(tower) and key["modality"] == modality
+        assert set(key) == {"format", "modality", "backbone", "weights", "preprocessing", "dataset"}
+
+
+def test_a_tower_that_does_not_say_its_key_cannot_be_cached(cache, split):
+    from mmgcs.models.tower import Tower
+
+    class Opaque(Tower):
+        out_dim = 4
+
+        def forward(self, pixel_values):
+            return pixel_values.flatten(1)[:, :4]
+
+    model = tiny_model(LABELS, text=False)
+    model.image_tower = Opaque()
+    with pytest.raises(NotImplementedError, match="Opaque does not say what its features depend on"):
+        cache.get_or_compute(model, split, "image")
+    assert Opaque().fast_encoder(torch.zeros(1, 3, 8, 8)) is None  # no fast encoder: the tower itself runs
+
+
+def test_a_text_tower_without_its_tokenizer_has_no_key(split):
+    model = tiny_model(LABELS, image=False)
+    with pytest.raises(ValueError, match="depend on its tokenizer"):
+        model.text_tower.cache_key(model.config, tokenizer=None)
+
+
+@pytest.mark.parametrize("image_tower", ["timm", "simplecnn"])
+def test_image_towers_offer_a_checked_fast_encoder(image_tower):
+    model = tiny_model(LABELS, text=False, image_tower=image_tower).eval()
+    sample = torch.randn(2, 3, 64, 64)
+    fast = model.image_tower.fast_encoder(sample)
+    assert isinstance(fast, F.FastImageEncoder) and fast.kind == "torchscript-frozen"
+    with torch.no_grad():
+        torch.testing.assert_close(fast(sample), model.image_tower(sample), rtol=1e-4, atol=1e-5)

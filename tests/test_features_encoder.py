@@ -15,6 +15,7 @@ import torch
 from timm.layers.conv2d_same import Conv2dSame
 
 import mmgcs.features as F
+import mmgcs.features.workers as W
 
 
 def _same_convs(module) -> int:
@@ -72,6 +73,7 @@ def test_featurizing_with_fewer_workers_than_cores_finishes():
         import numpy as np, PIL.Image, torch
         from datasets import Dataset, Features, Image, Value
         import mmgcs.features as F
+        import mmgcs.features.workers as W
         from mmgcs.testing import tiny_model
 
         warnings.simplefilter("ignore")
@@ -86,7 +88,7 @@ def test_featurizing_with_fewer_workers_than_cores_finishes():
             features=Features({"id": Value("int64"), "plot": Value("string"), "poster": Image()}),
         )
         model = tiny_model(["A", "B"]).eval()
-        F.MIN_POSTERS_TO_OPTIMIZE = 0
+        W.MIN_POSTERS_TO_OPTIMIZE = 0
         image, mask = F.compute_image_features(model, split, batch_size=2, num_workers=1)
         text, _ = F.compute_text_features(model, split, batch_size=2, num_workers=1)
         assert bool(mask.all()) and image.abs().sum() > 0 and text.abs().sum() > 0
@@ -121,7 +123,7 @@ def test_batched_poster_decoding_equals_the_models_transform_bit_for_bit(crop_mo
         buf = io.BytesIO()
         PIL.Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
         posters.append(buf.getvalue())
-    decode = F._DecodePosters(transform, channels_last=True)
+    decode = W._DecodePosters(transform, channels_last=True)
     assert (decode.split is not None) == (crop_mode == "squash")  # the batched path only where it is exact
     rows, pixels, bad = decode(list(enumerate(posters)))
     assert rows.tolist() == [0, 1, 2, 3] and bad == []

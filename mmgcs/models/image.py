@@ -1,10 +1,16 @@
 """Image towers: poster → (B, out_dim) features. A registry of "timm" (any timm model) and "simplecnn".
 
 Same two builders as the text towers: `create(cfg)` resolves and loads pretrained weights and fills the
-resolved preprocessing fields (size, mean, std, interpolation); `from_config(cfg)` rebuilds offline.
+resolved preprocessing fields (size, mean, std, interpolation); `from_config(cfg)` rebuilds offline. Every image
+tower says what its features depend on (`cache_key`) and offers its fast frozen encoder (`fast_encoder`, see
+mmgcs.models.image_fast) to the feature cache.
+
+timm is imported inside the functions that build or group a timm model: with torchvision, which it imports, it
+takes over a second, and a text-only model never needs it.
 """
 
 import logging
+from typing import Optional
 
 import torch
 from torch import nn
@@ -16,6 +22,8 @@ from mmgcs.models.embedded import (
     hub_reachable,
     load_by_order,
 )
+from mmgcs.models.image_fast import FastImageEncoder
+from mmgcs.models.preprocessing import image_transform
 from mmgcs.models.registry import Registry
 from mmgcs.models.tower import Tower
 
@@ -44,8 +52,38 @@ def _fill_preprocessing(cfg: ModelConfig, mean, std, interpolation: str) -> None
         cfg.interpolation = interpolation
 
 
+class ImageTower(Tower):
+    """A poster tower: (B, 3, S, S) pixels → (B, out_dim); its features depend on the eval transform's settings."""
+
+    def _backbone_key(self, cfg: ModelConfig) -> dict:
+        return {
+            "tower": cfg.image_tower,
+            "name": cfg.image_backbone,
+            "config": cfg.image_backbone_config,
+            "kwargs": getattr(cfg, "image_backbone_kwargs", {}),
+        }
+
+    def _preprocessing_key(self, cfg: ModelConfig, tokenizer=None) -> dict:
+        return {
+            "image_size": cfg.image_size,
+            "image_mean": list(cfg.image_mean or []),
+            "image_std": list(cfg.image_std or []),
+            "interpolation": cfg.interpolation,
+            "crop_mode": getattr(cfg, "image_crop_mode", None),
+            "crop_pct": getattr(cfg, "image_crop_pct", None),
+            # Catches transform steps the fields above do not name (the repr rounds numbers, hence both).
+            "transform": repr(image_transform(cfg, False)),
+        }
+
+    def fast_encoder(self, sample: torch.Tensor) -> Optional[FastImageEncoder]:
+        """This tower traced, frozen and fused for inputs of `sample`'s size on CPU (checked to give this tower's
+        numbers on `sample`), or None where that does not hold or does not apply (GPU, untraceable backbone)."""
+        encoder = FastImageEncoder(self, sample)
+        return encoder if encoder.kind != "eager" else None
+
+
 @IMAGE_TOWERS.register("timm")
-class TimmImageTower(Tower):
+class TimmImageTower(ImageTower):
     """Any timm model as a pooled feature extractor (`num_classes=0`)."""
 
     def __init__(self, backbone: nn.Module):
@@ -114,7 +152,7 @@ class TimmImageTower(Tower):
 
 
 @IMAGE_TOWERS.register("simplecnn")
-class SimpleCNNTower(Tower):
+class SimpleCNNTower(ImageTower):
     """The seeds' baseline: 4 × (conv3x3 → BatchNorm → ReLU → max-pool), 32→256 channels, global average pool."""
 
     CHANNELS = (32, 64, 128, 256)

