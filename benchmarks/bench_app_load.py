@@ -111,12 +111,22 @@ def wait_until_up(url: str, proc: subprocess.Popen | None, timeout: float = 180)
     raise SystemExit(f"the app at {url} did not answer within {timeout:.0f} s")
 
 
+def bad_requests(workdir: Path) -> list[dict]:
+    """Inputs the app must refuse, each with a message: a text file as a poster, an over-long plot, nothing."""
+    fake = workdir / "not-a-poster.png"
+    fake.write_text("this is not an image")
+    return [{"plot": "A plot.", "poster": str(fake)}, {"plot": "word " * 5000, "poster": None},
+            {"plot": None, "poster": None}]
+
+
 def run_level(url: str, callers: int, seconds: float, items: list, mode: str, server_pid: int | None = None,
-              verify_ssl: bool = False) -> dict:
+              verify_ssl: bool = False, bad: list | None = None, bad_every: int = 0) -> dict:
     from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
 
     latencies: list[float] = []
     errors: list[str] = []
+    refused = [0, 0]  # bad requests refused with a message, and bad requests answered or refused without one
     lock = threading.Lock()
     # gradio_client opens a new httpx client for each HTTP call; with certificate checks on, each one loads the CA
     # bundle (~28 ms of CPU, 3 per predict). Over plain-HTTP loopback there is no TLS to verify, and the callers
@@ -129,7 +139,22 @@ def run_level(url: str, callers: int, seconds: float, items: list, mode: str, se
         client = clients[k]
         i = k
         start_line.wait()
+        calls = 0
         while time.perf_counter() < deadline[0]:
+            calls += 1
+            if bad_every and calls % bad_every == 0:
+                spec = bad[(calls // bad_every) % len(bad)]
+                try:
+                    client.predict(plot=spec["plot"], poster=handle_file(spec["poster"]) if spec["poster"] else None,
+                                   api_name="/predict")
+                    good = False
+                except AppError as e:
+                    good = bool(str(e).strip())
+                except Exception:  # noqa: BLE001 — no message: the app failed this bad request
+                    good = False
+                with lock:
+                    refused[0 if good else 1] += 1
+                continue
             plot, poster = items[i % len(items)]
             i += callers
             kwargs = {"plot": plot if mode in ("both", "plot") else None,
@@ -167,7 +192,8 @@ def run_level(url: str, callers: int, seconds: float, items: list, mode: str, se
     server_ms = (server_cpu1 - server_cpu0) * 1000 / done if server_cpu0 is not None else float("nan")
     return {"callers": callers, "ok": len(latencies), "errors": len(errors), "rps": len(latencies) / elapsed,
             "server_ms": server_ms, "client_ms": (client_cpu1 - client_cpu0) * 1000 / done,
-            "p50": q[49] * 1000, "p95": q[94] * 1000, "p99": q[98] * 1000, "first_error": errors[0] if errors else ""}
+            "p50": q[49] * 1000, "p95": q[94] * 1000, "p99": q[98] * 1000, "first_error": errors[0] if errors else "",
+            "bad_refused": refused[0], "bad_wrong": refused[1]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--verify-ssl", action="store_true",
                     help="let the callers load the CA bundle on every HTTP call, as gradio_client does by default")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env for the app")
+    ap.add_argument("--bad-every", type=int, default=0, metavar="N",
+                    help="each caller sends a bad request (non-image poster, over-long plot, nothing) every N-th call;"
+                         " each must be refused with a message")
     args = ap.parse_args(argv)
 
     load_before = os.getloadavg()[0]
@@ -206,11 +235,12 @@ def main(argv: list[str] | None = None) -> None:
         info = Client(url, verbose=False).predict(api_name="/model_info")
         with tempfile.TemporaryDirectory() as tmp:
             items, what = movies(args.movies, Path(tmp))
+            bad = bad_requests(Path(tmp))
             rows = []
             for n in [int(x) for x in args.callers.split(",")]:
                 if args.warmup > 0:
                     run_level(url, n, args.warmup, items, args.mode, verify_ssl=args.verify_ssl)
-                rows.append(run_level(url, n, args.seconds, items, args.mode, pid, args.verify_ssl))
+                rows.append(run_level(url, n, args.seconds, items, args.mode, pid, args.verify_ssl, bad, args.bad_every))
         peak = peak_rss_mb(pid) if pid else None
     finally:
         if proc is not None:
@@ -228,11 +258,12 @@ def main(argv: list[str] | None = None) -> None:
           "(other work on the machine slows every number below)")
     # CPU time per request does not depend on what else the machine runs: it bounds the throughput of an idle
     # machine at (cores x 1000) / (server + caller CPU ms) movies/s when the callers share it, as here.
-    print("\n| callers | requests | movies/s | errors | p50 ms | p95 ms | p99 ms | server CPU ms/req | callers CPU ms/req |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| callers | requests | movies/s | errors | p50 ms | p95 ms | p99 ms | server CPU ms/req | callers CPU ms/req "
+          "| bad refused with a message | bad answered or unexplained |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['callers']} | {r['ok']} | {r['rps']:.1f} | {r['errors']} | {r['p50']:.0f} | {r['p95']:.0f} "
-              f"| {r['p99']:.0f} | {r['server_ms']:.0f} | {r['client_ms']:.0f} |")
+              f"| {r['p99']:.0f} | {r['server_ms']:.0f} | {r['client_ms']:.0f} | {r['bad_refused']} | {r['bad_wrong']} |")
     print(f"\nserver peak memory (VmHWM): {peak:.0f} MB" if peak else "\nserver peak memory: unknown (pass --server-pid)")
     for r in rows:
         if r["first_error"]:
