@@ -45,6 +45,7 @@ import gradio.utils  # noqa: E402
 import PIL.Image  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
+from mmgcs.data import load_movies  # noqa: E402
 from mmgcs.data.images import InvalidImageError, image_size, load_image  # noqa: E402
 from mmgcs.serving import (  # noqa: E402
     BatchingPredictor,
@@ -416,9 +417,7 @@ def load_examples(source: str, n: int = N_EXAMPLES) -> list[list]:
         log.info("no examples: no dataset at %s (build one with `python -m mmgcs.data build`)", source)
         return []
     try:
-        import datasets
-
-        from mmgcs.data import load_movies
+        import datasets  # ~1 s, and only a Space with example movies needs it
 
         splits = load_movies(source)
         split = splits["test"] if "test" in splits else next(iter(splits.values()))

@@ -6,15 +6,17 @@ a backbone name could reach for the Hub ("hf-hub:..."), and a text config could 
 (`auto_map`). Each check raises one error naming the field, its value, the bound and the remedy. The bounds are
 generous (real models sit far below them); they exist to turn a wrong number into a clear message.
 
-Import-light (no torch at import time): mmgcs.config uses the kwargs allowlist when validating a run config.
+Import-light (no torch at import time). The kwargs allowlist lives in mmgcs.config (re-exported here).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, Optional
+
+# The image-backbone kwargs allowlist is a config field's domain (checked when a run config is validated too).
+from mmgcs.config import IMAGE_BACKBONE_KWARGS, image_kwargs_problem  # noqa: F401
 
 # The whole model (towers + fusion + lexical branch), counted on the meta device before the real build.
 # 2e9 float32 parameters are 8 GB; the largest shipped config (mpnet-base + ConvNeXt-T) is ~140 M.
@@ -50,48 +52,6 @@ MAX_OTHER_BACKBONE_INT = 1 << 24
 # Keys of a transformers config that load code or fetch things: a bundle never runs code it ships.
 REFUSED_TEXT_KEYS = ("auto_map", "trust_remote_code", "quantization_config", "custom_pipelines")
 SAFE_ATTENTION = (None, "eager", "sdpa")
-
-
-# ---------------------------------------------------------------------------------------- backbone kwargs
-def _rate(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) < 1.0
-
-
-def _pool(value: Any) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[a-z_]{0,16}", value) is not None
-
-
-def _img_size(value: Any) -> bool:
-    sizes = value if isinstance(value, (list, tuple)) and len(value) == 2 else [value]
-    return all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 2_048 for v in sizes)
-
-
-# timm.create_model kwargs that only change regularization, pooling or the input size. Anything else
-# (checkpoint_path, pretrained_cfg_overlay, in_chans, ...) could read a file, fetch weights or change shapes.
-IMAGE_BACKBONE_KWARGS = {
-    "drop_rate": (_rate, "a rate in [0, 1)"),
-    "drop_path_rate": (_rate, "a rate in [0, 1)"),
-    "drop_block_rate": (_rate, "a rate in [0, 1)"),
-    "attn_drop_rate": (_rate, "a rate in [0, 1)"),
-    "proj_drop_rate": (_rate, "a rate in [0, 1)"),
-    "pos_drop_rate": (_rate, "a rate in [0, 1)"),
-    "global_pool": (_pool, "a timm pooling name such as 'avg' or 'max'"),
-    "img_size": (_img_size, "an int (or [height, width]) between 8 and 2048"),
-}
-
-
-def image_kwargs_problem(kwargs: Any) -> Optional[str]:
-    """Why `image_backbone_kwargs` is refused (a message naming the key), or None when every key is allowed."""
-    if not isinstance(kwargs, dict):
-        return f"image_backbone_kwargs must be a mapping, got {type(kwargs).__name__}"
-    for key, value in kwargs.items():
-        if key not in IMAGE_BACKBONE_KWARGS:
-            return (f"image_backbone_kwargs: {key!r} is not allowed (it could read files, fetch weights or change "
-                    f"the architecture); allowed keys: {sorted(IMAGE_BACKBONE_KWARGS)}")
-        ok, expected = IMAGE_BACKBONE_KWARGS[key]
-        if not ok(value):
-            return f"image_backbone_kwargs.{key}: expected {expected}, got {value!r}"
-    return None
 
 
 # ---------------------------------------------------------------------------------------- size bounds

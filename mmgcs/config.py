@@ -2,17 +2,27 @@
 
 Precedence: dataclass defaults < YAML file(s) < ``section.key=value`` command-line overrides.
 Unknown keys are errors; values are coerced to the declared field type, and a bad value names the field.
+
+Layer 0: imports no other MMGCS module. The values a setting may take are checked here (`CHOICES`, `MINIMUMS`, the
+text template, the image-backbone kwargs allowlist); the names a registry holds (towers, fusion heads, poolings)
+are checked against the registries themselves by `mmgcs.models.check_model_choices`, which the engine calls.
 """
 
 import dataclasses
 import difflib
+import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
+
+# The default backbones; `mmgcs.models.embedded` knows where their weights come from offline.
+DEFAULT_TEXT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_IMAGE_BACKBONE = "tf_efficientnet_lite0"
 
 
 @dataclass
@@ -37,7 +47,7 @@ class ModelConfig:
     task: str = "multilabel"  # "multilabel" (sigmoid + BCE) or "singlelabel" (softmax + CE)
     # Text tower: a name in the text-tower registry ("hf", "bilstm"), or "none".
     text_tower: str = "hf"
-    text_backbone: str = "sentence-transformers/all-MiniLM-L6-v2"  # Hub id or local folder (also the BiLSTM's tokenizer)
+    text_backbone: str = DEFAULT_TEXT_BACKBONE  # Hub id or local folder (also the BiLSTM's tokenizer)
     text_pooling: str = "mean"  # "mean", "cls" or "mean4" (average of the last 4 layers' means)
     max_text_length: int = 128
     # What the text tower reads: {plot}, optionally with {title} (e.g. "{title}. {plot}"). A movie without a title
@@ -51,7 +61,7 @@ class ModelConfig:
     vocab_size: int = 20000  # BiLSTM + GloVe: keep the N most frequent GloVe words (resolved to the real size)
     # Image tower: a name in the image-tower registry ("timm", "simplecnn"), or "none".
     image_tower: str = "timm"
-    image_backbone: str = "tf_efficientnet_lite0"
+    image_backbone: str = DEFAULT_IMAGE_BACKBONE
     image_backbone_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (drop_path_rate, ...)
     image_backbone_config: dict = field(default_factory=dict)  # resolved timm pretrained_cfg, filled at build time
     image_size: int = 224
@@ -219,7 +229,9 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-# Values a key may take; checked after all sources are merged so the error names the final culprit.
+# Values a key may take; checked after all sources are merged so the error names the final culprit. This is their
+# one home: the tables that implement them (mmgcs.optim's optimizers and schedules, the towers' fine-tuning
+# modes, the model's tasks) are held to these names by tests/test_config.py.
 CHOICES: dict[str, tuple] = {
     "model.task": ("multilabel", "singlelabel"),
     "train.optimizer": ("adamw", "adam", "sgd"),
@@ -261,6 +273,66 @@ MINIMUMS: dict[str, tuple] = {
 FAST_PROFILE: dict = {"train": {"limit": 256, "epochs": 2, "early_stopping_patience": 0}}
 
 
+# ------------------------------------------------------------------------------------ values of single fields
+TEXT_FIELDS = ("plot", "title")
+
+
+def check_text_template(template: str) -> None:
+    """A template must read the plot and may add the title; anything else is a typo the user should see."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"{template!r} is not a valid format string ({e}); use e.g. '{{title}}. {{plot}}'") from None
+    unknown = names - set(TEXT_FIELDS)
+    if "plot" not in names or unknown:
+        raise ValueError(
+            f"{template!r} must contain {{plot}} and may contain {{title}}"
+            + (f"; unknown fields {sorted(unknown)}" if unknown else "")
+        )
+
+
+def _rate(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) < 1.0
+
+
+def _pool(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[a-z_]{0,16}", value) is not None
+
+
+def _img_size(value: Any) -> bool:
+    sizes = value if isinstance(value, (list, tuple)) and len(value) == 2 else [value]
+    return all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 2_048 for v in sizes)
+
+
+# timm.create_model kwargs that only change regularization, pooling or the input size. Anything else
+# (checkpoint_path, pretrained_cfg_overlay, in_chans, ...) could read a file, fetch weights or change shapes.
+# Checked for run configs (here), new models and loaded bundles (mmgcs.bundle_checks re-exports it).
+IMAGE_BACKBONE_KWARGS = {
+    "drop_rate": (_rate, "a rate in [0, 1)"),
+    "drop_path_rate": (_rate, "a rate in [0, 1)"),
+    "drop_block_rate": (_rate, "a rate in [0, 1)"),
+    "attn_drop_rate": (_rate, "a rate in [0, 1)"),
+    "proj_drop_rate": (_rate, "a rate in [0, 1)"),
+    "pos_drop_rate": (_rate, "a rate in [0, 1)"),
+    "global_pool": (_pool, "a timm pooling name such as 'avg' or 'max'"),
+    "img_size": (_img_size, "an int (or [height, width]) between 8 and 2048"),
+}
+
+
+def image_kwargs_problem(kwargs: Any) -> Optional[str]:
+    """Why `image_backbone_kwargs` is refused (a message naming the key), or None when every key is allowed."""
+    if not isinstance(kwargs, dict):
+        return f"image_backbone_kwargs must be a mapping, got {type(kwargs).__name__}"
+    for key, value in kwargs.items():
+        if key not in IMAGE_BACKBONE_KWARGS:
+            return (f"image_backbone_kwargs: {key!r} is not allowed (it could read files, fetch weights or change "
+                    f"the architecture); allowed keys: {sorted(IMAGE_BACKBONE_KWARGS)}")
+        ok, expected = IMAGE_BACKBONE_KWARGS[key]
+        if not ok(value):
+            return f"image_backbone_kwargs.{key}: expected {expected}, got {value!r}"
+    return None
+
+
 def _get(cfg: Any, dotted: str) -> Any:
     obj = cfg
     for part in dotted.split("."):
@@ -268,25 +340,25 @@ def _get(cfg: Any, dotted: str) -> Any:
     return obj
 
 
+def check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    """The one "not a valid choice" error: names the field, the value and every valid choice."""
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not a valid choice; choose one of {list(choices)}")
+
+
 def validate_config(cfg: "RunConfig") -> None:
     """Raise ConfigError naming the field and what it accepts when a merged value is out of its domain."""
     for key, choices in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not a valid choice; choose one of {list(choices)}")
+        check_choice(key, _get(cfg, key), choices)
     for key, (low, inclusive) in MINIMUMS.items():
         value = _get(cfg, key)
         if value < low or (value == low and not inclusive):
             bound = f">= {low}" if inclusive else f"> {low}"
             raise ConfigError(f"{key}: must be {bound}, got {value!r}")
-    from mmgcs.bundle_checks import image_kwargs_problem
-
     kwargs_problem = image_kwargs_problem(cfg.model.image_backbone_kwargs)
     if kwargs_problem:
         raise ConfigError(f"model.{kwargs_problem}")
     try:
-        from mmgcs.models.preprocessing import check_text_template
-
         check_text_template(cfg.model.text_template)
     except ValueError as e:
         raise ConfigError(f"model.text_template: {e}") from None
@@ -350,12 +422,17 @@ def model_config_from_dict(d: dict) -> ModelConfig:
 __all__ = [
     "CHOICES",
     "ConfigError",
+    "DEFAULT_IMAGE_BACKBONE",
+    "DEFAULT_TEXT_BACKBONE",
     "FAST_PROFILE",
     "DataConfig",
     "ModelConfig",
     "RunConfig",
     "TrainConfig",
+    "check_choice",
+    "check_text_template",
     "config_to_dict",
+    "image_kwargs_problem",
     "load_config",
     "model_config_from_dict",
     "parse_overrides",

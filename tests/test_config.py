@@ -144,3 +144,52 @@ def test_validate_config_catches_programmatic_mistakes():
     cfg.train.scheduler = "onecycle"
     with pytest.raises(ConfigError, match="train.scheduler"):
         validate_config(cfg)
+
+
+def test_config_imports_no_model_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, mmgcs.config; bad = sorted(m for m in sys.modules if m.startswith('mmgcs.') "
+            "and m not in ('mmgcs.config',) or m in ('torch', 'timm', 'transformers')); print(bad)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
+def test_each_choice_list_is_the_one_its_implementation_uses():
+    from mmgcs.config import CHOICES
+    from mmgcs.models.classifier import TASKS
+    from mmgcs.models.tower import FINETUNE_MODES
+    from mmgcs.optim import OPTIMIZERS, SCHEDULERS
+
+    assert set(CHOICES["train.optimizer"]) == set(OPTIMIZERS)
+    assert set(CHOICES["train.scheduler"]) == set(SCHEDULERS)
+    assert tuple(CHOICES["train.text_finetune"]) == tuple(CHOICES["train.image_finetune"]) == tuple(FINETUNE_MODES)
+    assert tuple(CHOICES["model.task"]) == tuple(TASKS)
+
+
+def test_the_defaults_have_one_home():
+    from mmgcs.config import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, ModelConfig
+    from mmgcs.models import embedded
+
+    assert (ModelConfig().text_backbone, ModelConfig().image_backbone) == (DEFAULT_TEXT_BACKBONE, DEFAULT_IMAGE_BACKBONE)
+    assert embedded.DEFAULT_TEXT_BACKBONE is DEFAULT_TEXT_BACKBONE  # the embedded copies' module names the same ones
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{title}", "must contain {plot}"),
+        ("{plot} {year}", "unknown fields ['year']"),
+        ("{plot", "not a valid format string"),
+    ],
+)
+def test_the_text_template_is_checked_with_the_config(template, message):
+    from mmgcs.config import check_text_template
+    from mmgcs.models import preprocessing
+
+    with pytest.raises(ConfigError, match=r"model\.text_template") as err:
+        load_config(overrides=[f"model.text_template={template}"])
+    assert message in str(err.value)
+    assert preprocessing.check_text_template is check_text_template  # its old import path still works
+    assert load_config(overrides=["model.text_template={title}. {plot}"]).model.text_template == "{title}. {plot}"

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from huggingface_hub import constants as hf_constants
 
-DEFAULT_TEXT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
-DEFAULT_IMAGE_BACKBONE = "tf_efficientnet_lite0"
+# The defaults live in mmgcs.config; named here too because this module is where their offline copies are found.
+from mmgcs.config import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE  # noqa: F401
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -23,12 +24,7 @@ def hub_offline() -> bool:
     """True when the user asked huggingface_hub to stay offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE or os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in _TRUE:
         return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:  # pragma: no cover
-        return False
+    return bool(hf_constants.HF_HUB_OFFLINE)
 
 
 @functools.lru_cache(maxsize=1)

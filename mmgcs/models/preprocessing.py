@@ -4,7 +4,8 @@ from typing import Any, Optional
 
 import torch
 
-from mmgcs.config import ModelConfig
+# The template check lives with the other settings checks; imported here for callers of its old home.
+from mmgcs.config import TEXT_FIELDS, ModelConfig, check_text_template  # noqa: F401
 
 # Training augmentation for posters: mild crops that keep most of the artwork and the poster's 2:3 shape
 # (the crop is then squashed to a square like at eval), flips, light colour jitter. timm's ImageNet default
@@ -16,7 +17,7 @@ TRAIN_COLOR_JITTER = 0.2
 
 def image_transform(cfg: ModelConfig, train: bool = False):
     """timm's eval (or train) transform for the bundle's image size / mean / std / interpolation."""
-    from timm.data import create_transform
+    from timm.data import create_transform  # timm: kept off the import path of text-only models (see image.py)
 
     if cfg.image_mean is None or cfg.image_std is None or not cfg.interpolation:
         raise ValueError(
@@ -42,25 +43,6 @@ def tokenize(tokenizer, cfg: ModelConfig, plots: list[Optional[str]]) -> dict[st
         texts, padding="longest", truncation=True, max_length=cfg.max_text_length, return_tensors="pt"
     )
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-TEXT_FIELDS = ("plot", "title")
-
-
-def check_text_template(template: str) -> None:
-    """A template must read the plot and may add the title; anything else is a typo the user should see."""
-    import string
-
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as e:
-        raise ValueError(f"{template!r} is not a valid format string ({e}); use e.g. '{{title}}. {{plot}}'") from None
-    unknown = names - set(TEXT_FIELDS)
-    if "plot" not in names or unknown:
-        raise ValueError(
-            f"{template!r} must contain {{plot}} and may contain {{title}}"
-            + (f"; unknown fields {sorted(unknown)}" if unknown else "")
-        )
 
 
 def compose_text(template: str, plot: Optional[str], title: Optional[str] = None) -> Optional[str]:
