@@ -71,6 +71,18 @@ def binarize(probs: np.ndarray, thresholds: ThresholdSpec = None, *, argmax: boo
     return (probs >= resolve_thresholds(thresholds, probs.shape[1])[None, :]).astype(np.int64)
 
 
+def decision_thresholds(cfg) -> np.ndarray:
+    """A model config's per-genre decision thresholds: its tuned `thresholds`, else its global `threshold`."""
+    chosen = cfg.thresholds if getattr(cfg, "thresholds", None) else getattr(cfg, "threshold", DEFAULT_THRESHOLD)
+    return resolve_thresholds(chosen, len(cfg.labels))
+
+
+def decide(probs, labels: Sequence[str], thresholds: ThresholdSpec = None, *, argmax: bool = False) -> list[list[str]]:
+    """Scores (N, L) → each movie's genres (the one rule turning scores into genres, by :func:`binarize`),
+    in label order."""
+    return [[label for label, on in zip(labels, row) if on] for row in binarize(probs, thresholds, argmax=argmax)]
+
+
 def _average_precisions(probs: np.ndarray, labels: np.ndarray) -> list[Optional[float]]:
     # AP is undefined for a genre without positives (sklearn would warn and return a meaningless value).
     return [
@@ -270,6 +282,8 @@ __all__ = [
     "bootstrap_intervals",
     "DEFAULT_THRESHOLD",
     "binarize",
+    "decide",
+    "decision_thresholds",
     "compute_metrics",
     "resolve_thresholds",
     "tune_global_threshold",
