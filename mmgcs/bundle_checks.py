@@ -6,7 +6,9 @@ a backbone name could reach for the Hub ("hf-hub:..."), and a text config could 
 (`auto_map`). Each check raises one error naming the field, its value, the bound and the remedy. The bounds are
 generous (real models sit far below them); they exist to turn a wrong number into a clear message.
 
-Import-light (no torch at import time). The kwargs allowlist lives in mmgcs.config (re-exported here).
+Import-light (no torch or timm at import time). The kwargs allowlist lives in mmgcs.config (re-exported here).
+The checks that need torch or timm (the image source, the parameter count on the meta device, NaN weights) live
+with the loader, `mmgcs.hub.bundle`.
 """
 
 from __future__ import annotations
@@ -123,27 +125,6 @@ def text_config_problem(config: Any) -> Optional[str]:
     return None
 
 
-def _plain_timm_name(name: Any) -> bool:
-    import timm
-
-    return isinstance(name, str) and ":" not in name and timm.is_model(name)
-
-
-def image_source_problem(cfg) -> Optional[str]:
-    """Why the image backbone cannot be rebuilt offline from the stored config alone, or None."""
-    name = cfg.image_backbone
-    if _plain_timm_name(name):
-        return None
-    arch = (cfg.image_backbone_config or {}).get("architecture")
-    if ":" in str(name) and _plain_timm_name(arch):
-        return None  # rebuilt from the stored architecture (TimmImageTower._build), never from the Hub or a folder
-    if ":" in str(name):
-        return (f"image_backbone={name!r} would fetch its architecture from the Hub or a folder, and "
-                f"image_backbone_config.architecture ({arch!r}) is not a timm model; a bundle is rebuilt from its "
-                "stored configs only. Re-save the model with mmgcs (it stores the architecture)")
-    return f"image_backbone={name!r} is not a timm model in this timm version; upgrade timm or re-save the model"
-
-
 # ---------------------------------------------------------------------------------------- files
 # A vocabulary file a tokenizer can be rebuilt from when a (legacy) bundle has no tokenizer.json.
 VOCAB_FILES = ("vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
@@ -174,37 +155,11 @@ def tokenizer_problem(tokenizer, cfg) -> Optional[str]:
     return None
 
 
-
-
-# ---------------------------------------------------------------------------------------- parameter count
-def count_on_meta(cls, cfg) -> tuple[int, str, int]:
-    """(parameters + buffers, the largest tensor's name, its size) of `cls(cfg)` built on the meta device:
-    exact, and nothing is allocated. Run after `size_problem`, so no single field can make the build slow."""
-    import torch
-
-    with torch.device("meta"):
-        model = cls(cfg, tokenizer=None)
-    sizes = {name: t.numel() for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    del model
-    largest = max(sizes, key=sizes.get, default="")
-    return sum(sizes.values()), largest, sizes.get(largest, 0)
-
-
-def non_finite_tensors(state: dict) -> list[str]:
-    """Names of the floating tensors holding a NaN or an Inf (a diverged run or a damaged file)."""
-    import torch
-
-    return sorted(name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-
-
 __all__ = [
     "IMAGE_BACKBONE_KWARGS",
     "MAX_PARAMETERS",
-    "count_on_meta",
     "image_kwargs_problem",
-    "image_source_problem",
     "missing_tokenizer_files",
-    "non_finite_tensors",
     "size_problem",
     "text_config_problem",
     "tokenizer_problem",

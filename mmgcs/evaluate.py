@@ -21,6 +21,7 @@ if __name__ == "__main__":  # `python -m mmgcs.evaluate`: the CPU policy, before
     configure_cpu_policy()
 
 import argparse
+import itertools
 import json
 import sys
 from collections import Counter
@@ -28,10 +29,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
+import datasets
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
+from mmgcs.data import load_movies
 from mmgcs.data.genres import canonical_genre, genre_key, parse_renames
-from mmgcs.metrics import bootstrap_intervals, compute_metrics, resolve_thresholds
+from mmgcs.data.images import InvalidImageError, load_image
+from mmgcs.data.records import BuildReport
+from mmgcs.data.sources import FORMATS, detect_format, get_format, source_name
+from mmgcs.inference import Predictor
+from mmgcs.metrics import bootstrap_intervals, compute_metrics, decide, decision_thresholds, resolve_thresholds
+from mmgcs.models.classifier import GenreClassifier
+from mmgcs.models.preprocessing import plot_present
 from mmgcs.report import format_metrics_table
 
 
@@ -112,16 +123,10 @@ def is_source_folder(path: str | Path) -> bool:
         return False
     if (p / "dataset_dict.json").is_file():
         return False
-    from mmgcs.data.sources import FORMATS
-
     return any(f.detect(p) for f in FORMATS.values())
 
 
 def read_dataset(path: str, split: str) -> EvalData:
-    import datasets
-
-    from mmgcs.data import load_movies
-
     dd = load_movies(path)
     if split not in dd:
         raise ValueError(f"Dataset {path!r} has no split {split!r}; its splits: {sorted(dd)}. Pick one with --split.")
@@ -151,9 +156,6 @@ def read_dataset(path: str, split: str) -> EvalData:
 
 def read_source(path: str, fmt: Optional[str] = None, split: Optional[str] = None) -> EvalData:
     """Every movie of a raw source; when the source has official splits (MM-IMDb), only those of ``split``."""
-    from mmgcs.data.records import BuildReport
-    from mmgcs.data.sources import detect_format, get_format, source_name
-
     p = Path(path)
     source = get_format(fmt) if fmt else detect_format(p)
     report = BuildReport()
@@ -217,16 +219,16 @@ def _has_poster(poster: Any) -> bool:
     return True
 
 
-def predict_probs(model, plots: list, posters: list, single_inputs: bool = False) -> dict[str, np.ndarray]:
-    """Probabilities (B, L) of a batch under ``"fused"``, computed as the model serves them (`mmgcs.inference`).
+def predict_probs(model, plots: list, posters: list, single_inputs: bool = False,
+                  titles: Optional[list] = None) -> dict[str, np.ndarray]:
+    """Probabilities (B, L) of a batch under ``"fused"``, computed as the model serves them (`mmgcs.inference`,
+    the one predict path; the batch's rows in order, one batch).
 
     With ``single_inputs`` and a two-tower model, also ``"plot_only"`` and ``"poster_only"``: the same rows scored
     with the other modality withheld. The towers run once; only the cheap fusion head runs three times. A view is
     meaningful only for the rows that have its input (the fused scores stand in when no row of the batch has it).
     """
-    from mmgcs.inference import run_batch
-
-    probs, views = run_batch(model, model.preprocess(plots, posters), by_modality=single_inputs)
+    probs, views = Predictor(model).probabilities(plots, posters, titles, by_modality=single_inputs)
     out = {"fused": probs.numpy()}
     if single_inputs:
         out["plot_only"] = views.get("text", (probs, None))[0].numpy()
@@ -236,12 +238,134 @@ def predict_probs(model, plots: list, posters: list, single_inputs: bool = False
 
 def model_thresholds(model, override: Optional[float] = None) -> tuple[np.ndarray, str]:
     """The decision thresholds to use and where they came from."""
-    n = len(model.config.labels)
     if override is not None:
-        return resolve_thresholds(float(override), n), "command line (--threshold)"
-    if getattr(model.config, "thresholds", None):
-        return resolve_thresholds(model.config.thresholds, n), "bundle (per-genre, tuned on validation)"
-    return resolve_thresholds(float(getattr(model.config, "threshold", 0.5)), n), "bundle (global)"
+        return resolve_thresholds(float(override), len(model.config.labels)), "command line (--threshold)"
+    tuned = bool(getattr(model.config, "thresholds", None))
+    return decision_thresholds(model.config), "bundle (per-genre, tuned on validation)" if tuned else "bundle (global)"
+
+
+@dataclass
+class _Plan:
+    """What the model and the options decide before any row is read."""
+
+    labels: list
+    mapper: "GenreMapper"
+    modality: str
+    use_text: bool
+    use_image: bool
+    thresholds: np.ndarray
+    threshold_source: str
+    reads_title: bool
+    single_label: bool
+    evaluated: list  # the label columns the data annotates
+
+    @property
+    def single_inputs(self) -> bool:  # plot vs poster on the movies that have both (cheap: towers run once)
+        return self.use_text and self.use_image
+
+
+@dataclass
+class _Tally:
+    """What scoring has seen so far, turned into the report at the end."""
+
+    counts: Counter = field(default_factory=Counter)
+    skipped: list = field(default_factory=list)
+    bad_posters: list = field(default_factory=list)
+    without_model_genre: list = field(default_factory=list)
+    probs: list = field(default_factory=list)
+    targets: list = field(default_factory=list)
+    ids: list = field(default_factory=list)
+    alone: dict = field(default_factory=lambda: {"plot_only": [], "poster_only": []})
+    has_both: list = field(default_factory=list)
+
+
+def _plan(model, data: EvalData, threshold: Optional[float], modality: str, renames: Optional[dict]) -> _Plan:
+    if modality not in ("both", "text", "image"):
+        raise ValueError(f"modality must be both, text or image; got {modality!r}")
+    labels = list(model.config.labels)
+    mapper = GenreMapper(labels, renames)
+    use_text = modality in ("both", "text") and getattr(model, "text_tower", None) is not None
+    use_image = modality in ("both", "image") and getattr(model, "image_tower", None) is not None
+    if not (use_text or use_image):
+        raise ValueError(f"The model has no tower for --modality {modality}; use --modality both")
+    thresholds, threshold_source = model_thresholds(model, threshold)
+    single_label = getattr(model.config, "task", "multilabel") == "singlelabel"
+    if single_label:
+        threshold_source = "none (single-label: the top genre)"
+    # A built dataset's vocabulary says which model genres the data annotates; others cannot be judged here.
+    evaluated = list(range(len(labels)))
+    if data.vocabulary is not None:
+        vocab = GenreMapper(labels, renames)
+        annotated = {vocab.column(g) for g in data.vocabulary} - {None}
+        evaluated = [j for j in range(len(labels)) if j in annotated]
+        if not evaluated:
+            raise ValueError(
+                f"None of the model's genres {labels} is a label of the data ({data.vocabulary}); "
+                "map names with --rename-genre DATA=MODEL"
+            )
+    # The text the tower reads, as in training (e.g. "{title}. {plot}"); a row without a title gets its plot alone.
+    reads_title = "{title}" in getattr(model.config, "text_template", "{plot}")
+    return _Plan(labels, mapper, modality, use_text, use_image, thresholds, threshold_source, reads_title, single_label,
+                 evaluated)
+
+
+def _row_inputs(row: EvalRow, target: np.ndarray, plan: _Plan, data: EvalData, tally: _Tally) -> Optional[tuple]:
+    """A row's (plot, poster image) to score, or None when it is skipped (recorded with the reason)."""
+    if not row.genres and data.vocabulary is None:
+        # A raw row without genres has no ground truth. (A built dataset's empty list means "none of the label
+        # set", a real all-negative row, scored as training scores it.)
+        tally.skipped.append({"id": row.id, "reason": "no genres", "detail": "the movie lists no genre"})
+        return None
+    if not target.any() and plan.single_label:
+        # A single-label model has no right answer for it (training drops such rows too).
+        tally.skipped.append({"id": row.id, "reason": "no genre known to the model", "detail": f"genres: {row.genres}"})
+        return None
+    plot = row.plot if plan.use_text and plot_present(row.plot) else None
+    image = None
+    if plan.use_image and _has_poster(row.poster):
+        try:
+            image = load_image(row.poster)
+        except (InvalidImageError, OSError) as e:
+            tally.bad_posters.append({"id": row.id, "error": str(e)})
+    if plot is None and image is None:
+        wanted = {"both": "plot or poster", "text": "plot", "image": "poster"}[plan.modality]
+        tally.skipped.append({"id": row.id, "reason": "no input", "detail": f"no usable {wanted}"})
+        return None
+    if not target.any():
+        tally.without_model_genre.append(row.id)
+    tally.counts["with_plot"] += plot is not None
+    if plot is not None and plan.reads_title:
+        tally.counts["plots_without_title"] += not plot_present(row.title)
+    tally.counts["with_poster"] += image is not None
+    return plot, image
+
+
+def _score_chunk(model, chunk: list, plan: _Plan, data: EvalData, mapper: GenreMapper, tally: _Tally,
+                 pred_file) -> None:
+    plots, posters, titles, keep = [], [], [], []
+    for row in chunk:
+        tally.counts["rows"] += 1
+        target = mapper.encode(row.genres)
+        inputs = _row_inputs(row, target, plan, data, tally)
+        if inputs is not None:
+            plots.append(inputs[0])
+            posters.append(inputs[1])
+            titles.append(row.title if isinstance(row.title, str) else None)  # as compose_text reads it
+            keep.append((row, target))
+    if not keep:
+        return
+    probs = predict_probs(model, plots, posters, single_inputs=plan.single_inputs,
+                          titles=titles if plan.reads_title else None)
+    if plan.single_inputs:
+        for name in tally.alone:
+            tally.alone[name].extend(probs[name])
+    tally.has_both.extend(plot is not None and image is not None for plot, image in zip(plots, posters))
+    for (row, target), p in zip(keep, probs["fused"]):
+        tally.probs.append(p)
+        tally.targets.append(target)
+        tally.ids.append(row.id)
+        if pred_file:
+            pred_file.write(json.dumps(_prediction_record(row, p, target, plan)) + "\n")
 
 
 def evaluate(
@@ -258,104 +382,15 @@ def evaluate(
     n_boot: int = 1000,
 ) -> dict:
     """Score ``model`` on ``data``; returns the report (counts, skipped rows, unknown genres, metrics)."""
-    from mmgcs.data.images import InvalidImageError, load_image
-    from mmgcs.models.preprocessing import compose_text, plot_present
-
-    if modality not in ("both", "text", "image"):
-        raise ValueError(f"modality must be both, text or image; got {modality!r}")
-    labels = list(model.config.labels)
-    mapper = GenreMapper(labels, renames)
-    use_text = modality in ("both", "text") and getattr(model, "text_tower", None) is not None
-    use_image = modality in ("both", "image") and getattr(model, "image_tower", None) is not None
-    if not (use_text or use_image):
-        raise ValueError(f"The model has no tower for --modality {modality}; use --modality both")
-    thresholds, threshold_source = model_thresholds(model, threshold)
-    # The text the tower reads, as in training (e.g. "{title}. {plot}"); a row without a title gets its plot alone.
-    text_template = getattr(model.config, "text_template", "{plot}")
-    reads_title = "{title}" in text_template
-    single_label = getattr(model.config, "task", "multilabel") == "singlelabel"
-    if single_label:
-        threshold_source = "none (single-label: the top genre)"
-
-    # A built dataset's vocabulary says which model genres the data annotates; others cannot be judged here.
-    if data.vocabulary is not None:
-        vocab = GenreMapper(labels, renames)
-        annotated = {vocab.column(g) for g in data.vocabulary} - {None}
-        evaluated = [j for j in range(len(labels)) if j in annotated]
-        if not evaluated:
-            raise ValueError(
-                f"None of the model's genres {labels} is a label of the data ({data.vocabulary}); "
-                "map names with --rename-genre DATA=MODEL"
-            )
-    else:
-        evaluated = list(range(len(labels)))
-
-    skipped, bad_posters, without_model_genre = [], [], []
-    counts = Counter()
-    all_probs, all_labels, ids = [], [], []
-    # Plot vs poster: on the movies that have both, what each input alone scores (cheap: towers run once).
-    single_inputs = use_text and use_image
-    alone: dict[str, list] = {"plot_only": [], "poster_only": []}
-    has_both: list[bool] = []
+    plan = _plan(model, data, threshold, modality, renames)
+    mapper = plan.mapper
+    tally = _Tally()
+    rows = itertools.islice(iter(data.rows), limit) if limit else iter(data.rows)
+    bar = tqdm(desc="scoring", unit="movie", file=sys.stderr) if progress else None
     pred_file = open(predictions_path, "w", encoding="utf-8") if predictions_path else None
-    rows = iter(data.rows)
-    if limit:
-        import itertools
-
-        rows = itertools.islice(rows, limit)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="scoring", unit="movie", file=sys.stderr)
     try:
         for chunk in _batches(rows, batch_size):
-            plots, posters, keep = [], [], []
-            for row in chunk:
-                counts["rows"] += 1
-                target = mapper.encode(row.genres)
-                if not row.genres and data.vocabulary is None:
-                    # A raw row without genres has no ground truth. (A built dataset's empty list means "none of
-                    # the label set", a real all-negative row, scored as training scores it.)
-                    skipped.append({"id": row.id, "reason": "no genres", "detail": "the movie lists no genre"})
-                    continue
-                if not target.any() and single_label:
-                    # A single-label model has no right answer for it (training drops such rows too).
-                    skipped.append({"id": row.id, "reason": "no genre known to the model", "detail": f"genres: {row.genres}"})
-                    continue
-                plot = row.plot if use_text and plot_present(row.plot) else None
-                image = None
-                if use_image and _has_poster(row.poster):
-                    try:
-                        image = load_image(row.poster)
-                    except (InvalidImageError, OSError) as e:
-                        bad_posters.append({"id": row.id, "error": str(e)})
-                if plot is None and image is None:
-                    wanted = {"both": "plot or poster", "text": "plot", "image": "poster"}[modality]
-                    skipped.append({"id": row.id, "reason": "no input", "detail": f"no usable {wanted}"})
-                    continue
-                if not target.any():
-                    without_model_genre.append(row.id)
-                counts["with_plot"] += plot is not None
-                if plot is not None and reads_title:
-                    counts["plots_without_title"] += not plot_present(row.title)
-                    plot = compose_text(text_template, plot, row.title)
-                counts["with_poster"] += image is not None
-                plots.append(plot)
-                posters.append(image)
-                keep.append((row, target))
-            if keep:
-                probs = predict_probs(model, plots, posters, single_inputs=single_inputs)
-                if single_inputs:
-                    for name in alone:
-                        alone[name].extend(probs[name])
-                has_both.extend(plot is not None and image is not None for plot, image in zip(plots, posters))
-                for (row, target), p in zip(keep, probs["fused"]):
-                    all_probs.append(p)
-                    all_labels.append(target)
-                    ids.append(row.id)
-                    if pred_file:
-                        pred_file.write(json.dumps(_prediction_record(row, p, target, labels, thresholds, model)) + "\n")
+            _score_chunk(model, chunk, plan, data, mapper, tally, pred_file)
             if bar is not None:
                 bar.update(len(chunk))
     finally:
@@ -363,47 +398,57 @@ def evaluate(
             pred_file.close()
         if bar is not None:
             bar.close()
+    report = _base_report(plan, data, mapper, tally)
+    if tally.ids:
+        _add_metrics(report, plan, tally, model, threshold, n_boot)
+    return report
 
-    skipped = data.skipped + skipped  # reader drops are known only once the rows have been read
+
+def _base_report(plan: _Plan, data: EvalData, mapper: GenreMapper, tally: _Tally) -> dict:
+    skipped = data.skipped + tally.skipped  # reader drops are known only once the rows have been read
+    counts = tally.counts
     counts["rows"] += len(data.skipped)  # so that rows == scored + skipped
-    counts["scored"] = len(ids)
+    counts["scored"] = len(tally.ids)
     counts["skipped"] = len(skipped)
-    counts["bad_posters"] = len(bad_posters)
-    counts["without_model_genre"] = len(without_model_genre)
+    counts["bad_posters"] = len(tally.bad_posters)
+    counts["without_model_genre"] = len(tally.without_model_genre)
     counts.update(data.notes)
-    report = {
+    labels = plan.labels
+    return {
         "data_kind": data.kind,
         "labels": labels,
-        "evaluated_labels": [labels[j] for j in evaluated],
-        "labels_not_in_data": [labels[j] for j in range(len(labels)) if j not in evaluated],
-        "modality": modality,
-        "threshold_source": threshold_source,
+        "evaluated_labels": [labels[j] for j in plan.evaluated],
+        "labels_not_in_data": [labels[j] for j in range(len(labels)) if j not in plan.evaluated],
+        "modality": plan.modality,
+        "threshold_source": plan.threshold_source,
         "counts": dict(counts),
         "unknown_genres": dict(mapper.unknown.most_common()),
         "genre_aliases": dict(mapper.aliased),
         "skipped": skipped,
-        "bad_posters": bad_posters,
+        "bad_posters": tally.bad_posters,
         # Scored as all-negative rows: the right answer for them is "none of the model's genres".
-        "rows_without_model_genre": without_model_genre,
+        "rows_without_model_genre": tally.without_model_genre,
         "metrics": None,
     }
-    if not ids:
-        return report
-    probs = np.stack(all_probs)[:, evaluated]
-    targets = np.stack(all_labels)[:, evaluated]
+
+
+def _add_metrics(report: dict, plan: _Plan, tally: _Tally, model, threshold: Optional[float], n_boot: int) -> None:
+    evaluated, single_label = plan.evaluated, plan.single_label
+    probs = np.stack(tally.probs)[:, evaluated]
+    targets = np.stack(tally.targets)[:, evaluated]
     names = report["evaluated_labels"]
-    report["metrics"] = compute_metrics(probs, targets, names, thresholds[evaluated], argmax=single_label)
+    thr = plan.thresholds[evaluated]
+    report["metrics"] = compute_metrics(probs, targets, names, thr, argmax=single_label)
     if n_boot:
         report["intervals"] = {
             "confidence": 0.95,
             "n_boot": n_boot,
-            **bootstrap_intervals(probs, targets, thresholds[evaluated], n_boot=n_boot, argmax=single_label),
+            **bootstrap_intervals(probs, targets, thr, n_boot=n_boot, argmax=single_label),
         }
-    both = np.asarray(has_both, dtype=bool)
-    if single_inputs and both.any():
-        thr = thresholds[evaluated]
+    both = np.asarray(tally.has_both, dtype=bool)
+    if plan.single_inputs and both.any():
         by_input = {"movies": int(both.sum())}
-        for name, p in (("fused", probs), *((k, np.stack(v)[:, evaluated]) for k, v in alone.items())):
+        for name, p in (("fused", probs), *((k, np.stack(v)[:, evaluated]) for k, v in tally.alone.items())):
             m = compute_metrics(p[both], targets[both], names, thr, argmax=single_label)
             by_input[name] = {
                 **{k: m[k] for k in ("micro_f1", "macro_f1", "samples_f1", "mAP")},
@@ -414,19 +459,15 @@ def evaluate(
         # What the tuned thresholds bought, against the single global threshold.
         glob = compute_metrics(probs, targets, names, float(getattr(model.config, "threshold", 0.5)))
         report["metrics_at_global_threshold"] = {k: v for k, v in glob.items() if k != "per_genre"}
-    return report
 
 
-def _prediction_record(row: EvalRow, probs: np.ndarray, target: np.ndarray, labels, thresholds, model) -> dict:
-    if getattr(model.config, "task", "multilabel") == "singlelabel":
-        predicted = [labels[int(np.argmax(probs))]]
-    else:
-        predicted = [labels[j] for j in range(len(labels)) if probs[j] >= thresholds[j]]
+def _prediction_record(row: EvalRow, probs: np.ndarray, target: np.ndarray, plan: _Plan) -> dict:
+    labels = plan.labels
     return {
         "id": row.id,
         "title": row.title,
         "true": [labels[j] for j in np.flatnonzero(target)],
-        "predicted": predicted,
+        "predicted": decide(probs[None, :], labels, plan.thresholds, argmax=plan.single_label)[0],
         "scores": {labels[j]: round(float(probs[j]), 6) for j in range(len(labels))},
     }
 
@@ -490,12 +531,8 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
-    import torch
-
-    from mmgcs import GenreClassifier
-
+def _checked_renames(args: argparse.Namespace) -> dict[str, str]:
+    """The options that need more than argparse's checks; SystemExit naming the fix."""
     try:
         renames = parse_renames(args.rename_genre, form="DATA_NAME=MODEL_NAME", example="Sci-Fi=Science Fiction")
     except ValueError as e:
@@ -506,57 +543,56 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit("--bootstrap must be 0 (off) or a number of resamples")
     if args.limit < 0:
         raise SystemExit("--limit must be 0 (every movie) or the number of movies to score")
-    try:
-        # The data first: a wrong path fails in a second instead of after loading the model.
-        data = read_data(args.data, args.split, args.format)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"Cannot read --data {args.data!r}: {e}") from e
+    return renames
+
+
+def _load_model(args: argparse.Namespace):
     try:
         model = GenreClassifier.from_pretrained(args.model)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"Could not load the model from {args.model!r}: {e}") from e
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device).eval()
+    return model.to(device).eval()
 
-    result = {
-        "model": str(args.model),
-        "data": str(args.data),
-        "split": None,
-        "out": args.out,
-    }
+
+def _print_metrics(result: dict) -> None:
+    print()
+    print(format_metrics_table(result["metrics"], markdown=False))
+    if result.get("intervals"):
+        iv = result["intervals"]
+        print(f"\n{iv['confidence']:.0%} bootstrap intervals ({iv['n_boot']} resamples): " + ", ".join(
+            f"{k} [{iv[k][0]:.3f}, {iv[k][1]:.3f}]" for k in ("micro_f1", "macro_f1", "samples_f1")))
+    if result.get("by_input"):
+        b = result["by_input"]
+        print(f"\nOn the {b['movies']} movies with both a plot and a poster (micro F1 / macro F1 / mAP):")
+        for name in ("fused", "plot_only", "poster_only"):
+            mm = b[name]
+            print(f"  {name:<12} {mm['micro_f1']:.3f} / {mm['macro_f1']:.3f} / "
+                  + ("–" if mm["mAP"] is None else f"{mm['mAP']:.3f}"))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    renames = _checked_renames(args)
     try:
-        result.update(
-            evaluate(
-                model,
-                data,
-                batch_size=args.batch_size,
-                threshold=args.threshold,
-                modality=args.modality,
-                renames=renames,
-                limit=args.limit,
-                predictions_path=args.predictions,
-                progress=sys.stderr.isatty(),
-                n_boot=args.bootstrap,
-            )
-        )
+        # The data first: a wrong path fails in a second instead of after loading the model.
+        data = read_data(args.data, args.split, args.format)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"Cannot read --data {args.data!r}: {e}") from e
+    model = _load_model(args)
+    result = {"model": str(args.model), "data": str(args.data), "split": None, "out": args.out}
+    try:
+        result.update(evaluate(
+            model, data, batch_size=args.batch_size, threshold=args.threshold, modality=args.modality,
+            renames=renames, limit=args.limit, predictions_path=args.predictions, progress=sys.stderr.isatty(),
+            n_boot=args.bootstrap,
+        ))
     except (FileNotFoundError, ValueError) as e:  # bad options or data, each message naming the remedy
         raise SystemExit(str(e)) from e
     result["split"] = data.split  # known once the rows are read (a raw source's official split)
     print(_summary(result))
     if result["metrics"] is not None:
-        print()
-        print(format_metrics_table(result["metrics"], markdown=False))
-        if result.get("intervals"):
-            iv = result["intervals"]
-            print(f"\n{iv['confidence']:.0%} bootstrap intervals ({iv['n_boot']} resamples): " + ", ".join(
-                f"{k} [{iv[k][0]:.3f}, {iv[k][1]:.3f}]" for k in ("micro_f1", "macro_f1", "samples_f1")))
-        if result.get("by_input"):
-            b = result["by_input"]
-            print(f"\nOn the {b['movies']} movies with both a plot and a poster (micro F1 / macro F1 / mAP):")
-            for name in ("fused", "plot_only", "poster_only"):
-                mm = b[name]
-                print(f"  {name:<12} {mm['micro_f1']:.3f} / {mm['macro_f1']:.3f} / "
-                      + ("–" if mm["mAP"] is None else f"{mm['mAP']:.3f}"))
+        _print_metrics(result)
     else:
         print("No movie could be scored: see the skipped rows (reasons above).")
     if args.out:

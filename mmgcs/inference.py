@@ -1,18 +1,23 @@
-"""Raw (plot, poster) → genre scores, with input validation. Used by `model.predict`, notebooks and the Space.
+"""The one predict path: raw movies (plot, poster, title) → genre scores and decisions.
 
-    predictor = Predictor("runs/fusion/model")          # a bundle folder, Hub id, or a GenreClassifier
-    predictor.predict(plot="...", poster="poster.jpg")  # {"scores": {...}, "genres": [...]}
+    predictor = Predictor(model)                         # a GenreClassifier (any object with its interface)
+    predictor.predict(plot="...", poster="poster.jpg")   # {"scores": {...}, "genres": [...]}
+
+Validate → compose the text (the bundle's template) → preprocess (tokenize, poster transform, lexical features) →
+each tower once, on the rows that have its input → the views (fused, plot-only, poster-only) → decisions at the
+bundle's thresholds. `GenreClassifier.predict`, `mmgcs.serving` (and so the Space) and `mmgcs.evaluate` all come
+here. It sits below the classifier: it takes a model object and never imports the class.
 """
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+import contextlib
+import functools
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from mmgcs.models.preprocessing import check_plot, compose_text, plot_present
-
-if TYPE_CHECKING:
-    from mmgcs.models.classifier import GenreClassifier
+from mmgcs.data.images import InvalidImageError, load_image
+from mmgcs.metrics import decide, decision_thresholds
+from mmgcs.models.preprocessing import check_plot, compose_text, plot_present, tokenize
 
 LEXICAL_INPUTS = ("lexical_ids", "lexical_values")
 # What a batch carries for each modality (raw inputs or cached features). The lexical branch reads the plot's
@@ -26,6 +31,7 @@ NO_INPUT = (
 )
 
 
+# ------------------------------------------------------------------------------------------------- inputs
 def paired_inputs(plots: Optional[list], posters: Optional[list]) -> tuple[list, list]:
     """One plot and one poster per movie, None where missing (a list left out is all None); at least one is given."""
     n = len(plots) if plots is not None else len(posters)
@@ -50,6 +56,64 @@ def _check_usable(model, plot: Any, poster: Any, index: Optional[int] = None) ->
     raise ValueError(where + NO_INPUT + ("" if plot is None else " (the plot is empty)"))
 
 
+def composed_plots(model, plots: list, titles: Optional[list]) -> list:
+    """What the text tower reads for each movie: its plot under the model's `text_template` (as in training), so a
+    model trained on "{title}. {plot}" is served the same way. A missing title (or `titles` left out) is left out."""
+    if titles is None:
+        titles = [None] * len(plots)
+    elif len(titles) != len(plots):
+        raise ValueError(f"Got {len(titles)} titles for {len(plots)} movies; pass one title per movie (None when unknown)")
+    for i, title in enumerate(titles):
+        if title is not None and not isinstance(title, str):
+            raise TypeError(f"title #{i} must be a string or None, got {type(title).__name__}")
+    template = getattr(model.config, "text_template", "{plot}")
+    return [compose_text(template, plot, title) for plot, title in zip(plots, titles)]
+
+
+# ------------------------------------------------------------------------------------------- preprocessing
+def preprocess(model, plots: Optional[list] = None, posters: Optional[list] = None,
+               train: bool = False) -> dict[str, torch.Tensor]:
+    """Raw plots (str or None) and posters (PIL image, path, bytes, datasets Image dict, or None) → a batch, with the
+    tokenizer and image settings stored in the bundle (`model.preprocess`; training's collator uses it too).
+
+    Masks are False where an input is missing (None or an empty plot). Raises `InvalidImageError` naming the bad
+    poster.
+    """
+    if plots is None and posters is None:
+        raise ValueError("preprocess needs plots and/or posters")
+    plots, posters = paired_inputs(plots, posters)
+    batch: dict[str, torch.Tensor] = {}
+    if model.text_tower is not None:
+        for i, p in enumerate(plots):
+            check_plot(p, i)
+        texts = [p if plot_present(p) else "" for p in plots]
+        batch.update(tokenize(model.get_tokenizer(), model.config, texts))
+        batch["text_mask"] = torch.tensor([plot_present(p) for p in plots], dtype=torch.bool)
+        if model.lexical is not None:
+            batch.update(model.lexical.featurize(texts))
+    if model.image_tower is not None:
+        batch["pixel_values"], batch["image_mask"] = _images(model, posters, train)
+    return batch
+
+
+def _images(model, posters: list, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    transform = model.image_transform(train)
+    size = model.config.image_size
+    tensors, mask = [], []
+    for i, poster in enumerate(posters):
+        if poster is None:
+            tensors.append(torch.zeros(3, size, size))
+            mask.append(False)
+            continue
+        try:
+            image = load_image(poster)
+        except InvalidImageError as e:
+            raise InvalidImageError(f"poster #{i}: {e}") from None
+        tensors.append(transform(image))
+        mask.append(True)
+    return torch.stack(tensors), torch.tensor(mask, dtype=torch.bool)
+
+
 def without_modality(batch: dict, modality: str) -> dict:
     """`batch` as the model sees a movie without `modality` (the one rule for a plot-only or poster-only
     prediction): that modality's inputs and features dropped and its mask all False. A new dict; `batch` is kept.
@@ -68,18 +132,7 @@ def without_modality(batch: dict, modality: str) -> dict:
     return out
 
 
-def _result(model, probs: torch.Tensor) -> dict:
-    labels = model.config.labels
-    scores = {label: float(p) for label, p in zip(labels, probs.tolist())}
-    if model.config.task == "singlelabel":
-        genres = [labels[int(probs.argmax())]]
-    else:
-        thresholds = model.decision_thresholds()
-        genres = [label for label, p, t in zip(labels, probs.tolist(), thresholds) if p >= t]
-        genres.sort(key=lambda g: -scores[g])
-    return {"scores": scores, "genres": genres}
-
-
+# ------------------------------------------------------------------------------------------------ towers
 def _encode_present(encode, inputs: tuple, mask: torch.Tensor) -> torch.Tensor:
     """A tower's features for the rows whose `mask` is True; zeros for the others, whose input is a blank
     placeholder that the fusion head ignores anyway (so a plot-only call never runs the image tower)."""
@@ -91,6 +144,13 @@ def _encode_present(encode, inputs: tuple, mask: torch.Tensor) -> torch.Tensor:
     return out.index_copy(0, rows, present)
 
 
+def _encode_image(model, pixels: torch.Tensor) -> torch.Tensor:
+    if pixels.device.type == "cpu":
+        # channels-last input runs CPU convolutions ~10-25 % faster (same numbers to ~1e-6)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    return model.encode_image(pixels)
+
+
 def _encode(model, batch: dict) -> dict[str, torch.Tensor]:
     """Each tower run once, on the rows that have its input: `text_features` / `image_features` for the head."""
     features = {}
@@ -99,116 +159,31 @@ def _encode(model, batch: dict) -> dict[str, torch.Tensor]:
         inputs = (batch["input_ids"], batch["attention_mask"])
         features["text_features"] = _encode_present(model.encode_text, inputs, text_mask)
     if model.image_tower is not None and bool(image_mask.any()):
-        def encode_image(pixels: torch.Tensor) -> torch.Tensor:
-            if pixels.device.type == "cpu":
-                # channels-last input runs CPU convolutions ~10-25 % faster (same numbers to ~1e-6)
-                pixels = pixels.contiguous(memory_format=torch.channels_last)
-            return model.encode_image(pixels)
-
-        features["image_features"] = _encode_present(encode_image, (batch["pixel_values"],), image_mask)
+        encode = functools.partial(_encode_image, model)
+        features["image_features"] = _encode_present(encode, (batch["pixel_values"],), image_mask)
     return features
 
 
-def _head_probs(model, features: dict, masks: dict) -> torch.Tensor:
+def _head_probs(model, batch: dict) -> torch.Tensor:
     """The fusion head alone over precomputed tower features (a forward pass that skips the towers)."""
-    batch = dict(features, **{f"{name}_mask": m for name, m in masks.items() if m is not None})
     return model.probabilities(model(**batch)["logits"]).float().cpu()
 
 
-@torch.inference_mode()
-def run_batch(model, batch: dict, by_modality: bool) -> tuple[torch.Tensor, Optional[dict]]:
-    """A preprocessed batch → (probabilities (B, L) on CPU, views). With `by_modality`, `views` maps "fused" and
-    each modality present in some row to (probabilities from that input alone, its row mask); else None."""
-    device = model.device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    masks = {"text": batch.get("text_mask"), "image": batch.get("image_mask")}
-    features = _encode(model, batch)
-    # The lexical branch reads the text's n-grams directly (no tower); the text mask switches it off per row.
-    features.update({k: batch[k] for k in LEXICAL_INPUTS if k in batch})
-    probs = _head_probs(model, features, masks)
-    if not by_modality:
-        return probs, None
-    # The per-modality views re-run only the small head, with the other modality withheld (its features left
-    # out and its mask all False), which is exactly what a full forward without that input computes.
-    views = {"fused": (probs, None)}
-    present = {name: m for name, m in masks.items() if m is not None}
-    for name, mask in present.items():
-        if not bool(mask.any()):
-            continue  # a view is only meaningful for rows that have that input
-        alone = dict(features, **{f"{m}_mask": v for m, v in present.items()})
-        for other in present:
-            if other != name:
-                alone = without_modality(alone, other)
-        views[name] = (_head_probs(model, alone, {}), mask.cpu())
-    return probs, views
-
-
-def composed_plots(model, plots: list, titles: Optional[list]) -> list:
-    """What the text tower reads for each movie: its plot under the model's `text_template` (as in training), so a
-    model trained on "{title}. {plot}" is served the same way. A missing title (or `titles` left out) is left out."""
-    if titles is None:
-        titles = [None] * len(plots)
-    elif len(titles) != len(plots):
-        raise ValueError(f"Got {len(titles)} titles for {len(plots)} movies; pass one title per movie (None when unknown)")
-    for i, title in enumerate(titles):
-        if title is not None and not isinstance(title, str):
-            raise TypeError(f"title #{i} must be a string or None, got {type(title).__name__}")
-    template = getattr(model.config, "text_template", "{plot}")
-    return [compose_text(template, plot, title) for plot, title in zip(plots, titles)]
-
-
-def predict_batch(model, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
-                  by_modality: bool = False, titles: Optional[list] = None) -> list[dict]:
-    """Many movies → a list of `{"scores", "genres"}` (plus `"by_modality"` when asked), in input order.
-    `titles` (optional, one per movie) are read only by a model whose `text_template` uses `{title}`."""
-    if plots is None and posters is None:
-        raise ValueError(NO_INPUT)
-    plots, posters = paired_inputs(plots, posters)
-    n = len(plots)
-    for i, (plot, poster) in enumerate(zip(plots, posters)):
-        _check_usable(model, plot, poster, index=i if n > 1 else None)
-    plots = composed_plots(model, plots, titles)
-    was_training = model.training
-    model.eval()  # predictions never use dropout or update BatchNorm statistics
-    try:
-        return _predict_chunks(model, plots, posters, batch_size, by_modality)
-    finally:
-        model.train(was_training)
-
-
-def _predict_chunks(model, plots: list, posters: list, batch_size: int, by_modality: bool) -> list[dict]:
-    # Batch plots of similar length together: a batch is padded to its longest plot.
-    order = sorted(range(len(plots)), key=lambda i: len(plots[i]) if isinstance(plots[i], str) else 0)
-    out: list = [None] * len(plots)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        batch = model.preprocess([plots[i] for i in rows], [posters[i] for i in rows])
-        probs, views = run_batch(model, batch, by_modality)
-        for j, i in enumerate(rows):
-            result = _result(model, probs[j])
-            if views is not None:
-                result["by_modality"] = {
-                    name: _result(model, p[j])["scores"]
-                    for name, (p, mask) in views.items() if mask is None or bool(mask[j])
-                }
-            out[i] = result
-    return out
-
-
-def predict(model, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False,
-            title: Optional[str] = None) -> dict:
-    return predict_batch(model, [plot], [poster], by_modality=by_modality, titles=[title])[0]
-
-
+# ---------------------------------------------------------------------------------------------- Predictor
 class Predictor:
-    """A loaded model ready for raw inputs. Wraps a GenreClassifier, or loads one from a folder / Hub id."""
+    """The one predict path over a loaded model (`GenreClassifier.from_pretrained(...)`, or one being trained).
 
-    def __init__(self, model: Union["GenreClassifier", str, Path], device: Union[str, torch.device] = "cpu"):
-        from mmgcs.models.classifier import GenreClassifier
+    Predictions always run in eval mode and give the model back in the mode it was in; `device` (optional) moves
+    the model once, here.
+    """
 
-        if not isinstance(model, GenreClassifier):
-            model = GenreClassifier.from_pretrained(model)
-        self.model = model.to(device).eval()
+    def __init__(self, model, device: Union[str, torch.device, None] = None):
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            raise TypeError(
+                f"Predictor takes a loaded model, got the path {model!r}: use "
+                "Predictor(GenreClassifier.from_pretrained(path_or_hub_id))"
+            )
+        self.model = model if device is None else model.to(device)
 
     @property
     def labels(self) -> list[str]:
@@ -216,13 +191,107 @@ class Predictor:
 
     def predict(self, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False,
                 title: Optional[str] = None) -> dict:
-        return predict(self.model, plot=plot, poster=poster, by_modality=by_modality, title=title)
-
-    def predict_batch(self, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
-                      by_modality: bool = False, titles: Optional[list] = None) -> list[dict]:
-        return predict_batch(self.model, plots, posters, batch_size=batch_size, by_modality=by_modality, titles=titles)
+        """One movie → `{"scores": {genre: probability}, "genres": [predicted genres, highest first]}` (plus
+        `"by_modality"`: the fused, plot-only and poster-only scores, when asked). `title` is read only when the
+        model's `text_template` uses it."""
+        return self.predict_batch([plot], [poster], by_modality=by_modality, titles=[title])[0]
 
     __call__ = predict
 
+    def predict_batch(self, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
+                      by_modality: bool = False, titles: Optional[list] = None) -> list[dict]:
+        """Many movies → a list of `predict` results, in input order."""
+        plots, posters = self._validated(plots, posters, titles)
+        # Batch plots of similar length together: a batch is padded to its longest plot.
+        order = sorted(range(len(plots)), key=lambda i: len(plots[i]) if isinstance(plots[i], str) else 0)
+        out: list = [None] * len(plots)
+        with _eval_mode(self.model):
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                probs, views = self.run(preprocess(self.model, [plots[i] for i in rows], [posters[i] for i in rows]),
+                                        by_modality)
+                for j, result in enumerate(self._results(probs, views)):
+                    out[rows[j]] = result
+        return out
 
-__all__ = ["NO_INPUT", "Predictor", "predict", "predict_batch", "without_modality"]
+    def probabilities(self, plots: list, posters: list, titles: Optional[list] = None,
+                      by_modality: bool = False) -> tuple[torch.Tensor, Optional[dict]]:
+        """The movies as one batch, in order → (probabilities (B, L) on CPU, views as in :meth:`run`)."""
+        plots, posters = self._validated(plots, posters, titles)
+        with _eval_mode(self.model):
+            return self.run(preprocess(self.model, plots, posters), by_modality)
+
+    @torch.inference_mode()
+    def run(self, batch: dict, by_modality: bool = False) -> tuple[torch.Tensor, Optional[dict]]:
+        """A preprocessed batch → (probabilities (B, L) on CPU, views). With `by_modality`, `views` maps "fused"
+        and each modality present in some row to (probabilities from that input alone, its row mask); else None."""
+        model = self.model
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        masks = {m: batch[f"{m}_mask"] for m in MODALITY_INPUTS if batch.get(f"{m}_mask") is not None}
+        features = _encode(model, batch)
+        # The lexical branch reads the text's n-grams directly (no tower); the text mask switches it off per row.
+        features.update({k: batch[k] for k in LEXICAL_INPUTS if k in batch})
+        features.update({f"{m}_mask": mask for m, mask in masks.items()})
+        probs = _head_probs(model, features)
+        if not by_modality:
+            return probs, None
+        # Each view re-runs only the small head, with the other modality withheld (without_modality).
+        views = {"fused": (probs, None)}
+        for name, mask in masks.items():
+            if bool(mask.any()):  # a view is only meaningful for rows that have that input
+                alone = features
+                for other in masks.keys() - {name}:
+                    alone = without_modality(alone, other)
+                views[name] = (_head_probs(model, alone), mask.cpu())
+        return probs, views
+
+    def decisions(self, probs: torch.Tensor) -> list[list[str]]:
+        """Each row's genres at the bundle's thresholds (single-label: the top genre), highest score first."""
+        cfg = self.model.config
+        rows = probs.numpy()
+        chosen = decide(rows, cfg.labels, decision_thresholds(cfg), argmax=cfg.task == "singlelabel")
+        index = {label: j for j, label in enumerate(cfg.labels)}
+        return [sorted(genres, key=lambda g: -row[index[g]]) for genres, row in zip(chosen, rows)]
+
+    def _results(self, probs: torch.Tensor, views: Optional[dict]) -> list[dict]:
+        labels = self.model.config.labels
+        out = []
+        for j, genres in enumerate(self.decisions(probs)):
+            result = {"scores": dict(zip(labels, probs[j].tolist())), "genres": genres}
+            if views is not None:
+                result["by_modality"] = {name: dict(zip(labels, p[j].tolist()))
+                                         for name, (p, mask) in views.items() if mask is None or bool(mask[j])}
+            out.append(result)
+        return out
+
+    def _validated(self, plots: Optional[list], posters: Optional[list], titles: Optional[list]) -> tuple[list, list]:
+        if plots is None and posters is None:
+            raise ValueError(NO_INPUT)
+        plots, posters = paired_inputs(plots, posters)
+        for i, (plot, poster) in enumerate(zip(plots, posters)):
+            _check_usable(self.model, plot, poster, index=i if len(plots) > 1 else None)
+        return composed_plots(self.model, plots, titles), posters
+
+
+@contextlib.contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """Predictions never use dropout or update BatchNorm statistics; the model's own mode comes back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def predict(model, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False,
+            title: Optional[str] = None) -> dict:
+    return Predictor(model).predict(plot, poster, by_modality=by_modality, title=title)
+
+
+def predict_batch(model, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
+                  by_modality: bool = False, titles: Optional[list] = None) -> list[dict]:
+    return Predictor(model).predict_batch(plots, posters, batch_size=batch_size, by_modality=by_modality, titles=titles)
+
+
+__all__ = ["NO_INPUT", "Predictor", "composed_plots", "predict", "predict_batch", "preprocess", "without_modality"]

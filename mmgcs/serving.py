@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from mmgcs.data.images import MAX_IMAGE_PIXELS
+from mmgcs.hub.ids import is_hub_id
+from mmgcs.inference import Predictor
+from mmgcs.models.classifier import GenreClassifier
 
 PRECISIONS = ("auto", "fp32", "bf16")
 MODEL_REMEDY = (
@@ -109,9 +114,6 @@ def choose_precision(device_type: str, environ: Optional[Mapping[str, str]] = No
 def load_model(source: str):
     """A GenreClassifier from a folder or a Hub id, in eval mode (on the GPU when there is one), or
     `ModelNotFoundError` explaining how to get one."""
-    from mmgcs import GenreClassifier
-    from mmgcs.hub import is_hub_id
-
     local = Path(source).expanduser()
     if not local.exists() and not is_hub_id(source):
         raise ModelNotFoundError(f"No model at {source!r}. {MODEL_REMEDY}")
@@ -119,8 +121,6 @@ def load_model(source: str):
         model = GenreClassifier.from_pretrained(str(local) if local.exists() else source)
     except Exception as e:
         raise ModelNotFoundError(f"Could not load the model {source!r} ({type(e).__name__}: {e}). {MODEL_REMEDY}") from e
-    import torch
-
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval()
@@ -235,14 +235,16 @@ class MicroBatcher:
 
 class BatchingPredictor(MicroBatcher):
     """`predictor(plot, poster, title=None) -> {"scores", "genres", "by_modality"}` (plain JSON types), with
-    concurrent calls batched into one `model.predict_batch`. Validate and decode each input before calling it; a
-    request that still fails gets its own exception. The title is read only by a model whose `text_template`
-    uses it. Items submitted directly are `(plot, poster)` or `(plot, poster, title)`."""
+    concurrent calls batched into one `Predictor.predict_batch` (mmgcs.inference, the one predict path). Validate
+    and decode each input before calling it; a request that still fails gets its own exception. The title is read
+    only by a model whose `text_template` uses it. Items submitted directly are `(plot, poster)` or
+    `(plot, poster, title)`."""
 
     def __init__(self, model, max_batch: int, precision: str = "fp32"):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16' (resolve 'auto' with choose_precision), got {precision!r}")
         self.model = model
+        self.predictor = Predictor(model)
         self.precision = precision
         super().__init__(self._predict, max_batch)
 
@@ -250,14 +252,12 @@ class BatchingPredictor(MicroBatcher):
         return super().__call__((plot, poster, title))
 
     def _predict(self, items: list[tuple]) -> list[dict]:
-        import torch
-
         items = [(*item, None)[:3] for item in items]  # a (plot, poster) item has no title
         plots = [plot for plot, _, _ in items]
         posters = [poster for _, poster, _ in items]
         titles = [title for _, _, title in items]
         with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            results = self.model.predict_batch(plots, posters, by_modality=True, titles=titles)
+            results = self.predictor.predict_batch(plots, posters, by_modality=True, titles=titles)
         return [jsonable(r) for r in results]
 
 

@@ -58,3 +58,14 @@ def test_dataset_loading_uses_the_rule(tmp_path, monkeypatch):
     (tmp_path / "owner" / "name").mkdir(parents=True)  # a local folder wins over the id it looks like
     with pytest.raises(FileNotFoundError, match="has no data/\\*.parquet"):
         load_movies("owner/name")
+
+
+def test_import_mmgcs_hub_stays_light():
+    """The data CLI imports the errors and is_hub_id from mmgcs.hub: the bundle code (torch) loads on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mmgcs.hub as h; print('torch' in sys.modules); h.is_hub_id('a/b'); h.HubUnavailableError; "
+            "print('torch' in sys.modules); h.load_bundle; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "True"]

@@ -7,7 +7,7 @@ import PIL.Image
 import pytest
 import torch
 
-from mmgcs import Predictor
+from mmgcs import GenreClassifier, Predictor
 from mmgcs.data.images import InvalidImageError
 from mmgcs.models.fusion import FUSIONS
 from mmgcs.testing import tiny_model
@@ -140,17 +140,20 @@ def test_singlelabel_predicts_one_class():
 def test_predictor_loads_a_bundle_and_uses_its_preprocessing(model, tmp_path):
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    predictor = Predictor(tmp_path)
+    predictor = Predictor(GenreClassifier.from_pretrained(tmp_path))
     assert predictor.labels == LABELS
     poster = png_bytes("RGB", color=(30, 90, 150))
     assert predictor(plot=PLOT, poster=poster)["scores"] == pytest.approx(model.predict(plot=PLOT, poster=poster)["scores"], abs=1e-6)
     # preprocessing comes from the bundle: a different stored mean changes the pixels the model sees
     config["image_mean"] = [0.0, 0.0, 0.0]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    shifted = Predictor(tmp_path)
+    shifted = Predictor(GenreClassifier.from_pretrained(tmp_path))
     batch_a = predictor.model.preprocess([None], [poster])["pixel_values"]
     batch_b = shifted.model.preprocess([None], [poster])["pixel_values"]
     assert not torch.allclose(batch_a, batch_b)
+    # the predict path sits below the classifier: it takes a loaded model, and a path says how to load one
+    with pytest.raises(TypeError, match=r"Predictor\(GenreClassifier.from_pretrained\(path_or_hub_id\)\)"):
+        Predictor(tmp_path)
 
 
 def test_predict_in_the_middle_of_training_is_deterministic_and_keeps_training_mode():
@@ -270,3 +273,23 @@ def test_without_modality_drops_the_inputs_and_masks_the_rows(model):
         torch.testing.assert_close(model(**without_modality(batch, "image"))["logits"], model(**masked)["logits"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="Unknown modality 'audio'; available"):
         without_modality(batch, "audio")
+
+
+def test_decisions_are_the_metrics_rule(model):
+    """Scores → genres in one place (mmgcs.metrics.decide, at mmgcs.metrics.decision_thresholds): predict's genres
+    are those, highest score first."""
+    from mmgcs.metrics import decide, decision_thresholds
+
+    model.config.thresholds = [0.3, 0.4, 0.5, 0.6]
+    try:
+        results = model.predict_batch([PLOT, "Two friends fall in love in Paris.", None],
+                                      [None, png_bytes("RGB"), png_bytes("L")])
+        probs = torch.tensor([list(r["scores"].values()) for r in results])
+        expected = decide(probs.numpy(), LABELS, decision_thresholds(model.config))
+        assert [sorted(r["genres"]) for r in results] == [sorted(g) for g in expected]
+        for r in results:
+            assert [r["scores"][g] for g in r["genres"]] == sorted((r["scores"][g] for g in r["genres"]), reverse=True)
+        assert model.decision_thresholds() == [0.3, 0.4, 0.5, 0.6]
+    finally:
+        model.config.thresholds = None
+    assert decision_thresholds(model.config).tolist() == [0.5] * 4

@@ -1,8 +1,25 @@
-"""Model code: towers (text.py, image.py), fusion heads (fusion.py), the Hub-ready classifier (classifier.py)."""
+"""Model code: towers (text.py, image.py), fusion heads (fusion.py), the Hub-ready classifier (classifier.py).
 
-from mmgcs.models.classifier import GenreClassifier, create_model
+The towers and heads (layer 2 in ARCHITECTURE.md) load with the package; the classifier sits above the predict path
+and the bundle (layer 4), so `GenreClassifier` / `create_model` load on first use: importing a model part (e.g.
+`mmgcs.models.preprocessing` from `mmgcs.inference`) must not import the classifier back.
+"""
+
+import importlib
+
 from mmgcs.models.fusion import FUSIONS
 from mmgcs.models.image import IMAGE_TOWERS
 from mmgcs.models.text import TEXT_TOWERS
+
+_LAZY = {"GenreClassifier": "mmgcs.models.classifier", "create_model": "mmgcs.models.classifier"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mmgcs.models' has no attribute {name!r}")
+
 
 __all__ = ["FUSIONS", "IMAGE_TOWERS", "TEXT_TOWERS", "GenreClassifier", "create_model"]

@@ -16,11 +16,16 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from mmgcs.bundle_checks import image_kwargs_problem
-from mmgcs.config import ModelConfig
+from mmgcs.config import ConfigError, ModelConfig, model_config_from_dict
+from mmgcs.hub.bundle import load_bundle, save_bundle_files
+from mmgcs.hub.card import model_card
+from mmgcs.hub.push import push_bundle, push_model
+from mmgcs.inference import Predictor, preprocess
+from mmgcs.metrics import decision_thresholds
 from mmgcs.models.fusion import create_fusion
 from mmgcs.models.image import create_image_tower, image_tower_from_config
 from mmgcs.models.lexical import LexicalBranch
-from mmgcs.models.preprocessing import check_plot, image_transform, plot_present, tokenize
+from mmgcs.models.preprocessing import image_transform
 from mmgcs.models.text import POOLINGS, create_text_tower, text_tower_from_config
 from mmgcs.models.tower import Tower
 
@@ -156,35 +161,22 @@ class GenreClassifier(
             raise ValueError(
                 "Empty batch: pass input_ids/attention_mask, pixel_values, or cached text_features/image_features"
             )
-        features, masks = [], []
+        parts = []  # (features or None, row mask, tower) per tower, text first
         if self.text_tower is not None:
-            if text_features is not None:
-                feats = text_features.to(self.device, torch.float32)
-            elif input_ids is not None and self._needed(text_mask):
-                if attention_mask is None:
-                    attention_mask = torch.ones_like(input_ids)
-                feats = self.encode_text(input_ids, attention_mask)
-            else:
-                feats, text_mask = None, torch.zeros(batch_size, dtype=torch.bool, device=self.device)
-            features.append(feats)
-            masks.append(self._mask(text_mask, batch_size))
+            if input_ids is not None and attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            inputs = (input_ids, attention_mask)
+            parts.append((*self._features(text_features, self.encode_text, inputs, text_mask, batch_size), self.text_tower))
         elif input_ids is not None or text_features is not None:
             raise ValueError("This model has no text tower (text_tower='none'); drop input_ids/text_features from the batch")
         if self.image_tower is not None:
-            if image_features is not None:
-                feats = image_features.to(self.device, torch.float32)
-            elif pixel_values is not None and self._needed(image_mask):
-                feats = self.encode_image(pixel_values)
-            else:
-                feats, image_mask = None, torch.zeros(batch_size, dtype=torch.bool, device=self.device)
-            features.append(feats)
-            masks.append(self._mask(image_mask, batch_size))
+            inputs = (pixel_values,)
+            parts.append((*self._features(image_features, self.encode_image, inputs, image_mask, batch_size), self.image_tower))
         elif pixel_values is not None or image_features is not None:
             raise ValueError("This model has no image tower (image_tower='none'); drop pixel_values/image_features from the batch")
-        towers = [t for t in (self.text_tower, self.image_tower) if t is not None]
-        features = [
-            f if f is not None else torch.zeros(batch_size, t.out_dim, device=self.device) for f, t in zip(features, towers)
-        ]
+        # A modality missing from the whole batch still needs features of the right shape (masked out by the head).
+        features = [f if f is not None else torch.zeros(batch_size, t.out_dim, device=self.device) for f, _, t in parts]
+        masks = [m for _, m, _ in parts]
         has_text = masks[0] if self.text_tower is not None else None
         if self.training and self.config.modality_dropout > 0 and len(masks) == 2:
             masks = self._drop_modality(masks)
@@ -196,6 +188,16 @@ class GenreClassifier(
             lexical = self.lexical(lexical_ids, lexical_values) * has_text.unsqueeze(1).to(fused)
             logits = fused + self.config.lexical_weight * lexical
         return {"loss": loss, "logits": logits}
+
+    def _features(self, cached: Optional[torch.Tensor], encode, inputs: tuple, mask: Optional[torch.Tensor],
+                  batch_size: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """One modality's (features, row mask): its cached features, else its tower over the raw input when some
+        row needs it, else (None, all False)."""
+        if cached is not None:
+            return cached.to(self.device, torch.float32), self._mask(mask, batch_size)
+        if inputs[0] is not None and self._needed(mask):
+            return encode(*inputs), self._mask(mask, batch_size)
+        return None, torch.zeros(batch_size, dtype=torch.bool, device=self.device)
 
     def _needed(self, mask: Optional[torch.Tensor]) -> bool:
         """Whether to run a tower. At inference a tower whose input is missing from every row is skipped
@@ -236,54 +238,15 @@ class GenreClassifier(
         return torch.softmax(logits, -1) if self.config.task == "singlelabel" else torch.sigmoid(logits)
 
     def decision_thresholds(self) -> list[float]:
-        if self.config.thresholds is not None:
-            return [float(t) for t in self.config.thresholds]
-        return [float(self.config.threshold)] * len(self.config.labels)
+        return decision_thresholds(self.config).tolist()
 
     # ------------------------------------------------------------------------------------ preprocessing
     def preprocess(
         self, plots: Optional[list] = None, posters: Optional[list] = None, train: bool = False
     ) -> dict[str, torch.Tensor]:
-        """Raw plots (str or None) and posters (PIL image, path, bytes, datasets Image dict, or None) → a batch.
-
-        Uses the tokenizer and image settings stored in the bundle. Masks are False where an input is missing
-        (None or an empty plot). Raises `mmgcs.data.images.InvalidImageError` naming the bad poster.
-        """
-        from mmgcs.inference import paired_inputs
-
-        if plots is None and posters is None:
-            raise ValueError("preprocess needs plots and/or posters")
-        plots, posters = paired_inputs(plots, posters)
-        batch: dict[str, torch.Tensor] = {}
-        if self.text_tower is not None:
-            for i, p in enumerate(plots):
-                check_plot(p, i)
-            batch.update(tokenize(self.get_tokenizer(), self.config, [p if plot_present(p) else "" for p in plots]))
-            batch["text_mask"] = torch.tensor([plot_present(p) for p in plots], dtype=torch.bool)
-            if self.lexical is not None:
-                batch.update(self.lexical.featurize([p if plot_present(p) else "" for p in plots]))
-        if self.image_tower is not None:
-            batch["pixel_values"], batch["image_mask"] = self._images(posters, train)
-        return batch
-
-    def _images(self, posters: list, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        from mmgcs.data.images import InvalidImageError, load_image
-
-        transform = self.image_transform(train)
-        size = self.config.image_size
-        tensors, mask = [], []
-        for i, poster in enumerate(posters):
-            if poster is None:
-                tensors.append(torch.zeros(3, size, size))
-                mask.append(False)
-                continue
-            try:
-                image = load_image(poster)
-            except InvalidImageError as e:
-                raise InvalidImageError(f"poster #{i}: {e}") from None
-            tensors.append(transform(image))
-            mask.append(True)
-        return torch.stack(tensors), torch.tensor(mask, dtype=torch.bool)
+        """Raw plots (str or None) and posters (PIL image, path, bytes, datasets Image dict, or None) → a batch
+        (see `mmgcs.inference.preprocess`). Masks are False where an input is missing."""
+        return preprocess(self, plots, posters, train)
 
     def image_transform(self, train: bool = False):
         """The torchvision transform for this bundle's posters (timm's eval transform, or the train one)."""
@@ -304,17 +267,13 @@ class GenreClassifier(
                 title: Optional[str] = None) -> dict:
         """One movie → `{"scores": {genre: probability}, "genres": [predicted genres]}` (see mmgcs.inference).
         `title` is read only when `config.text_template` uses it."""
-        from mmgcs.inference import predict
-
-        return predict(self, plot=plot, poster=poster, by_modality=by_modality, title=title)
+        return Predictor(self).predict(plot, poster, by_modality=by_modality, title=title)
 
     def predict_batch(self, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
                       by_modality: bool = False, titles: Optional[list] = None) -> list[dict]:
-        from mmgcs.inference import predict_batch
+        return Predictor(self).predict_batch(plots, posters, batch_size=batch_size, by_modality=by_modality, titles=titles)
 
-        return predict_batch(self, plots, posters, batch_size=batch_size, by_modality=by_modality, titles=titles)
-
-    # ---------------------------------------------------------------------------------- save / load / push
+    # ------------------------------------------------------------- the hub mixin: save / load / push (mmgcs.hub)
     def save_pretrained(self, save_directory: Union[str, Path], *, config=None, repo_id: Optional[str] = None,
                         push_to_hub: bool = False, model_card_kwargs: Optional[dict] = None, **push_to_hub_kwargs):
         """Write the bundle: model.safetensors, config.json, tokenizer files, README.md.
@@ -323,30 +282,17 @@ class GenreClassifier(
         """
         if config is not None:
             raise TypeError("save_pretrained takes no config: the bundle's config.json is always model.config")
-        card_kwargs = dict(model_card_kwargs or {})
-        if repo_id:
-            card_kwargs.setdefault("repo_id", repo_id)
+        card_kwargs = {**({"repo_id": repo_id} if repo_id else {}), **(model_card_kwargs or {})}
         super().save_pretrained(save_directory, model_card_kwargs=card_kwargs)
-        # The mixin's ModelCard.save re-serializes the YAML and drops the template's comments: write it as rendered.
-        (Path(save_directory) / "README.md").write_text(self._card(**card_kwargs), encoding="utf-8")
         if push_to_hub:
-            from mmgcs.hub import push_bundle
-
             return push_bundle(save_directory, repo_id or Path(save_directory).name, **push_to_hub_kwargs)
         return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        from mmgcs.hub import save_bundle_files
-
         save_bundle_files(self, Path(save_directory))
 
-    def _card(self, metrics=None, dataset_id=None, repo_id=None, **_unused) -> str:
-        from mmgcs.hub import render_model_card
-
-        return render_model_card(self.config, metrics, dataset_id, repo_id)
-
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
-        return ModelCard(self._card(**kwargs))
+        return model_card(self.config, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -366,12 +312,18 @@ class GenreClassifier(
 
         `config_overrides` may change inference-only fields (e.g. `thresholds`, `threshold`).
         """
-        from mmgcs.hub import load_bundle
-
-        return load_bundle(
-            cls, pretrained_model_name_or_path, force_download=force_download, token=token, cache_dir=cache_dir,
+        return cls._from_pretrained(
+            model_id=pretrained_model_name_or_path, force_download=force_download, token=token, cache_dir=cache_dir,
             local_files_only=local_files_only, revision=revision, map_location=map_location, overrides=config_overrides,
         )
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id, revision=None, cache_dir=None, force_download=False,
+                         local_files_only=False, token=None, map_location="cpu", overrides=None, **_mixin_kwargs):
+        # The mixin's hook, loading strictly through mmgcs.hub (its own loader is strict=False by default).
+        return load_bundle(cls, model_id, force_download=force_download, token=token, cache_dir=cache_dir,
+                           local_files_only=local_files_only, revision=revision, map_location=map_location,
+                           overrides=overrides)
 
     def push_to_hub(self, repo_id: str, *, save_directory: Union[str, Path, None] = None, private: Optional[bool] = None,
                     token: Optional[str] = None, commit_message: str = "Upload MMGCS genre classifier",
@@ -380,14 +332,8 @@ class GenreClassifier(
 
         Offline, raises `mmgcs.hub.HubUnavailableError` saying where the bundle was saved.
         """
-        from mmgcs.hub import default_bundle_dir, push_bundle
-
-        folder = Path(save_directory) if save_directory is not None else default_bundle_dir(repo_id)
-        self.save_pretrained(folder, repo_id=repo_id, model_card_kwargs=model_card_kwargs)
-        if "branch" in kwargs:  # the mixin's name for upload_folder's `revision`
-            kwargs["revision"] = kwargs.pop("branch")
-        kwargs.pop("config", None)
-        return push_bundle(folder, repo_id, token=token, private=private, commit_message=commit_message, **kwargs)
+        return push_model(self, repo_id, save_directory=save_directory, private=private, token=token,
+                          commit_message=commit_message, model_card_kwargs=model_card_kwargs, **kwargs)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -398,8 +344,6 @@ def create_model(labels: Optional[list] = None, config: Optional[ModelConfig] = 
     """A new GenreClassifier: towers resolved and (unless `pretrained=False`) loaded with pretrained weights,
     a fresh fusion head. Start from `config` (e.g. a RunConfig's `.model`) or the defaults; `overrides` are
     ModelConfig fields (`fusion="concat"`, `image_tower="none"`, ...). `config` itself is not modified."""
-    from mmgcs.config import ConfigError, model_config_from_dict
-
     base = dataclasses.asdict(config) if config is not None else {}
     try:
         cfg = model_config_from_dict({**base, **overrides})
