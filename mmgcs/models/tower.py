@@ -62,10 +62,17 @@ class Tower(nn.Module):
         }
 
     def _backbone_key(self, cfg: ModelConfig) -> dict:
-        raise NotImplementedError(f"{type(self).__name__} does not say what its features depend on; they cannot be cached")
+        raise NotImplementedError(self._no_key())
 
     def _preprocessing_key(self, cfg: ModelConfig, tokenizer: Any) -> dict:
-        raise NotImplementedError(f"{type(self).__name__} does not say what its features depend on; they cannot be cached")
+        raise NotImplementedError(self._no_key())
+
+    def _no_key(self) -> str:
+        return (
+            f"{type(self).__name__} does not say what its features depend on, so they cannot be cached: subclass "
+            "mmgcs.models.text.TextTower or mmgcs.models.image.ImageTower (or implement cache_key), or set "
+            "train.cache_features=false"
+        )
 
     def fast_encoder(self, sample: torch.Tensor) -> Optional[Any]:
         """A faster callable computing this tower's features for inputs like `sample` (checked against `forward`),
