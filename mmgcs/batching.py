@@ -11,6 +11,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from datasets import Image
+
+from mmgcs.data.images import InvalidImageError, load_image, poster_present
+from mmgcs.models.preprocessing import compose_text, plot_present
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +60,6 @@ def targets(genre_ids: Sequence[Sequence[int]], mapping: np.ndarray, n_labels: i
 
 
 def _compose_plots(titles, plots, template):
-    from mmgcs.models.preprocessing import compose_text
-
     return {"plot": [compose_text(template, p, t) for t, p in zip(titles, plots)]}
 
 
@@ -86,8 +88,6 @@ def select_inputs(split, use_text: bool, use_image: bool):
     The same columns whatever the model's towers; the feature cache is keyed on the column a tower reads (plus
     the row ids), so a text-only, poster-only and fused model share their cached tower features.
     """
-    from datasets import Image
-
     for needed, column in ((use_text, "plot"), (use_image, "poster")):
         if needed and column not in split.column_names:
             kind = "a text" if column == "plot" else "an image"
@@ -104,9 +104,6 @@ def drop_unusable_rows(split, split_name: str, use_text: bool, use_image: bool, 
     A row is unusable when it has none of the model's inputs (e.g. a plot-only movie for a poster model), or, for
     a single-label model, none of the model's genres.
     """
-
-    from mmgcs.data.images import poster_present
-    from mmgcs.models.preprocessing import plot_present
 
     def usable(batch):
         n = len(batch["genres"])
@@ -201,8 +198,6 @@ class RowCollator:
 def decode_posters(rows: list[dict]) -> tuple[list, list[tuple[Any, str]]]:
     """Each row's poster decoded to an RGB image, or None when it has none or it cannot be decoded; and the
     (row id, reason) of the latter."""
-    from mmgcs.data.images import InvalidImageError, load_image, poster_present
-
     posters, bad = [], []
     for row in rows:
         poster = row.get("poster")
@@ -318,10 +313,6 @@ def limit_rows(split, limit: int):
     return split.select(range(min(limit, len(split)))) if limit else split
 
 
-def modality_flags(model) -> tuple[bool, bool]:
-    return getattr(model, "text_tower", None) is not None, getattr(model, "image_tower", None) is not None
-
-
 __all__ = [
     "BAD_POSTERS",
     "BadPosterReport",
@@ -335,7 +326,6 @@ __all__ = [
     "label_map",
     "label_names",
     "limit_rows",
-    "modality_flags",
     "select_inputs",
     "targets",
 ]

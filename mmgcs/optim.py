@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
+from transformers import get_cosine_schedule_with_warmup
 
 from mmgcs.config import TrainConfig
 
@@ -73,8 +74,6 @@ class Schedule:
 
 
 def _cosine(optimizer, cfg: TrainConfig, steps_per_epoch: int, metric_mode: str) -> Schedule:
-    from transformers import get_cosine_schedule_with_warmup
-
     total = max(1, steps_per_epoch * cfg.epochs)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
@@ -114,12 +113,39 @@ def build_schedule(
     return SCHEDULERS[cfg.scheduler](optimizer, cfg, steps_per_epoch, metric_mode)
 
 
-def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    return {f"lr_{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+# Each tower's fine-tuning settings in TrainConfig: (its mode once unfrozen, how many layers/blocks a "partial"
+# mode trains).
+FINETUNE_SETTINGS = {"text": ("text_finetune", "text_trainable_layers"),
+                     "image": ("image_finetune", "image_trainable_blocks")}
 
 
-def trainable_parameter_count(params: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params if p.requires_grad)
+def finetune_mode(cfg: TrainConfig, modality: str, epoch: int) -> str:
+    """The fine-tuning mode of a tower during ``epoch`` (0-based): frozen for the first ``freeze_epochs``."""
+    return "frozen" if epoch < cfg.freeze_epochs else getattr(cfg, FINETUNE_SETTINGS[modality][0])
+
+
+def two_stage(cfg: TrainConfig) -> bool:
+    """Towers frozen for the first ``freeze_epochs`` and tuned afterwards: parameters that do not train in the
+    first stage must still be known to DDP, which then has to tolerate unused parameters."""
+    return cfg.freeze_epochs > 0 and any(getattr(cfg, mode) != "frozen" for mode, _ in FINETUNE_SETTINGS.values())
+
+
+def frozen_towers(cfg: TrainConfig, modalities: Iterable[str], epoch: int) -> tuple[str, ...]:
+    """The towers among ``modalities`` frozen during ``epoch`` (0-based): all of them in a first frozen stage."""
+    return tuple(m for m in modalities if finetune_mode(cfg, m, epoch) == "frozen")
+
+
+def apply_stage(model: nn.Module, cfg: TrainConfig, epoch: int) -> bool:
+    """Set each tower's fine-tuning mode for ``epoch`` (0-based); True when every tower is frozen."""
+    all_frozen = True
+    for modality, (_, trainable) in FINETUNE_SETTINGS.items():
+        tower = getattr(model, f"{modality}_tower", None)
+        if tower is None:
+            continue
+        mode = finetune_mode(cfg, modality, epoch)
+        tower.set_finetune(mode, getattr(cfg, trainable))
+        all_frozen &= mode == "frozen"
+    return all_frozen
 
 
 __all__ = [
@@ -127,9 +153,11 @@ __all__ = [
     "SCHEDULERS",
     "Schedule",
     "build_optimizer",
+    "apply_stage",
     "build_schedule",
-    "current_lrs",
+    "finetune_mode",
+    "frozen_towers",
     "param_groups",
     "tower_modules",
-    "trainable_parameter_count",
+    "two_stage",
 ]

@@ -1,19 +1,23 @@
-"""Human-facing outputs of a run or an evaluation: PNG plots, per-genre tables, the model card's test metrics."""
+"""Human-facing outputs of a run or an evaluation: PNG plots, per-genre tables, the trackers a run logs to, and
+what a finished run leaves in its folder (metrics.json, test predictions, the bundle with its card filled)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-HEADLINE_METRICS = (  # compute_metrics key, display name
-    ("micro_f1", "Micro F1"),
-    ("macro_f1", "Macro F1"),
-    ("weighted_f1", "Weighted F1"),
-    ("samples_f1", "Samples F1"),
-    ("mAP", "Mean average precision"),
-)
+import numpy as np
+from accelerate import utils as accelerate_utils
 
+from mmgcs.config import ConfigError, RunConfig, config_to_dict
+from mmgcs.hub import card, is_hub_id
+from mmgcs.runs import flatten_dict, mark_complete, replace_folder, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 def _figure(width: float, height: float):
     # A bare Figure renders with the Agg canvas: no display needed (servers, DDP workers), and unlike pyplot it
@@ -25,18 +29,6 @@ def _figure(width: float, height: float):
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def flatten_dict(record: Mapping, sep: str = ".", prefix: str = "") -> dict:
-    """Nested mappings as one level, keys joined by ``sep``: ``{"lr": {"head": 0.1}}`` → ``{"lr.head": 0.1}``."""
-    out = {}
-    for k, v in record.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten_dict(v, sep, f"{key}{sep}"))
-        else:
-            out[key] = v
-    return out
 
 
 def _series(history: Sequence[Mapping]) -> dict[str, list[tuple[float, float]]]:
@@ -123,33 +115,10 @@ def plot_per_genre_f1(metrics: Mapping, path: str | Path, title: str = "Per-genr
     return path
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return str(v)
-
-
 def format_metrics_table(metrics: Mapping, markdown: bool = True) -> str:
-    """The headline numbers and a per-genre table (precision, recall, F1, AP, support, threshold)."""
-    head = [(label, metrics.get(key)) for key, label in HEADLINE_METRICS]
-    head.append(("Samples", metrics.get("n_samples")))
-    cols = ["genre", "precision", "recall", "f1", "ap", "support", "predicted", "threshold"]
-    rows = [
-        [name] + [_fmt(m.get(c)) for c in cols[1:]]
-        for name, m in sorted(metrics["per_genre"].items(), key=lambda kv: -kv[1]["support"])
-    ]
-    if markdown:
-        lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in head]
-        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    width = max([len(c) for c in cols] + [len(r[0]) for r in rows])
-    lines = [f"{k:<24} {_fmt(v)}" for k, v in head] + [""]
-    lines.append(f"{cols[0]:<{width}} " + " ".join(f"{c:>9}" for c in cols[1:]))
-    lines += [f"{r[0]:<{width}} " + " ".join(f"{v:>9}" for v in r[1:]) for r in rows]
-    return "\n".join(lines)
+    """The headline numbers and a per-genre table (precision, recall, F1, AP, support, threshold); built by the one
+    metrics-table builder, `mmgcs.hub.card.metrics_table`."""
+    return card.metrics_table(metrics, card.REPORT_TABLE, markdown)
 
 
 def write_run_report(
@@ -180,103 +149,137 @@ def write_run_report(
     return written
 
 
-def eval_results(
-    test_metrics: Mapping,
-    *,
-    dataset_name: str,
-    dataset_type: str,
-    dataset_split: str = "test",
-    task_type: str = "text-classification",
-    task_name: str = "Multi-label movie genre classification",
-) -> list:
-    """``huggingface_hub.EvalResult`` entries for a model card's ``model-index``.
+# ------------------------------------------------------------------------------------------- a run's outputs
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio"}
 
-    Metric names and types come from ``mmgcs.hub.METRIC_NAMES``, and the bundle card renderer
-    (``mmgcs.hub.card_metadata``) builds its model-index with this function too, so a card rendered at save time
-    and one filled later agree. The Hub needs task.type, dataset.type/name and each metric's type and value;
-    metrics that are None (e.g. mAP when no genre has positives) are left out rather than written as null.
-    """
-    from huggingface_hub import EvalResult
 
-    from mmgcs.hub import METRIC_NAMES
+def resolve_trackers(spec: str) -> Optional[list[str]]:
+    """`train.log_with` → accelerate's `log_with` (where a run logs its curves live). "auto" picks TensorBoard
+    when it is installed."""
+    spec = (spec or "").strip().lower()
+    if spec in ("", "none", "no", "false"):
+        return None
+    if spec == "auto":
+        return ["tensorboard"] if accelerate_utils.is_tensorboard_available() else None
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"train.log_with: unknown tracker {name!r}; choose from {sorted(TRACKER_PACKAGES)}, auto or none")
+        package = TRACKER_PACKAGES[name]
+        if name == "tensorboard":
+            ok = accelerate_utils.is_tensorboard_available()
+        else:
+            ok = importlib.util.find_spec(package) is not None
+        if not ok:
+            raise ConfigError(f"train.log_with: {name} is not installed; `pip install {package}` or set train.log_with=none")
+    return names
 
-    results = []
-    for key, (metric_type, metric_name, metric_config) in METRIC_NAMES.items():
-        value = test_metrics.get(key)
-        if not _is_number(value):
+
+def tracker_config(cfg: RunConfig) -> dict:
+    """A run's settings as trackers take them (TensorBoard's hparams accept scalars and strings only)."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
+            for k, v in flatten_dict(config_to_dict(cfg)).items()}
+
+
+def single_input_metrics(test_pred: Mapping, hidden: Mapping, score: Callable[[dict], dict]) -> dict:
+    """What a fused model does when a movie has only one input: scored (``score``) on the test rows that have it,
+    with the other one hidden. ``hidden``: modality → the test prediction made without it."""
+    out = {}
+    for modality in hidden:
+        others = [m for m in hidden if m != modality]
+        rows = test_pred.get(f"has_{modality}")
+        if len(others) != 1 or rows is None or not rows.any():
             continue
-        results.append(
-            EvalResult(
-                task_type=task_type,
-                task_name=task_name,
-                dataset_type=dataset_type,
-                dataset_name=dataset_name,
-                dataset_split=dataset_split,
-                metric_type=metric_type,
-                metric_name=metric_name,
-                metric_config=metric_config,
-                metric_value=round(float(value), 4),
-            )
-        )
-    return results
+        pred = hidden[others[0]]
+        out[f"{modality}_only"] = score({"probs": pred["probs"][rows], "labels": pred["labels"][rows]})
+    return out
 
 
-def model_index(test_metrics: Mapping, *, model_name: str, **kwargs) -> list[dict]:
-    """The ``model-index`` YAML block (as plain data) for ``test_metrics``; kwargs as in :func:`eval_results`."""
-    from huggingface_hub.repocard_data import eval_results_to_model_index
+def run_metrics(score: Callable[[dict], dict], val_pred: Mapping, test_pred: Mapping, hidden: Mapping, state,
+                train_time: float, thresholds: Optional[Sequence[float]], data, cfg: RunConfig,
+                calibration: Optional[Mapping] = None) -> dict:
+    """metrics.json of a finished run: test and validation scores (``score``: a prediction → compute_metrics under
+    the run's decision rule), the loop's ``state`` (best epoch...), the tuned thresholds, the rows of each split
+    (``data``: the run's RunData), the calibration's summary, and for a fused model the scores of each input alone
+    (``hidden``, see ``single_input_metrics``)."""
+    metrics = {
+        "test": score(test_pred),
+        "validation": score(val_pred),
+        "best_epoch": state.best_epoch,
+        f"best_val_{cfg.train.metric_for_best}": state.best_metric,
+        "epochs_run": len(state.history),
+        "train_time_s": round(train_time, 1),
+        "thresholds": dict(zip(data.labels, thresholds)) if thresholds is not None else None,
+        "labels": data.labels,
+        "rows": {role: len(s) for role, s in data.splits.items()},
+        "dataset": cfg.data.path,
+        **(calibration or {}),
+    }
+    if hidden:
+        metrics["test_single_input"] = single_input_metrics(test_pred, hidden, score)
+    return metrics
 
-    return eval_results_to_model_index(model_name, eval_results(test_metrics, **kwargs))
+
+def run_dataset_name(path: str) -> str:
+    """The dataset a run's model card names: its Hub id, or the local folder's name."""
+    hub_id = path if not Path(path).expanduser().exists() and is_hub_id(path) else None
+    return hub_id or Path(path).expanduser().resolve().name
 
 
-def fill_model_card(
-    card_path: str | Path,
-    test_metrics: Mapping,
-    *,
-    model_name: str,
-    dataset_name: str,
-    dataset_type: str,
-    dataset_split: str = "test",
-    task_type: str = "text-classification",
-) -> Path:
-    """Put test metrics into a saved model card (``README.md``, or the bundle folder holding it).
+def save_finished_run(out: Path, bundle: str, model, data_path: str, metrics: Mapping, history: Sequence[Mapping],
+                      test_pred: Mapping, hidden: Mapping, ids: Optional[Sequence] = None) -> None:
+    """Everything a finished run leaves in ``out``: the bundle (its card's model-index filled with the test
+    metrics; swapped in recoverably), metrics.json, history.json, test_predictions.npz (probabilities, targets,
+    input presence, the views without each input, row ids), the plots and metrics.md; COMPLETE last."""
+    dataset = run_dataset_name(data_path)
 
-    Sets the ``model-index``; when the card sits in a bundle (``config.json`` beside it) the card is first
-    re-rendered by :func:`mmgcs.hub.render_model_card`, so its metrics tables show the same numbers. For a bundle
-    saved before the test split was scored (the engine saves the best epoch, then tests it).
-    """
-    from huggingface_hub import ModelCard
+    def write_bundle(folder: Path) -> None:
+        model.save_pretrained(folder)
+        card.fill_model_card(folder, metrics["test"], model_name=f"mmgcs-{out.resolve().name}", dataset_name=dataset,
+                             dataset_type=dataset, task_type=card.pipeline_tag(model.config))
 
-    card_path = Path(card_path)
-    if card_path.is_dir():
-        card_path = card_path / "README.md"
-    if not card_path.is_file():
-        raise FileNotFoundError(f"Model card {card_path} not found; save the model with model.save_pretrained first")
-    card = ModelCard.load(card_path)
-    if (card_path.parent / "config.json").is_file():
-        from mmgcs.hub import read_config, render_model_card
+    replace_folder(out / bundle, write_bundle)  # recoverable from a kill at any step (see mmgcs.runs)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "history.json", history)
+    arrays = {"probs": test_pred["probs"], "labels": test_pred["labels"]}
+    arrays.update({k: v for k, v in test_pred.items() if k.startswith("has_")})
+    for modality, pred in hidden.items():
+        arrays[f"probs_without_{modality}"] = pred["probs"]
+    if ids is not None:
+        arrays["ids"] = np.asarray(ids)
+    np.savez_compressed(out / "test_predictions.npz", **arrays)
+    try:
+        write_run_report(out, history, metrics["test"], metrics["labels"])
+    except Exception as e:  # plots are a convenience; never lose a finished run over them
+        logger.warning("Could not write the run report plots: %s", e)
+    test = metrics["test"]
+    logger.info("Test: micro-F1 %.4f macro-F1 %.4f mAP %.4f (best epoch %d); saved in %s", test["micro_f1"],
+                test["macro_f1"], test["mAP"] or float("nan"), metrics["best_epoch"], out)
+    mark_complete(out, {"best_epoch": metrics["best_epoch"], "metrics": "metrics.json", "model": bundle})
 
-        datasets = card.data.datasets
-        dataset_id = datasets[0] if isinstance(datasets, list) and len(datasets) == 1 else datasets or None
-        card = ModelCard(render_model_card(read_config(card_path.parent), dict(test_metrics), dataset_id))
-    card.data.model_name = model_name
-    card.data.eval_results = eval_results(
-        test_metrics,
-        dataset_name=dataset_name,
-        dataset_type=dataset_type,
-        dataset_split=dataset_split,
-        task_type=task_type,
-    )
-    card.save(card_path)
-    return card_path
+
+# The model card's model-index and the filling of a saved card live with the card (mmgcs.hub.card); these names
+# stay here for the callers of the run report.
+eval_results = card.eval_results
+model_index = card.model_index
+fill_model_card = card.fill_model_card
 
 
 __all__ = [
+    "TRACKER_PACKAGES",
     "eval_results",
-    "flatten_dict",
     "fill_model_card",
+    "flatten_dict",
     "format_metrics_table",
     "model_index",
     "plot_per_genre_f1",
     "plot_training_curves",
+    "resolve_trackers",
+    "run_dataset_name",
+    "run_metrics",
+    "save_finished_run",
+    "single_input_metrics",
+    "tracker_config",
     "write_run_report",
 ]

@@ -9,6 +9,9 @@ checkpoints that are verified before anything uses them.
 - ``write_manifest`` / ``checkpoint_problem`` / ``choose_checkpoint``: every checkpoint carries the sha256 of its
   files (``MANIFEST.json``, written last); resume takes the newest checkpoint that is intact and consistent.
 - ``COMPLETE``: written last by a finished run; ``make train`` targets it, not the weights file.
+- ``save_checkpoint`` / ``LoopState``: what a checkpoint holds besides accelerate's state (the loop's epoch count,
+  best epoch, early-stopping count and history), written and read back; ``check_resumed_config`` refuses a
+  --resume with other data/model settings; ``replicas_in_sync`` stops a launch that trains independent copies.
 """
 
 from __future__ import annotations
@@ -18,13 +21,26 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Mapping, Optional, TypeVar
+
+import numpy as np
+import torch
+import yaml
+from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import load as load_pickled_state  # how accelerate restores RNG states (weights_only=True)
+from safetensors.torch import load_file
+
+from mmgcs.config import RunConfig, config_to_dict, save_config
+from mmgcs.hub import PushError
+from mmgcs.hub.push import push_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +76,34 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write-then-rename with fsync: the file is either the old one or the complete new one."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
+        json.dump(data, f, indent=2, default=_json_default)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+# Run records and settings as one level: history.json for trackers and plots, configs for the resumed-run check
+# (mmgcs.report re-exports it).
+def flatten_dict(record: Mapping, sep: str = ".", prefix: str = "") -> dict:
+    """Nested mappings as one level, keys joined by ``sep``: ``{"lr": {"head": 0.1}}`` → ``{"lr.head": 0.1}``."""
+    out = {}
+    for k, v in record.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten_dict(v, sep, f"{key}{sep}"))
+        else:
+            out[key] = v
+    return out
 
 
 def _hostname() -> str:
@@ -196,8 +236,6 @@ def not_writable(folder: Path, e: OSError) -> TrainingError:
 def _gather(accelerator, value) -> list:
     if accelerator.num_processes == 1:
         return [value]
-    from accelerate.utils import gather_object
-
     return gather_object([value])
 
 
@@ -407,16 +445,12 @@ def state_problem(folder: Path) -> Optional[str]:
 def rng_problem(folder: Path) -> Optional[str]:
     """Why the random-number states (accelerate's ``random_states_N.pkl``) cannot be restored, or None: read with
     ``weights_only`` loading (no code runs), they must hold the Python, NumPy and torch generator states."""
-    import numpy as np
-    import torch
-    from accelerate.utils import load  # the loader accelerate restores them with (weights_only=True)
-
     files = sorted(folder.glob("random_states_*.pkl"))
     if not files:
         return "it holds no random-number states (random_states_0.pkl)"
     for path in files:
         try:
-            states = load(path)
+            states = load_pickled_state(path)
             random_state, numpy_state = states["random_state"], states["numpy_random_seed"]
             ok = (isinstance(random_state, tuple) and isinstance(numpy_state, tuple) and len(numpy_state) == 5
                   and isinstance(numpy_state[1], np.ndarray) and isinstance(states["torch_manual_seed"], torch.Tensor))
@@ -454,8 +488,6 @@ def choose_checkpoint(root: Path, output_dir: Path) -> Optional[Path]:
 
 def pick_checkpoint(accelerator, root: Path, output_dir: Path) -> Optional[Path]:
     """``choose_checkpoint`` on the main process, its answer (or its error) shared with every process."""
-    from accelerate.utils import broadcast_object_list
-
     box: list = [None]
     if accelerator.is_main_process:
         try:
@@ -477,6 +509,192 @@ def mark_incomplete(output_dir: Path) -> None:
     _remove_file(Path(output_dir) / COMPLETE)
 
 
+def start_run_folder(output_dir: Path, cfg: RunConfig) -> None:
+    """The folder a run (re)starts writing into: no longer marked finished, its resolved config saved (loadable
+    with --config, and compared by the next --resume)."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    mark_incomplete(output_dir)
+    save_config(cfg, Path(output_dir) / "config.yaml")
+
+
 def mark_complete(output_dir: Path, details: dict) -> None:
     """Written last by a finished run (``make train`` targets it)."""
     write_json_atomic(Path(output_dir) / COMPLETE, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details})
+
+
+# ------------------------------------------------------------------------------------ the run's own checks
+def check_fresh_folder(output_dir: Path, root: Path, lock: Optional[RunLock]) -> None:
+    """A run without --resume must not mix its checkpoints with those of an earlier run (refused: ``lock``, the
+    run's lock on the folder, is released)."""
+    previous = checkpoint_dirs(root)
+    if previous:
+        if lock is not None:
+            lock.release()
+        raise TrainingError(
+            f"{output_dir} already holds checkpoints of a run ({previous[0].name}); pass --resume to continue it, "
+            "or choose another train.output_dir (or delete that folder)"
+        )
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    fa, fb = flatten_dict(a), flatten_dict(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
+# Training settings a resumed run may change without a warning.
+RESUMABLE_CHANGES = {"train.resume", "train.push_to_hub", "train.epochs", "train.early_stopping_patience",
+                     "train.max_steps"}
+
+
+def check_resumed_config(output_dir: Path, cfg: RunConfig) -> None:
+    """--resume with other data/model settings than the checkpointed run is refused; other training ones warned."""
+    saved = Path(output_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    new = config_to_dict(cfg)
+    changed = _diff({s: old.get(s, {}) for s in ("data", "model")}, {s: new[s] for s in ("data", "model")})
+    if changed:
+        raise TrainingError(
+            f"--resume with different data/model settings than the checkpointed run ({', '.join(changed)}); "
+            f"resume with the settings saved in {saved}, or start a new run in another train.output_dir"
+        )
+    changed = [k for k in _diff({"train": old.get("train", {})}, {"train": new["train"]}) if k not in RESUMABLE_CHANGES]
+    if changed:
+        logger.warning("Resuming with changed training settings: %s", ", ".join(changed))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint of ``output_dir`` (a folder is renamed into place only once fully written)."""
+    found = [p for p in checkpoint_dirs(Path(output_dir) / "checkpoints") if (p / STATE_FILE).is_file()]
+    return found[0] if found else None
+
+
+def save_checkpoint(accelerator, root: Path, epoch: int, state: dict, keep: set, after: Callable[[], None]) -> None:
+    """``root/epoch_NNN``: accelerate's state (model, optimizer, scheduler, every rank's RNG states), our
+    ``state`` as JSON (not a pickled "custom object"), then the digests of every file. Each step is collective (a
+    barrier), and a failed write stops every process with the same error. ``after`` runs on the main process once
+    the checkpoint is in place; then every other checkpoint not named in ``keep`` is removed."""
+    final, tmp = root / f"epoch_{epoch:03d}", root / f".tmp-epoch_{epoch:03d}"
+    failed = save_failed(f"the checkpoint of epoch {epoch}", root)
+    main = accelerator.is_main_process
+
+    def start() -> None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def publish() -> None:
+        write_json_atomic(tmp / STATE_FILE, state)
+        write_manifest(tmp)  # last: a checkpoint whose manifest is written is complete
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # a checkpoint folder exists only once it is complete
+        after()
+        for old in checkpoint_dirs(root):  # damaged leftovers too
+            if old.name not in keep | {final.name}:
+                shutil.rmtree(old, ignore_errors=True)
+
+    collective(accelerator, start, failed)
+    collective(accelerator, lambda: accelerator.save_state(str(tmp)), failed)
+    collective(accelerator, lambda: publish() if main else None, failed)
+
+
+@dataclass
+class LoopState:
+    """What the training loop carries from epoch to epoch; each checkpoint saves it as trainer_state.json."""
+
+    history: list = field(default_factory=list)  # one record per epoch run
+    best_metric: Optional[float] = None
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the best one (early stopping)
+    global_step: int = 0
+
+    def track_best(self, value: Optional[float], epoch: int, higher: bool) -> bool:
+        """Early stopping's bookkeeping after ``epoch``: True when ``value`` is the best so far (a missing or NaN
+        value is the worst)."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            value = -math.inf if higher else math.inf
+        better = self.best_metric is None or (value > self.best_metric if higher else value < self.best_metric)
+        if better:
+            self.best_metric, self.best_epoch, self.bad_epochs = float(value), epoch, 0
+        else:
+            self.bad_epochs += 1
+        return better
+
+    def should_stop(self, max_steps: int, patience: int, metric: str) -> bool:
+        """After an epoch: the step budget (``train.max_steps``) is spent, or ``patience`` epochs brought no
+        improvement of ``metric`` (early stopping)."""
+        stop = False
+        if max_steps and self.global_step >= max_steps:
+            logger.info("Reached train.max_steps=%d", max_steps)
+            stop = True
+        if patience and self.bad_epochs >= patience:
+            logger.info("Early stopping: no %s improvement for %d epochs", metric, self.bad_epochs)
+            stop = True
+        return stop
+
+    def to_json(self, epoch: int, epochs: int, metric_for_best: str) -> dict:
+        return {
+            "epoch": epoch,
+            "epochs": epochs,  # the run's plan: a checkpoint past it is refused on resume
+            "global_step": self.global_step,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "metric_for_best": metric_for_best,
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, folder: Path) -> tuple["LoopState", int]:
+        """The state saved in a checkpoint verified by ``pick_checkpoint``, and the epochs it had done."""
+        state = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
+        loop = cls(list(state["history"]), state["best_metric"], int(state["best_epoch"]), int(state["bad_epochs"]),
+                   int(state["global_step"]))
+        return loop, int(state["epoch"])
+
+    def resumed_at(self, done: int, epochs: int, patience: int, folder: Path) -> int:
+        """The epoch a run resumed from ``folder`` after ``done`` epochs continues with: past its plan when it had
+        stopped early (``patience`` epochs without improvement)."""
+        logger.info("Resumed from %s (epoch %d done, best %s at epoch %d)", folder, done, self.best_metric,
+                    self.best_epoch)
+        if done >= epochs:
+            logger.info("The checkpointed run already finished its %d epochs; re-evaluating the best model", epochs)
+        return epochs if patience and self.bad_epochs >= patience else done
+
+
+def load_bundle_weights(model: torch.nn.Module, bundle: Path) -> None:
+    """The weights of a saved bundle copied into ``model`` (loaded on the CPU: the model keeps its device)."""
+    weights = Path(bundle) / "model.safetensors"
+    if not weights.is_file():
+        raise TrainingError(f"The best model bundle {weights} is missing; the run cannot be finished")
+    model.load_state_dict(load_file(str(weights)), strict=True)
+
+
+def replicas_in_sync(accelerator, model: torch.nn.Module) -> bool:
+    """Every process must hold the same weights after an epoch; a launch that silently trains independent
+    copies (e.g. `--multi_gpu` without a GPU and without cpu=True) is stopped here rather than reported."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    if len(set(digests)) != 1:
+        raise TrainingError(
+            f"The {len(digests)} processes hold different weights after an epoch: they are not training one "
+            "model together. Launch with `accelerate launch --multi_gpu` on GPUs, or let MMGCS force the CPU "
+            "backend (it does when no GPU is visible)"
+        )
+    return True
+
+
+def push_run_bundle(bundle: Path, repo_id: str, output_dir: Path) -> str:
+    """Upload a finished run's bundle; a failure says that everything is saved and how to push it later."""
+    try:
+        return push_bundle(bundle, repo_id)
+    except Exception as e:
+        raise PushError(
+            f"Could not push {bundle} to the Hub repo {repo_id!r}: {type(e).__name__}: {e}. "
+            f"Everything is saved in {output_dir}; push it later with "
+            f"`huggingface-cli upload {repo_id} {bundle} .` once the Hub is reachable and you are logged in"
+        ) from None

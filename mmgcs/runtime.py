@@ -8,8 +8,14 @@ CPU spinning vs 130 ms passive. GNU OpenMP reads `OMP_WAIT_POLICY` once, when to
 `configure_cpu_policy` must run before torch is first imported; the user's own setting always wins.
 """
 
+import logging
 import os
 import sys
+from typing import Mapping, Optional
+
+from mmgcs.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def configure_cpu_policy() -> bool:
@@ -22,3 +28,53 @@ def configure_cpu_policy() -> bool:
 def available_cores() -> int:
     """The cores this process may run on (its CPU affinity, e.g. a container's quota), not the machine's count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def launcher_thread_cap(env: Mapping[str, str], device_type: str, local_processes: int, cores: int) -> Optional[int]:
+    """The CPU threads each process should use when `accelerate launch` left PyTorch on one, else None.
+
+    Without `--num_cpu_threads_per_process`, `accelerate launch` exports OMP_NUM_THREADS=1 to a process on a GPU-less
+    machine (it raises the value only with an explicit `--cpu`, and its own multi-CPU fix applies only when the
+    variable is unset, which it never is after the launcher), so the cold default run featurizes and trains on one
+    core. A "1" under the launcher is that default; any other value, or MMGCS_NUM_THREADS, is the user's choice.
+    """
+    if "MMGCS_NUM_THREADS" in env:
+        try:
+            return max(1, int(env["MMGCS_NUM_THREADS"]))
+        except ValueError:
+            raise ConfigError(f"MMGCS_NUM_THREADS: expected a whole number of threads, got {env['MMGCS_NUM_THREADS']!r}") from None
+    launched = "ACCELERATE_DYNAMO_BACKEND" in env  # exported by every `accelerate launch` launcher
+    if device_type != "cpu" or not launched or env.get("OMP_NUM_THREADS") != "1":
+        return None
+    threads = max(1, cores // max(1, local_processes))
+    return threads if threads > 1 else None
+
+
+def launched_threads(device_type: str, num_processes: int, current: int) -> Optional[int]:
+    """``launcher_thread_cap`` for this process: the threads to use instead of `accelerate launch`'s one, or None.
+    ``current``: the threads torch uses now (a change is logged)."""
+    # Processes sharing this machine's cores: torchrun/accelerate export LOCAL_WORLD_SIZE for multi-process jobs.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or num_processes)
+    threads = launcher_thread_cap(os.environ, device_type, local, available_cores())
+    if threads is not None and threads != current:
+        logger.info("Using %d CPU threads per process (accelerate launch set OMP_NUM_THREADS=1; "
+                    "set MMGCS_NUM_THREADS to choose)", threads)
+    return threads
+
+
+def stage_threads(device_type: str, head_only: bool, run_threads: int) -> Optional[int]:
+    """The threads of a training stage on CPU: one while only the fusion head runs (on cached features), else the
+    run's; None when the user chose (MMGCS_NUM_THREADS) or off the CPU. The head's ops are tiny: while another
+    process used the cores, an epoch of the default head took 2.9 s on one thread, 3.5 s on two with
+    OMP_WAIT_POLICY=PASSIVE and 244 s on two spinning ones (OpenMP workers wait out each other's time slices)."""
+    if device_type != "cpu" or "MMGCS_NUM_THREADS" in os.environ:
+        return None
+    return 1 if head_only else run_threads
+
+
+def setup_logging() -> None:
+    """Log lines with time and module, at INFO on the main process (RANK 0) and WARNING on the others."""
+    level = logging.INFO if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)) or 0) == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
+    # accelerate reports every file of every checkpoint at INFO
+    logging.getLogger("accelerate").setLevel(logging.WARNING)

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-
+from mmgcs import engine
 from mmgcs.config import CHOICES, ConfigError, load_config, parse_overrides, read_yaml_mapping
+from mmgcs.runs import TrainingError, latest_checkpoint
+from mmgcs.runtime import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +129,6 @@ def point_overrides(sweep: Sweep, point: dict[str, Any], extra: Sequence[str], o
 
 def run_sweep(sweep: Sweep, extra: Sequence[str] = (), fast: bool = False) -> list[dict]:
     """Train every point (in this process, one after the other) and write the ranked tables."""
-    from mmgcs.engine import latest_checkpoint, run
-
     points = grid_points(sweep.grid)
     # Fail on a bad grid key or value before hours of training, not at the point that uses it.
     configs = []
@@ -142,7 +142,7 @@ def run_sweep(sweep: Sweep, extra: Sequence[str] = (), fast: bool = False) -> li
         metrics = finished_metrics(out / "metrics.json")
         if metrics is None:
             cfg.train.resume = latest_checkpoint(out) is not None
-            metrics = run(cfg)
+            metrics = engine.run(cfg)  # looked up at call time: tests replace it
         rows.append(result_row(point, out, metrics, sweep.metric))
         write_results(rank(rows, sweep.metric), sweep.output_dir)  # a partial table survives a crash
     ranked = rank(rows, sweep.metric)
@@ -227,10 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser.add_argument("--fast", action="store_true", help="the --fast profile for every point")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every point")
     args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    from mmgcs.engine import TrainingError
-
+    setup_logging()
     try:
         parse_overrides(args.overrides)
         sweep = load_sweep(args.config)

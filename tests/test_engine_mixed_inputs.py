@@ -32,7 +32,7 @@ def text_tower_calls(monkeypatch):
     def counting(method):
         def wrapper(self, loader, *args, **kwargs):
             tower = self.accelerator.unwrap_model(self.model).text_tower
-            handle = tower.register_forward_hook(lambda *_: calls.append(len(self.history)))
+            handle = tower.register_forward_hook(lambda *_: calls.append(len(self.state.history)))
             try:
                 return method(self, loader, *args, **kwargs)
             finally:

@@ -105,7 +105,8 @@ def test_step_and_plateau_schedules():
 
 
 def test_trackers_and_mixed_precision(monkeypatch):
-    from mmgcs.engine import resolve_mixed_precision, resolve_trackers
+    from mmgcs.engine import resolve_mixed_precision
+    from mmgcs.report import resolve_trackers
 
     assert resolve_trackers("none") is None
     with pytest.raises(ConfigError, match="unknown tracker 'tensorbored'"):
@@ -162,7 +163,7 @@ LAUNCHED = {"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1"}
 
 
 def test_accelerate_launch_one_thread_default_is_raised_to_the_cores_per_process():
-    from mmgcs.engine import launcher_thread_cap
+    from mmgcs.runtime import launcher_thread_cap
 
     assert launcher_thread_cap(LAUNCHED, "cpu", local_processes=1, cores=8) == 8
     assert launcher_thread_cap(LAUNCHED, "cpu", local_processes=2, cores=8) == 4
@@ -170,7 +171,7 @@ def test_accelerate_launch_one_thread_default_is_raised_to_the_cores_per_process
 
 
 def test_thread_choices_of_the_user_are_kept():
-    from mmgcs.engine import launcher_thread_cap
+    from mmgcs.runtime import launcher_thread_cap
 
     assert launcher_thread_cap({**LAUNCHED, "OMP_NUM_THREADS": "3"}, "cpu", 1, 8) is None
     assert launcher_thread_cap({"OMP_NUM_THREADS": "1"}, "cpu", 1, 8) is None  # not under accelerate launch
@@ -207,14 +208,3 @@ def test_bad_text_templates_are_config_errors(template):
 
         validate_config(load_config(None, [f"model.text_template={template}"]))
 
-
-def test_importing_mmgcs_makes_idle_openmp_workers_sleep_unless_the_user_chose(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    code = "import mmgcs, os; print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "ACTIVE"

@@ -43,7 +43,7 @@ def test_a_full_cache_disk_downgrades_to_not_cached_with_one_warning(tmp_path, m
 
 
 def test_an_oserror_while_storing_also_downgrades(tmp_path, monkeypatch):
-    import mmgcs.features as F
+    import mmgcs.features.store as F
     from mmgcs.testing import tiny_model
     from datasets import Dataset
 
