@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from mmgcs.models.classifier import GenreClassifier, create_model
 
@@ -37,8 +38,6 @@ music band singer dance game film movie star hollywood new york london paris""".
 @functools.lru_cache(maxsize=None)
 def tiny_text_backbone_dir(hidden_size: int = 32, num_layers: int = 2) -> str:
     """A folder holding a tiny random BERT and its WordPiece tokenizer (vocab: common plot words + letters)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     folder = Path(tempfile.mkdtemp(prefix="mmgcs-tiny-bert-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-import mmgcs.models.embedded
+import mmgcs.hub.ids
 from mmgcs.data.publish import PushError, push_folder
 
 
@@ -42,7 +42,7 @@ def fake_api(monkeypatch):
 
 
 def test_push_uploads_the_whole_folder_as_a_dataset_repo(built, fake_api, monkeypatch):
-    monkeypatch.setattr(mmgcs.models.embedded, "hub_reachable", lambda: True)
+    monkeypatch.setattr(mmgcs.hub.ids, "hub_reachable", lambda: True)
     assert push_folder(built, "me/movies") == "https://hub/me/movies/commit/1"
     (_, _, create), (_, _, upload) = fake_api
     assert create["repo_type"] == "dataset" and create["exist_ok"]
@@ -66,8 +66,8 @@ def test_offline_push_fails_at_once_without_calling_the_client(built, fake_api, 
 def test_an_unreachable_hub_is_detected_with_the_model_push_probe(built, fake_api, monkeypatch):
     """Not offline by setting, but no route to the Hub: the same probe the model push uses says so."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(mmgcs.models.embedded, "hub_offline", lambda: False)
-    monkeypatch.setattr(mmgcs.models.embedded, "_probe_hub", lambda endpoint, timeout: False)
+    monkeypatch.setattr(mmgcs.hub.ids, "hub_offline", lambda: False)
+    monkeypatch.setattr(mmgcs.hub.ids, "_probe_hub", lambda endpoint, timeout: False)
     with pytest.raises(PushError, match="Hub is unreachable"):
         push_folder(built, "me/movies")
     assert fake_api == []
@@ -80,7 +80,7 @@ def test_client_failures_keep_the_remedy(built, monkeypatch):
         def create_repo(self, repo_id, **kw):
             raise PermissionError("403 Forbidden: no write access")
 
-    monkeypatch.setattr(mmgcs.models.embedded, "hub_reachable", lambda: True)
+    monkeypatch.setattr(mmgcs.hub.ids, "hub_reachable", lambda: True)
     monkeypatch.setattr(huggingface_hub, "HfApi", Refusing)
     with pytest.raises(PushError, match="(?s)PermissionError: 403 Forbidden.*Nothing is lost"):
         push_folder(built, "me/movies")

@@ -6,13 +6,18 @@ loads it. Image helpers every stream uses live in `mmgcs.data.images`.
 
 from __future__ import annotations
 
+import importlib
+
 from mmgcs.data.images import MAX_IMAGE_PIXELS, InvalidImageError, load_image
 
 __all__ = ["MAX_IMAGE_PIXELS", "InvalidImageError", "load_image", "load_movies"]
 
 
-def load_movies(path_or_repo_id, **kwargs):
-    """Load a dataset built by `python -m mmgcs.data build` (a local folder in Hub layout, or a Hub repo id)."""
-    from mmgcs.data.load import load_movies as _load
-
-    return _load(path_or_repo_id, **kwargs)
+def __getattr__(name):
+    # load_movies imports `datasets` (over a second): only callers that load a dataset pay for it, not the Space's
+    # image checks, which import mmgcs.data.images.
+    if name == "load_movies":
+        value = importlib.import_module("mmgcs.data.load").load_movies
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mmgcs.data' has no attribute {name!r}")

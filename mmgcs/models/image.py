@@ -12,7 +12,9 @@ takes over a second, and a text-only model never needs it.
 import logging
 from typing import Optional
 
+import timm
 import torch
+from timm.models import group_modules
 from torch import nn
 
 from mmgcs.config import ModelConfig
@@ -93,8 +95,6 @@ class TimmImageTower(ImageTower):
 
     @staticmethod
     def _build(cfg: ModelConfig, pretrained: bool) -> nn.Module:
-        import timm
-
         name = cfg.image_backbone
         if not pretrained and name.startswith(("hf-hub:", "local-dir:")) and cfg.image_backbone_config.get("architecture"):
             # Rebuild offline from the stored architecture: the prefixed name would read a config from the Hub or
@@ -140,8 +140,6 @@ class TimmImageTower(ImageTower):
         return self.backbone(pixel_values)
 
     def finetune_groups(self) -> list[nn.Module]:
-        from timm.models import group_modules
-
         # timm's own coarse grouping: stem, each stage/block, then the head convs/norms.
         groups = group_modules(self.backbone, self.backbone.group_matcher(coarse=True))
         modules = dict(self.backbone.named_modules())

@@ -5,9 +5,6 @@
 the convolutions) and run with oneDNN graph fusion; checked against the eager tower before use, and savable as
 bytes for worker processes. `split_eval_transform` / `to_normalized_batch`: timm's "squash" eval transform with
 its to-tensor and normalize steps done once per batch instead of once per poster, bit for bit the same.
-
-timm and torchvision are imported inside the functions that need them: together they take over a second to
-import, and a text-only model never needs them.
 """
 
 import copy
@@ -19,6 +16,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+from timm.layers.conv2d_same import Conv2dSame
+from timm.layers.padding import get_same_padding
+from torchvision import transforms as T
 
 from mmgcs.models.tower import outputs_agree
 
@@ -124,10 +124,6 @@ def static_same_padding(module: torch.nn.Module, sample: torch.Tensor) -> int:
     even size), the kernel gets a leading row/column of zeros and one more padding on each side: each output then
     reads exactly the pixels SAME padding gives it, and the extra taps multiply zeros.
     """
-    try:
-        from timm.layers.conv2d_same import Conv2dSame
-    except ImportError:  # pragma: no cover - timm missing: nothing of timm's to replace
-        return 0
     names = {m: n for n, m in module.named_modules() if type(m) is Conv2dSame}
     if not names:
         return 0
@@ -158,8 +154,6 @@ def _input_sizes(module: torch.nn.Module, names: dict, sample: torch.Tensor) -> 
 
 def _static_conv(conv: torch.nn.Conv2d, size: tuple[int, int]) -> torch.nn.Conv2d:
     """A plain convolution computing `conv`'s SAME-padded output for inputs of `size` (see static_same_padding)."""
-    from timm.layers.padding import get_same_padding
-
     pads = [get_same_padding(s_in, k, s, 1) for s_in, k, s in zip(size, conv.kernel_size, conv.stride)]
     before = [p // 2 for p in pads]
     extra = [p - 2 * b for p, b in zip(pads, before)]  # 0 or 1: SAME's extra bottom/right row or column
@@ -184,8 +178,6 @@ def split_eval_transform(transform) -> Optional[tuple]:
     arithmetic (uint8 → float, / 255, - mean, / std: the same results bit for bit) but without four tensor ops and
     copies per poster.
     """
-    from torchvision import transforms as T
-
     steps = getattr(transform, "transforms", None)
     if not steps or len(steps) != 4:
         return None

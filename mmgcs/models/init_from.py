@@ -16,6 +16,10 @@ from typing import Optional
 
 import torch
 
+from mmgcs.hub import HubUnavailableError
+from mmgcs.models.classifier import GenreClassifier
+from mmgcs.models.fusion import LateFusion
+
 logger = logging.getLogger(__name__)
 
 # Fields that decide a tower's weights' meaning and its inputs: a copied tower must see what it was trained on.
@@ -51,8 +55,6 @@ def init_from_bundles(model, text_bundle: Optional[str] = None, image_bundle: Op
     """Load the text tower of `text_bundle` and the image tower of `image_bundle` (folders or Hub ids) into
     `model`, and their heads into a late fusion's branches when both are "late". Checks everything before
     changing anything. Returns `{"text": {"bundle", "tower", "head"}, "image": {...}}` for the given bundles."""
-    from mmgcs.models.classifier import GenreClassifier
-
     sources = {m: b for m, b in (("text", text_bundle), ("image", image_bundle)) if b}
     plans = {}
     for modality, source in sources.items():
@@ -80,8 +82,6 @@ def init_from_bundles(model, text_bundle: Optional[str] = None, image_bundle: Op
 
 
 def _load(cls, source: str, modality: str):
-    from mmgcs.hub import HubUnavailableError
-
     try:
         return cls.from_pretrained(source)
     except HubUnavailableError as e:  # a RuntimeError elsewhere; here it is a setting to fix
@@ -148,8 +148,6 @@ def _short(value, limit: int = 120) -> str:
 
 def _head_plan(model, bundle, modality: str, source: str) -> Optional[int]:
     """The index of the fused head's branch that takes the bundle's head, or None when the heads do not map."""
-    from mmgcs.models.fusion import LateFusion
-
     towers = [m for m in ("text", "image") if _tower(bundle, m) is not None]
     if not isinstance(model.fusion, LateFusion):
         logger.info("%s: only the %s tower is loaded (this model's %r fusion has no per-modality branch)",

@@ -23,6 +23,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.feature_extraction.text import HashingVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import normalize
 from torch import nn
 
 # A genre with no positive (or no negative) training example cannot be fitted; its logit is then a constant far
@@ -53,8 +56,6 @@ class LexicalBranch(nn.Module):
 
     def vectorizer(self):
         if self._vectorizer is None:
-            from sklearn.feature_extraction.text import HashingVectorizer
-
             self._vectorizer = HashingVectorizer(
                 n_features=self.n_features, ngram_range=(1, self.ngrams), alternate_sign=False, norm=None,
                 lowercase=True, dtype=np.float32,
@@ -70,8 +71,6 @@ class LexicalBranch(nn.Module):
         """Counts → L2-normalised sublinear TF-IDF rows (the same formula as scikit-learn's TfidfTransformer with
         sublinear_tf=True, smooth_idf=True, norm="l2"; n-grams whose idf is 0 — seen in fewer than min_df training
         texts — are dropped)."""
-        from sklearn.preprocessing import normalize
-
         idf = self.idf.detach().cpu().numpy() if idf is None else idf
         x = counts.tocsr(copy=True).astype(np.float32)
         x.data = (1.0 + np.log(x.data)) * idf[x.indices]
@@ -103,8 +102,6 @@ class LexicalBranch(nn.Module):
     def fit(self, texts: Sequence[Optional[str]], targets: np.ndarray, c: float = 4.0) -> dict:
         """Fit idf on `texts` and one logistic regression per genre on multi-hot `targets` (N, L); returns a short
         summary. Rows without text take part in neither."""
-        from sklearn.linear_model import LogisticRegression
-
         targets = np.asarray(targets)
         if targets.ndim != 2 or targets.shape != (len(texts), self.weight.shape[1]):
             raise ValueError(f"lexical fit: targets must be (N={len(texts)}, L={self.weight.shape[1]}) multi-hot, "

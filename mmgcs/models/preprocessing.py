@@ -3,6 +3,7 @@
 from typing import Any, Optional
 
 import torch
+from timm.data import create_transform
 
 # The template check lives with the other settings checks; imported here for callers of its old home.
 from mmgcs.config import TEXT_FIELDS, ModelConfig, check_text_template  # noqa: F401
@@ -17,8 +18,6 @@ TRAIN_COLOR_JITTER = 0.2
 
 def image_transform(cfg: ModelConfig, train: bool = False):
     """timm's eval (or train) transform for the bundle's image size / mean / std / interpolation."""
-    from timm.data import create_transform  # timm: kept off the import path of text-only models (see image.py)
-
     if cfg.image_mean is None or cfg.image_std is None or not cfg.interpolation:
         raise ValueError(
             "The model config has no resolved image preprocessing (image_mean/image_std/interpolation); "
