@@ -91,6 +91,24 @@ def _average_precisions(probs: np.ndarray, labels: np.ndarray) -> list[Optional[
     ]
 
 
+def _per_genre(labels, preds, aps, thr, label_names) -> tuple[dict, np.ndarray]:
+    """{genre: precision, recall, f1, support, predicted, ap, threshold} and the support per genre."""
+    p, r, f, support = precision_recall_fscore_support(labels, preds, average=None, zero_division=0)
+    per_genre = {
+        name: {
+            "precision": float(p[j]),
+            "recall": float(r[j]),
+            "f1": float(f[j]),
+            "support": int(support[j]),
+            "predicted": int(preds[:, j].sum()),
+            "ap": aps[j],
+            "threshold": None if thr is None else float(thr[j]),
+        }
+        for j, name in enumerate(label_names)
+    }
+    return per_genre, support
+
+
 def compute_metrics(
     probs,
     labels,
@@ -122,23 +140,10 @@ def compute_metrics(
 
     micro_p, micro_r, _, _ = precision_recall_fscore_support(labels, preds, average="micro", zero_division=0)
     macro_p, macro_r, _, _ = precision_recall_fscore_support(labels, preds, average="macro", zero_division=0)
-    p, r, f, support = precision_recall_fscore_support(labels, preds, average=None, zero_division=0)
     aps = _average_precisions(probs, labels)
     defined_aps = [a for a in aps if a is not None]
     micro_ap = float(average_precision_score(labels.ravel(), probs.ravel())) if labels.any() else None
-
-    per_genre = {
-        name: {
-            "precision": float(p[j]),
-            "recall": float(r[j]),
-            "f1": float(f[j]),
-            "support": int(support[j]),
-            "predicted": int(preds[:, j].sum()),
-            "ap": aps[j],
-            "threshold": None if argmax else float(thr[j]),
-        }
-        for j, name in enumerate(label_names)
-    }
+    per_genre, support = _per_genre(labels, preds, aps, None if argmax else thr, label_names)
     extra = {}
     if argmax:
         # Top-1 accuracy: the single predicted genre is one of the movie's genres.
