@@ -4,8 +4,7 @@ Importing the package changes no process state (the CPU policy is `mmgcs.runtime
 the entry points) and loads no model code: the model classes come on first use.
 """
 
-import importlib
-
+from mmgcs.lazy import lazy_exports
 from mmgcs.config import ModelConfig, RunConfig, load_config
 
 __version__ = "0.1.0"
@@ -17,13 +16,7 @@ _LAZY = {
     "Predictor": "mmgcs.inference",
 }
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mmgcs' has no attribute {name!r}")
+__getattr__ = lazy_exports("mmgcs", globals(), _LAZY)
 
 
 __all__ = ["GenreClassifier", "ModelConfig", "Predictor", "RunConfig", "__version__", "create_model", "load_config"]

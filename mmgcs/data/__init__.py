@@ -6,18 +6,12 @@ loads it. Image helpers every stream uses live in `mmgcs.data.images`.
 
 from __future__ import annotations
 
-import importlib
-
 from mmgcs.data.images import MAX_IMAGE_PIXELS, InvalidImageError, load_image
+from mmgcs.lazy import lazy_exports
 
 __all__ = ["MAX_IMAGE_PIXELS", "InvalidImageError", "load_image", "load_movies"]
 
 
-def __getattr__(name):
-    # load_movies imports `datasets` (over a second): only callers that load a dataset pay for it, not the Space's
-    # image checks, which import mmgcs.data.images.
-    if name == "load_movies":
-        value = importlib.import_module("mmgcs.data.load").load_movies
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mmgcs.data' has no attribute {name!r}")
+# load_movies imports `datasets` (over a second): only callers that load a dataset pay for it, not the Space's
+# image checks, which import mmgcs.data.images.
+__getattr__ = lazy_exports("mmgcs.data", globals(), {"load_movies": "mmgcs.data.load"})

@@ -10,8 +10,7 @@ The errors and `is_hub_id` load at once (the data CLI needs only them); every ot
 first use, so `import mmgcs.hub` does not import torch.
 """
 
-import importlib
-
+from mmgcs.lazy import lazy_exports
 from mmgcs.hub.errors import BundleError, HubUnavailableError, PushError
 from mmgcs.hub.ids import default_bundle_dir, is_hub_id
 
@@ -25,13 +24,7 @@ _LAZY = {
                      "model_card", "model_index", "pipeline_tag", "render_model_card"), "mmgcs.hub.card"),
 }
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mmgcs.hub' has no attribute {name!r}")
+__getattr__ = lazy_exports("mmgcs.hub", globals(), _LAZY)
 
 
 __all__ = ["BundleError", "HubUnavailableError", "PushError", "default_bundle_dir", "is_hub_id", *sorted(_LAZY)]

@@ -5,21 +5,14 @@ and the bundle (layer 4), so `GenreClassifier` / `create_model` load on first us
 `mmgcs.models.preprocessing` from `mmgcs.inference`) must not import the classifier back.
 """
 
-import importlib
-
+from mmgcs.lazy import lazy_exports
 from mmgcs.models.fusion import FUSIONS
 from mmgcs.models.image import IMAGE_TOWERS
 from mmgcs.models.text import TEXT_TOWERS
 
 _LAZY = {"GenreClassifier": "mmgcs.models.classifier", "create_model": "mmgcs.models.classifier"}
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mmgcs.models' has no attribute {name!r}")
+__getattr__ = lazy_exports("mmgcs.models", globals(), _LAZY)
 
 
 __all__ = ["FUSIONS", "IMAGE_TOWERS", "TEXT_TOWERS", "GenreClassifier", "create_model"]
