@@ -40,6 +40,7 @@ from mmgcs.runtime import configure_cpu_policy
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 configure_cpu_policy()
 
+import datasets  # noqa: E402
 import gradio as gr  # noqa: E402
 import gradio.utils  # noqa: E402
 import PIL.Image  # noqa: E402
@@ -417,7 +418,6 @@ def load_examples(source: str, n: int = N_EXAMPLES) -> list[list]:
         log.info("no examples: no dataset at %s (build one with `python -m mmgcs.data build`)", source)
         return []
     try:
-        import datasets  # ~1 s, and only a Space with example movies needs it
 
         splits = load_movies(source)
         split = splits["test"] if "test" in splits else next(iter(splits.values()))
