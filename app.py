@@ -418,7 +418,6 @@ def load_examples(source: str, n: int = N_EXAMPLES) -> list[list]:
         log.info("no examples: no dataset at %s (build one with `python -m mmgcs.data build`)", source)
         return []
     try:
-
         splits = load_movies(source)
         split = splits["test"] if "test" in splits else next(iter(splits.values()))
         genre_names = split.features["genres"].feature.names
