@@ -29,8 +29,16 @@ setup: .make-setup
 setup-dev: .make-setup-dev
 
 # Each step runs only when its output is missing or older than its inputs, so `make demo` can be re-run.
-$(DATA)/build_report.json: .make-setup
-	$(BIN)/python -m mmgcs.data build --source $(SHARED)/tmdb5000 --source $(SHARED)/tmdb-plots-extra --out $(DATA)
+# The data comes from SHARED when it holds the team's TMDB data, else from the Hub dataset the README's front matter
+# names (when the Hub answers: HF_HUB_OFFLINE=0); otherwise scripts/demo_data.py stops at once with what is needed,
+# before anything is installed or built.
+$(DATA)/build_report.json:
+	@source=$$($(PY) scripts/demo_data.py check --shared $(SHARED)) || exit 2; \
+	$(MAKE) --no-print-directory setup && \
+	if [ "$$source" = shared ]; then \
+	  extra=""; if [ -f $(SHARED)/tmdb-plots-extra/movies.jsonl ]; then extra="--source $(SHARED)/tmdb-plots-extra"; fi; \
+	  $(BIN)/python -m mmgcs.data build --source $(SHARED)/tmdb5000 $$extra --out $(DATA); \
+	else $(BIN)/python scripts/demo_data.py fetch --dataset "$${source#hub:}" --out $(DATA); fi
 
 # --resume: an interrupted `make demo` continues from the last finished epoch instead of starting over.
 # The target is the run's COMPLETE marker (written last), not the weights: an interrupted run has a model/
