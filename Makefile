@@ -29,16 +29,27 @@ setup: .make-setup
 setup-dev: .make-setup-dev
 
 # Each step runs only when its output is missing or older than its inputs, so `make demo` can be re-run.
-# The data comes from SHARED when it holds the team's TMDB data, else from the Hub dataset the README's front matter
-# names (when the Hub answers: HF_HUB_OFFLINE=0); otherwise scripts/demo_data.py stops at once with what is needed,
-# before anything is installed or built.
-$(DATA)/build_report.json:
-	@source=$$($(PY) scripts/demo_data.py check --shared $(SHARED)) || exit 2; \
-	$(MAKE) --no-print-directory setup && \
+# The movies come from SHARED when it holds the team's TMDB data, else from the Hub dataset the README's front matter
+# names (when the Hub answers: HF_HUB_OFFLINE=0). With neither, scripts/demo_data.py says what is needed and make
+# stops here, while the makefile is read: before anything is installed or built.
+# (make 4.3 does not pass exported variables to $(shell): the Hub setting is given on the command line)
+DATA_CHECK = HF_HUB_OFFLINE=$(HF_HUB_OFFLINE) $(PY) scripts/demo_data.py check --shared $(SHARED)
+ifneq ($(filter demo train data serve,$(MAKECMDGOALS)),)
+  ifeq ($(wildcard $(DATA)/build_report.json),)
+    DATA_SOURCE := $(shell $(DATA_CHECK) 2>/dev/null)
+    ifeq ($(DATA_SOURCE),)
+      $(shell $(DATA_CHECK) >/dev/null)
+      $(error no movie data for $(DATA) (the message above says what to do))
+    endif
+  endif
+endif
+
+$(DATA)/build_report.json: .make-setup
+	@source="$(DATA_SOURCE)"; [ -n "$$source" ] || source=$$($(DATA_CHECK)) || exit 2; \
 	if [ "$$source" = shared ]; then \
-	  extra=""; if [ -f $(SHARED)/tmdb-plots-extra/movies.jsonl ]; then extra="--source $(SHARED)/tmdb-plots-extra"; fi; \
-	  $(BIN)/python -m mmgcs.data build --source $(SHARED)/tmdb5000 $$extra --out $(DATA); \
-	else $(BIN)/python scripts/demo_data.py fetch --dataset "$${source#hub:}" --out $(DATA); fi
+	  set -x; $(BIN)/python -m mmgcs.data build --source $(SHARED)/tmdb5000 \
+	    $(if $(wildcard $(SHARED)/tmdb-plots-extra/movies.jsonl),--source $(SHARED)/tmdb-plots-extra) --out $(DATA); \
+	else set -x; $(BIN)/python scripts/demo_data.py fetch --dataset "$${source#hub:}" --out $(DATA); fi
 
 # --resume: an interrupted `make demo` continues from the last finished epoch instead of starting over.
 # The target is the run's COMPLETE marker (written last), not the weights: an interrupted run has a model/
