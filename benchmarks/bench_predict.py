@@ -1,12 +1,17 @@
-"""CPU speed of `predict`: single-movie latency (p50/p95) and `predict_batch` throughput.
+"""CPU speed of `predict`: single-movie latency (p50/p95) and `predict_batch` throughput, eager vs the fast path.
 
     python benchmarks/bench_predict.py                          # the default fused model (MiniLM + EfficientNet-Lite0)
-    python benchmarks/bench_predict.py --model runs/fusion/model --threads 2 --repeats 50
-    python benchmarks/bench_predict.py --inputs plot,poster,both --batch-sizes 1,8,32
+    python benchmarks/bench_predict.py --model runs/fusion/model --threads 1 --by-modality
+    python benchmarks/bench_predict.py --inputs plot,poster,both --batch-sizes 1,8,32 --paths eager,fast
+    python benchmarks/bench_predict.py --model runs/fusion/model --threads 1 --by-modality --profile
+    python benchmarks/bench_predict.py --model runs/fusion/model --exactness ../base/data/movies
 
 Inputs are real movies (plot + poster from ../shared/data/tmdb5000) when present, generated ones otherwise.
 Latency covers the whole call: poster decode + resize, tokenization, forward, thresholding. The first calls are
-warm-up and not counted. Prints a markdown table.
+warm-up and not counted. Each path (`eager`: today's towers; `fast`: `Predictor(model, fast=True)`, mmgcs.fast_path)
+is timed in the same run. The FLOPs of one call are counted (torch.utils.flop_counter) and compared with this
+machine's one-thread fp32 matmul rate: `× arithmetic` = time / (FLOPs / rate), 1.0 being the compute ceiling.
+Prints markdown tables.
 """
 
 import argparse
@@ -14,10 +19,14 @@ import io
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded backbones; no 20-50 s of Hub retries
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_profile  # noqa: E402  (benchmarks/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MMGCS_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -64,6 +73,56 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def time_single(predictor, kp, kq, args) -> list[float]:
+    for i in range(args.warmup):
+        predictor.predict(plot=kp[i], poster=kq[i], by_modality=args.by_modality)
+    times = []
+    for i in range(args.warmup, args.warmup + args.repeats):
+        start = time.perf_counter()
+        predictor.predict(plot=kp[i], poster=kq[i], by_modality=args.by_modality)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def time_batches(predictor, kp, kq, size: int, args) -> list[float]:
+    predictor.predict_batch(kp[:size], kq[:size], batch_size=size, by_modality=args.by_modality)  # warm-up
+    elapsed = []
+    for b in range(1, args.batches + 1):
+        chunk = slice(b * size, (b + 1) * size)
+        start = time.perf_counter()
+        predictor.predict_batch(kp[chunk], kq[chunk], batch_size=size, by_modality=args.by_modality)
+        elapsed.append(time.perf_counter() - start)
+    return elapsed
+
+
+def speed_rows(model, paths: list[str], plots, posters, sizes, rate: float, args) -> list[tuple]:
+    from mmgcs.inference import Predictor
+
+    rows = []
+    for kind in [k for k in args.inputs.split(",") if k]:
+        kp, kq = pick(kind, plots, posters)
+        gflop = bench_profile.count_flops(Predictor(model), kp[0], kq[0], args.by_modality) / 1e9
+        for path in paths:
+            predictor = Predictor(model, fast=path == "fast")
+            times = time_single(predictor, kp, kq, args)
+            p50 = statistics.median(times)
+            rows.append((f"predict ({kind})", path, 1, f"{p50:.1f}", f"{pct(times, 0.95):.1f}",
+                         f"{1000 / statistics.mean(times):.1f}", f"{gflop:.2f}", f"{p50 / (gflop * 1e9 / rate * 1000):.2f}"))
+            for size in sizes:
+                elapsed = time_batches(predictor, kp, kq, size, args)
+                per_batch = [e * 1000 for e in elapsed]
+                rows.append((f"predict_batch ({kind})", path, size, f"{statistics.median(per_batch):.1f}",
+                             f"{pct(per_batch, 0.95):.1f}", f"{size * len(elapsed) / sum(elapsed):.1f}", "", ""))
+    return rows
+
+
+def print_table(header: list[str], rows: list[tuple]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="bundle folder or Hub id (default: a new default fused model)")
@@ -73,8 +132,12 @@ def main(argv=None) -> None:
     parser.add_argument("--inputs", default="both,plot,poster")
     parser.add_argument("--batch-sizes", default="8,32")
     parser.add_argument("--batches", type=int, default=3, help="timed batches per batch size")
+    parser.add_argument("--paths", default="eager,fast", help="predict paths to time side by side: eager, fast")
     parser.add_argument("--by-modality", action="store_true",
                         help="also score each modality on its own (by_modality=True), as the Space does")
+    parser.add_argument("--profile", action="store_true", help="print where one movie's time goes, per stage")
+    parser.add_argument("--exactness", default="", metavar="DATASET",
+                        help="a built dataset folder: print max |fast - eager| score over its test split")
     args = parser.parse_args(argv)
 
     import torch
@@ -92,37 +155,22 @@ def main(argv=None) -> None:
     print(f"model: {args.model or 'create_model() default'} — text {cfg.text_tower}:{cfg.text_backbone}, "
           f"image {cfg.image_tower}:{cfg.image_backbone} @ {cfg.image_size}px, fusion {cfg.fusion}, {len(cfg.labels)} genres")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    rate = bench_profile.matmul_rate(torch.get_num_threads())
     print(f"build/load {load_s:.1f} s; torch threads {torch.get_num_threads()} on {os.cpu_count()} cores "
           f"(load average {load}: other processes slow every number); inputs: {origin}; "
-          f"by_modality={args.by_modality}\n")
-
-    rows = []
-    for kind in [k for k in args.inputs.split(",") if k]:
-        kp, kq = pick(kind, plots, posters)
-        for i in range(args.warmup):
-            model.predict(plot=kp[i], poster=kq[i], by_modality=args.by_modality)
-        times = []
-        for i in range(args.warmup, args.warmup + args.repeats):
-            start = time.perf_counter()
-            model.predict(plot=kp[i], poster=kq[i], by_modality=args.by_modality)
-            times.append((time.perf_counter() - start) * 1000)
-        rows.append((f"predict ({kind})", 1, f"{statistics.median(times):.1f}", f"{pct(times, 0.95):.1f}", f"{1000 / statistics.mean(times):.1f}"))
-        for size in sizes:
-            model.predict_batch(kp[:size], kq[:size], batch_size=size, by_modality=args.by_modality)  # warm-up
-            elapsed = []
-            for b in range(1, args.batches + 1):
-                chunk = slice(b * size, (b + 1) * size)
-                start = time.perf_counter()
-                model.predict_batch(kp[chunk], kq[chunk], batch_size=size, by_modality=args.by_modality)
-                elapsed.append(time.perf_counter() - start)
-            per_batch = [e * 1000 for e in elapsed]
-            rows.append((f"predict_batch ({kind})", size, f"{statistics.median(per_batch):.1f}", f"{pct(per_batch, 0.95):.1f}",
-                         f"{size * len(elapsed) / sum(elapsed):.1f}"))
-
-    print("| call | batch | p50 ms | p95 ms | movies/s |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(str(x) for x in row) + " |")
+          f"by_modality={args.by_modality}; fp32 matmul {rate / 1e9:.0f} GFLOP/s on "
+          f"{torch.get_num_threads()} thread(s)\n")
+    paths = [p for p in args.paths.split(",") if p]
+    print_table(["call", "path", "batch", "p50 ms", "p95 ms", "movies/s", "GFLOP", "× arithmetic"],
+                speed_rows(model, paths, plots, posters, sizes, rate, args))
+    if args.profile:
+        for path in paths:
+            print(f"\nprofile of one movie (plot + poster, by_modality={args.by_modality}), path {path}, "
+                  f"median of {args.repeats} calls:\n")
+            print_table(["stage", "calls", "ms", "share"],
+                        bench_profile.profile(model, path == "fast", plots, posters, args.repeats, args.by_modality))
+    if args.exactness:
+        print("\n" + bench_profile.exactness(model, args.exactness))
 
 
 if __name__ == "__main__":
