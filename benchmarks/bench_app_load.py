@@ -196,6 +196,21 @@ def run_level(url: str, callers: int, seconds: float, items: list, mode: str, se
             "bad_refused": refused[0], "bad_wrong": refused[1]}
 
 
+def compute_ceiling(model_path: str) -> tuple[float, float, float]:
+    """(movies/s the machine's arithmetic allows, GFLOP a movie, fp32 matmul GFLOP/s on every core): one movie's
+    FLOPs (plot + poster, by_modality, counted by torch.utils.flop_counter) at the all-core fp32 matmul rate."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_profile
+    from mmgcs import GenreClassifier
+    from mmgcs.inference import Predictor
+
+    items, _ = movies(1, Path(tempfile.gettempdir()))
+    plot, poster = items[0]
+    flops = bench_profile.count_flops(Predictor(GenreClassifier.from_pretrained(model_path)), plot, poster, True)
+    rate = bench_profile.matmul_rate(os.cpu_count() or 1, n=2048)
+    return rate / flops, flops / 1e9, rate / 1e9
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="an app already running on loopback (default: start app.py here)")
@@ -214,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                          " each must be refused with a message")
     args = ap.parse_args(argv)
 
+    ceiling = compute_ceiling(args.model) if args.model else None  # before the app starts: no CPU contention
     load_before = os.getloadavg()[0]
     proc = None
     if args.url:
@@ -258,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
           "(other work on the machine slows every number below)")
     # CPU time per request does not depend on what else the machine runs: it bounds the throughput of an idle
     # machine at (cores x 1000) / (server + caller CPU ms) movies/s when the callers share it, as here.
+    if ceiling:
+        print(f"compute ceiling: {ceiling[0]:.1f} movies/s ({ceiling[1]:.2f} GFLOP a movie at {ceiling[2]:.0f} GFLOP/s, "
+              f"fp32 2048³ matmul on {os.cpu_count()} threads); at {rows[-1]['callers']} callers the app reaches "
+              f"{rows[-1]['rps'] / ceiling[0]:.2f} of it")
     print("\n| callers | requests | movies/s | errors | p50 ms | p95 ms | p99 ms | server CPU ms/req | callers CPU ms/req "
           "| bad refused with a message | bad answered or unexplained |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

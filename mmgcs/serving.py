@@ -110,6 +110,15 @@ def choose_precision(device_type: str, environ: Optional[Mapping[str, str]] = No
     return "bf16" if device_type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
+def fast_path_wanted(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """`MMGCS_FAST_PATH`: 1 (default) serves fp32 through the fast tower calls (mmgcs.fast_path), 0 the eager ones."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("MMGCS_FAST_PATH", "1").strip().lower() or "1"
+    if raw not in ("0", "1", "true", "false", "yes", "no"):
+        raise ServingConfigError(f"MMGCS_FAST_PATH={raw!r}: use 1 (the fast path, default) or 0 (the eager towers).")
+    return raw in ("1", "true", "yes")
+
+
 # ------------------------------------------------------------------------------------------------------ model
 def load_model(source: str):
     """A GenreClassifier from a folder or a Hub id, in eval mode (on the GPU when there is one), or
@@ -244,7 +253,8 @@ class BatchingPredictor(MicroBatcher):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16' (resolve 'auto' with choose_precision), got {precision!r}")
         self.model = model
-        self.predictor = Predictor(model)
+        # The fast path gives the eager fp32 scores (within 1e-4); under bf16 autocast the eager towers serve.
+        self.predictor = Predictor(model, fast=precision == "fp32" and fast_path_wanted())
         self.precision = precision
         super().__init__(self._predict, max_batch)
 
@@ -263,5 +273,5 @@ class BatchingPredictor(MicroBatcher):
 
 __all__ = [
     "BatchingPredictor", "Limits", "MicroBatcher", "ModelNotFoundError", "ServingConfigError", "choose_precision",
-    "cpu_has_native_bf16", "env_int", "jsonable", "load_model", "log_failure",
+    "cpu_has_native_bf16", "env_int", "fast_path_wanted", "jsonable", "load_model", "log_failure",
 ]

@@ -1,0 +1,108 @@
+"""The fast serving path (mmgcs.fast_path): the eager scores within 1e-4 for every fusion head, and the eager
+towers, with one log line, whenever the fast encoder is unavailable, fails or disagrees."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgcs.fast_path import FastPath
+from mmgcs.inference import Predictor
+from mmgcs.models.fusion import FUSIONS
+from mmgcs.serving import BatchingPredictor, ServingConfigError, fast_path_wanted
+from mmgcs.testing import tiny_model
+
+LABELS = ["Action", "Comedy", "Drama"]
+FIXTURES = Path(__file__).parent / "fixtures"
+POSTERS = [str(FIXTURES / "poster_0.png"), str(FIXTURES / "poster_1.png"), str(FIXTURES / "poster_0.png")]
+PLOTS = ["A retired soldier must save his daughter from a gang of killers.", None,
+         "Two friends fall in love during a long summer by the sea, and a storm changes everything."]
+
+
+def scores(predictor, plots=PLOTS, posters=POSTERS):
+    probs, views = predictor.probabilities(plots, posters, by_modality=True)
+    return {name: p for name, (p, _) in views.items()}
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS.names()))
+def test_fast_scores_equal_eager_for_every_fusion_head(fusion):
+    model = tiny_model(LABELS, fusion=fusion).eval()
+    predictor = Predictor(model, fast=True)
+    eager, fast = scores(Predictor(model)), scores(predictor)
+    assert predictor.fast.image_kind() == "torchscript-frozen"  # the fast encoder really served
+    assert eager.keys() == fast.keys() == {"fused", "text", "image"}
+    for name in eager:
+        assert (eager[name] - fast[name]).abs().max().item() <= 1e-4, name
+
+
+def test_the_fast_path_serves_other_batch_sizes_and_poster_only_rows():
+    model = tiny_model(LABELS).eval()
+    fast = Predictor(model, fast=True)
+    scores(fast, [None], POSTERS[:1])  # built on a batch of 1
+    eager, quick = scores(Predictor(model)), scores(fast)  # then a batch of 3, one row poster-only
+    assert all((eager[k] - quick[k]).abs().max().item() <= 1e-4 for k in eager)
+    assert fast.fast.image_kind() == "torchscript-frozen"
+
+
+def test_a_failing_fast_encoder_falls_back_to_eager_with_one_log_line(monkeypatch, caplog):
+    model = tiny_model(LABELS).eval()
+
+    def broken(sample):
+        raise RuntimeError("no backend here")
+
+    monkeypatch.setattr(model.image_tower, "fast_encoder", broken)
+    predictor = Predictor(model, fast=True)
+    with caplog.at_level(logging.INFO, logger="mmgcs.fast_path"):
+        fast = scores(predictor)
+        scores(predictor)  # a second call does not try (nor log) again
+    eager = scores(Predictor(model))
+    assert all(torch.equal(eager[k], fast[k]) for k in eager)
+    assert predictor.fast.image_kind() == "eager"
+    lines = [r for r in caplog.records if r.name == "mmgcs.fast_path"]
+    assert len(lines) == 1 and "RuntimeError" in lines[0].getMessage() and "eager" in lines[0].getMessage()
+
+
+def test_a_fast_encoder_that_disagrees_is_not_used(monkeypatch, caplog):
+    model = tiny_model(LABELS).eval()
+    real = model.image_tower.fast_encoder
+
+    def off_by_a_little(sample):
+        encoder = real(sample)
+        return lambda pixels: encoder(pixels) + 1e-2
+
+    monkeypatch.setattr(model.image_tower, "fast_encoder", off_by_a_little)
+    predictor = Predictor(model, fast=True)
+    with caplog.at_level(logging.INFO, logger="mmgcs.fast_path"):
+        fast = scores(predictor)
+    eager = scores(Predictor(model))
+    assert all(torch.equal(eager[k], fast[k]) for k in eager)
+    assert any("disagrees" in r.getMessage() for r in caplog.records)
+
+
+def test_a_tower_without_a_fast_encoder_and_a_text_only_model_run_eagerly(monkeypatch):
+    model = tiny_model(LABELS).eval()
+    monkeypatch.setattr(model.image_tower, "fast_encoder", lambda sample: None)  # as Tower's default says
+    path = FastPath(model)
+    pixels = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+    assert torch.allclose(path.encode_image(pixels), model.encode_image(pixels), atol=1e-6)
+    assert path.image_kind() == "eager"
+    text_only = tiny_model(LABELS, image=False).eval()
+    fast_scores = Predictor(text_only, fast=True).predict(plot=PLOTS[0])["scores"]
+    assert fast_scores == Predictor(text_only).predict(plot=PLOTS[0])["scores"]
+
+
+def test_serving_uses_the_fast_path_for_fp32_only_and_the_switch_is_checked():
+    model = tiny_model(LABELS).eval()
+    fp32, bf16 = BatchingPredictor(model, 4, "fp32"), BatchingPredictor(model, 4, "bf16")
+    try:
+        assert fp32.predictor.fast is not None and bf16.predictor.fast is None
+        eager = Predictor(model).predict(PLOTS[0], POSTERS[0])["scores"]
+        assert fp32(PLOTS[0], POSTERS[0])["scores"] == pytest.approx(eager, abs=1e-4)
+    finally:
+        fp32.close(5)
+        bf16.close(5)
+    assert fast_path_wanted({}) and fast_path_wanted({"MMGCS_FAST_PATH": "1"})
+    assert not fast_path_wanted({"MMGCS_FAST_PATH": "0"})
+    with pytest.raises(ServingConfigError, match="MMGCS_FAST_PATH"):
+        fast_path_wanted({"MMGCS_FAST_PATH": "maybe"})
