@@ -14,8 +14,9 @@ Run `python app.py` (a Hugging Face Space runs this file as is). Settings come f
 The serving logic (model loading, limits, precision, request batching) lives in `mmgcs.serving`; this file is
 the page, the input checks and the wiring.
 
-API (see the app's "Use via API" page): `/predict(plot, poster, title) -> {"scores", "genres", "by_modality"}`
-(every parameter optional; the title is read only by a model trained with it, see `ModelConfig.text_template`) and
+API (see the app's "Use via API" page): `/predict(plot, poster, title, explain) -> {"scores", "genres",
+"by_modality"}` (every parameter optional; the title is read only by a model trained with it, see
+`ModelConfig.text_template`; `explain=true` adds `"explanation"`, see `mmgcs.explain`) and
 `/model_info() -> {"labels", "thresholds", ...}`.
 """
 
@@ -43,6 +44,7 @@ configure_cpu_policy()
 import datasets  # noqa: E402
 import gradio as gr  # noqa: E402
 import gradio.utils  # noqa: E402
+import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
@@ -174,6 +176,15 @@ def check_title(title: Any) -> str | None:
     return title or None
 
 
+def check_explain(explain: Any) -> bool:
+    """Whether to explain the prediction: true or false (null: false); anything else is refused."""
+    if explain is None:
+        return False
+    if not isinstance(explain, bool):
+        raise _user_error(f"`explain` must be true or false, not {type(explain).__name__}.")
+    return explain
+
+
 def poster_bytes(poster: Any) -> UploadedPoster | None:
     """The poster's encoded bytes, or None when none was given. A path (from a caller in this process) is read
     under the same rules as an upload: inside the upload folder, a regular file, at most the size limit."""
@@ -269,7 +280,8 @@ def open_space(source: str, limits: Limits, *, exit_if_missing: bool) -> Space:
     )
 
 
-def predict(plot: str | None = None, poster: str | None = None, title: str | None = None) -> dict:
+def predict(plot: str | None = None, poster: str | None = None, title: str | None = None,
+            explain: bool = False) -> dict:
     """Predict a movie's genres from its plot, its poster, or both (give at least one).
 
     Args:
@@ -277,10 +289,16 @@ def predict(plot: str | None = None, poster: str | None = None, title: str | Non
         poster: the poster image file, JPEG, PNG, WebP or GIF (see /model_info for the size and pixel limits)
         title: the movie's title (optional); read with the plot by a model trained with titles (/model_info
             "reads_title"), else ignored
+        explain: true to add "explanation" (slower: about a second more on CPU): for each predicted genre, the plot
+            words and word pairs that pushed it up and down with their contributions to the logit (exact for the
+            lexical branch, not the neural text tower), the plot's and the poster's share of the decision, and a
+            7x7 poster occlusion map (see mmgcs.explain)
     Returns:
         {"scores": {genre: probability}, "genres": [predicted genres, per-genre thresholds applied], "by_modality":
-        {"text": scores from the plot alone, "image": from the poster alone, "fused": from both}}
+        {"text": scores from the plot alone, "image": from the poster alone, "fused": from both}, and with explain
+        "explanation": {"text", "genres": {genre: {"lexical": {"up", "down"}, "plot_share", "occlusion", ...}}}}
     """
+    explain = check_explain(explain)
     plot_text, title_text = check_plot(plot), check_title(title)
     encoded = poster_bytes(poster)
     notes = []
@@ -294,7 +312,7 @@ def predict(plot: str | None = None, poster: str | None = None, title: str | Non
     try:
         # The decoded poster is held until its answer is ready: the budget bounds what all requests hold at once.
         with SPACE.pixel_budget.reserve(poster_pixels(encoded)):
-            result = _run_model(plot_text, decode_poster(encoded), title_text)
+            result = _run_model(plot_text, decode_poster(encoded), title_text, explain)
     except UploadError as e:
         raise _user_error(str(e)) from None
     if notes:
@@ -302,9 +320,10 @@ def predict(plot: str | None = None, poster: str | None = None, title: str | Non
     return result
 
 
-def _run_model(plot: str | None, image: PIL.Image.Image | None, title: str | None) -> dict:
+def _run_model(plot: str | None, image: PIL.Image.Image | None, title: str | None, explain: bool = False) -> dict:
     try:
-        return SPACE.predictor(plot, image, title)
+        # the default call as before explanations existed (anything standing in for the predictor still fits)
+        return SPACE.predictor(plot, image, title, explain=True) if explain else SPACE.predictor(plot, image, title)
     except Exception as e:
         log_failure(log, "prediction failed", e)  # the details stay in the server log
         raise gr.Error(
@@ -400,6 +419,50 @@ def render(result: dict | None, title: str | None):
         for g in order
     ]
     return "\n\n".join(lines), scores, gr.Dataframe(value=rows, headers=COLUMNS)
+
+
+def highlighted(text: str | None, words: list) -> list[tuple[str, float | None]] | None:
+    """The plot as HighlightedText segments: each scored word with its share of the genre's lexical logit, scaled
+    to [-1, 1] (positive: pushed the genre up), the text between words unscored."""
+    if not text:
+        return None
+    top = max((abs(score) for _, _, score in words), default=0.0) or 1.0
+    segments, at = [], 0
+    for start, end, score in sorted(words):
+        if start > at:
+            segments.append((text[at:start], None))
+        segments.append((text[start:end], round(score / top, 3)))
+        at = end
+    if at < len(text):
+        segments.append((text[at:], None))
+    return segments
+
+
+def heat_map(poster: PIL.Image.Image | None, grid: list | None) -> PIL.Image.Image | None:
+    """The poster with its occlusion map blended over it: red where a region raised the genre's score, purple where
+    it lowered it (HighlightedText's colours), more opaque the stronger (the model sees the poster squashed to a square, so the grid spans it)."""
+    if poster is None or not grid:
+        return None
+    values = np.asarray(grid, dtype=np.float32)
+    scaled = values / (float(np.abs(values).max()) or 1.0)
+    rgba = np.zeros(values.shape + (4,), dtype=np.uint8)
+    rgba[..., :3] = np.where(scaled[..., None] > 0, np.array([239, 68, 60]), np.array([128, 90, 213]))
+    rgba[..., 3] = (np.abs(scaled) * 170).astype(np.uint8)
+    overlay = PIL.Image.fromarray(rgba, "RGBA").resize(poster.size, PIL.Image.Resampling.BILINEAR)
+    return PIL.Image.alpha_composite(poster.convert("RGBA"), overlay).convert("RGB")
+
+
+def explanation_view(result: dict | None, genre: str | None, poster: UploadedPoster | None):
+    """(genre dropdown, highlighted plot, poster heat map) for `genre` (default: the first explained one)."""
+    explanation = (result or {}).get("explanation")
+    if not explanation or not explanation.get("genres"):
+        return gr.Dropdown(choices=[], value=None), None, None
+    genres = list(explanation["genres"])
+    genre = genre if genre in genres else genres[0]
+    entry = explanation["genres"][genre]
+    image = decode_poster(poster) if entry.get("occlusion") else None
+    return (gr.Dropdown(choices=genres, value=genre), highlighted(explanation.get("text"), entry["words"]),
+            heat_map(image, entry.get("occlusion")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -499,6 +562,19 @@ def _inputs(space: Space) -> tuple[gr.Textbox, gr.Textbox, gr.Image]:
     return title, plot, poster
 
 
+def _explanation_outputs() -> tuple[gr.Dropdown, gr.HighlightedText, gr.Image]:
+    """The genre to explain, the plot with its words highlighted and the poster with its heat map."""
+    with gr.Accordion("Why these genres", open=True):
+        genre = gr.Dropdown(label="Explain the genre", choices=[], interactive=True, elem_id="explain-genre")
+        words = gr.HighlightedText(
+            label="Plot words (red pushed the genre up, purple down; the lexical branch's part of the score)",
+            show_legend=False, elem_id="explain-words",
+        )
+        heat = gr.Image(label="Poster regions (red raised the genre's score, purple lowered it)", type="pil",
+                        interactive=False, height=360, elem_id="explain-poster")
+    return genre, words, heat
+
+
 def _outputs() -> tuple[gr.Markdown, gr.Label, gr.Dataframe, gr.JSON]:
     """The verdict, the top genres, the per-modality table and the raw /predict answer."""
     verdict = gr.Markdown(elem_id="verdict")
@@ -524,28 +600,37 @@ def build_demo(space: Space, examples: list[list]) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 title, plot, poster = _inputs(space)
+                # Off in the API's defaults (a plain /predict stays as fast); ticked for people when the page loads.
+                explain = gr.Checkbox(label="Explain (highlight the words and poster regions behind each genre)",
+                                      value=False, elem_id="explain")
                 with gr.Row():
                     clear = gr.ClearButton(value="Clear")
                     submit = gr.Button("Predict genres", variant="primary", elem_id="predict")
             with gr.Column(scale=1):
                 verdict, top, table, raw = _outputs()
+                genre, words, heat = _explanation_outputs()
         if examples:
             gr.Examples(examples, inputs=[title, plot, poster], label="Examples from your dataset's test split")
         gr.Markdown(_about())
 
-        outputs = [verdict, top, table, raw]
+        outputs = [verdict, top, table, raw, words, heat]
         # Clear the last answer first, so that a refused input never leaves another movie's genres on screen.
         submit.click(
-            lambda: ("", None, None, None), outputs=outputs, api_visibility="private", queue=False
+            lambda: ("", None, None, None, None, None), outputs=outputs, api_visibility="private", queue=False
         ).then(
             predict,
-            inputs=[plot, poster, title],
+            inputs=[plot, poster, title, explain],
             outputs=raw,
             api_name="predict",
             concurrency_limit=LIMITS.concurrency,
             concurrency_id="model",
-        ).success(render, inputs=[raw, title], outputs=[verdict, top, table], api_visibility="private", queue=False)
-        clear.add([title, plot, poster, verdict, top, table, raw])
+        ).success(render, inputs=[raw, title], outputs=[verdict, top, table], api_visibility="private", queue=False
+        ).then(explanation_view, inputs=[raw, genre, poster], outputs=[genre, words, heat], api_visibility="private",
+               queue=False)
+        genre.input(explanation_view, inputs=[raw, genre, poster], outputs=[genre, words, heat],
+                    api_visibility="private", queue=False)
+        demo.load(lambda: True, outputs=explain, api_visibility="private", queue=False)
+        clear.add([title, plot, poster, verdict, top, table, raw, words, heat])
         gr.api(model_info, api_name="model_info", concurrency_limit=None)
     demo.queue(default_concurrency_limit=LIMITS.concurrency, max_size=LIMITS.queue_size)
     guard_requests(demo)
@@ -555,7 +640,7 @@ def build_demo(space: Space, examples: list[list]) -> gr.Blocks:
 # ---------------------------------------------------------------------------------------------------------------
 # Raw HTTP: the same checks as the page, and a message for every refusal.
 
-PREDICT_INPUTS = ("plot", "poster", "title")
+PREDICT_INPUTS = ("plot", "poster", "title")  # then `explain`, optional (a caller from before it sends three)
 FILE_DATA = {"_type": "gradio.FileData"}
 POSTER_SHAPE = (
     '`poster` must be a file: {"path": <the path /gradio_api/upload returned>, "meta": {"_type": "gradio.FileData"}} '
@@ -563,24 +648,28 @@ POSTER_SHAPE = (
 )
 
 
-def check_predict_request(inputs: list) -> None:
-    """What a raw HTTP call to /predict must send, checked before Gradio touches a file or a URL in it."""
-    if len(inputs) != len(PREDICT_INPUTS):
+def check_predict_request(inputs: list) -> list:
+    """What a raw HTTP call to /predict must send, checked before Gradio touches a file or a URL in it; returns the
+    inputs with `explain` (false) added when left out."""
+    if len(inputs) not in (len(PREDICT_INPUTS), len(PREDICT_INPUTS) + 1):
         raise _user_error(
             f"/predict takes {len(PREDICT_INPUTS)} values in order ({', '.join(PREDICT_INPUTS)}; null for one left "
-            f"out); the request sent {len(inputs)}."
+            f"out) and optionally a fourth, explain (true or false); the request sent {len(inputs)}."
         )
-    plot, poster, title = inputs
+    plot, poster, title, explain = (*inputs, False)[:4]
+    check_explain(explain)
+    inputs = [plot, poster, title, explain]
     for field, value in (("plot", plot), ("title", title)):
         if value is not None and not isinstance(value, str):
             raise _user_error(f"`{field}` must be text or null, not {type(value).__name__}.")
     if poster is None:
-        return
+        return inputs
     # Without this meta key Gradio does not check that the path is an upload (see read_upload for the rest).
     if not isinstance(poster, dict) or poster.get("meta") != FILE_DATA:
         raise _user_error(POSTER_SHAPE + f"; got {type(poster).__name__}" + ("" if isinstance(poster, dict) else "."))
     if not isinstance(poster.get("path") or poster.get("url"), str):
         raise _user_error(POSTER_SHAPE + "; the file has neither a path nor a url.")
+    return inputs
 
 
 def guard_requests(demo: gr.Blocks) -> None:
@@ -590,7 +679,7 @@ def guard_requests(demo: gr.Blocks) -> None:
 
     async def checked_preprocess(block_fn, inputs, state, explicit_call=False):
         if block_fn.api_name == "predict":
-            check_predict_request(list(inputs))
+            inputs = check_predict_request(list(inputs))
         try:
             return await preprocess(block_fn, inputs, state, explicit_call)
         except gr.Error:

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 
 from mmgcs.data.images import InvalidImageError, load_image
+from mmgcs.explain import explain_movie, genres_to_explain
 from mmgcs.fast_path import FastPath
 from mmgcs.metrics import decide, decision_thresholds
 from mmgcs.models.preprocessing import check_plot, compose_text, plot_present, tokenize
@@ -194,16 +195,17 @@ class Predictor:
         return list(self.model.config.labels)
 
     def predict(self, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False,
-                title: Optional[str] = None) -> dict:
+                title: Optional[str] = None, explain: bool = False) -> dict:
         """One movie → `{"scores": {genre: probability}, "genres": [predicted genres, highest first]}` (plus
-        `"by_modality"`: the fused, plot-only and poster-only scores, when asked). `title` is read only when the
-        model's `text_template` uses it."""
-        return self.predict_batch([plot], [poster], by_modality=by_modality, titles=[title])[0]
+        `"by_modality"`: the fused, plot-only and poster-only scores, when asked; `"explanation"` with `explain`:
+        the words, plot/poster share and poster occlusion map behind each predicted genre, see mmgcs.explain).
+        `title` is read only when the model's `text_template` uses it."""
+        return self.predict_batch([plot], [poster], by_modality=by_modality, titles=[title], explain=explain)[0]
 
     __call__ = predict
 
     def predict_batch(self, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
-                      by_modality: bool = False, titles: Optional[list] = None) -> list[dict]:
+                      by_modality: bool = False, titles: Optional[list] = None, explain: bool = False) -> list[dict]:
         """Many movies → a list of `predict` results, in input order."""
         plots, posters = self._validated(plots, posters, titles)
         # Batch plots of similar length together: a batch is padded to its longest plot.
@@ -216,7 +218,19 @@ class Predictor:
                                         by_modality)
                 for j, result in enumerate(self._results(probs, views)):
                     out[rows[j]] = result
+            if explain:  # one movie at a time: each runs its towers on 1 + grid² posters (mmgcs.explain)
+                for i, result in enumerate(out):
+                    result["explanation"] = explain_movie(self, plots[i], posters[i], genres_to_explain(result))
         return out
+
+    def explain(self, plot: Optional[str] = None, poster: Any = None, genres: Optional[list] = None,
+                title: Optional[str] = None, grid: int = 7) -> dict:
+        """The explanation of one movie's `genres` (default: the predicted ones), see mmgcs.explain."""
+        plots, posters = self._validated([plot], [poster], [title])
+        if genres is None:
+            genres = genres_to_explain(self.predict_batch(plots, posters)[0])
+        with _eval_mode(self.model):
+            return explain_movie(self, plots[0], posters[0], list(genres), grid=grid)
 
     def probabilities(self, plots: list, posters: list, titles: Optional[list] = None,
                       by_modality: bool = False) -> tuple[torch.Tensor, Optional[dict]]:
@@ -289,13 +303,14 @@ def _eval_mode(model) -> Iterator[None]:
 
 
 def predict(model, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False,
-            title: Optional[str] = None) -> dict:
-    return Predictor(model).predict(plot, poster, by_modality=by_modality, title=title)
+            title: Optional[str] = None, explain: bool = False) -> dict:
+    return Predictor(model).predict(plot, poster, by_modality=by_modality, title=title, explain=explain)
 
 
 def predict_batch(model, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
-                  by_modality: bool = False, titles: Optional[list] = None) -> list[dict]:
-    return Predictor(model).predict_batch(plots, posters, batch_size=batch_size, by_modality=by_modality, titles=titles)
+                  by_modality: bool = False, titles: Optional[list] = None, explain: bool = False) -> list[dict]:
+    return Predictor(model).predict_batch(plots, posters, batch_size=batch_size, by_modality=by_modality, titles=titles,
+                                          explain=explain)
 
 
 __all__ = ["NO_INPUT", "Predictor", "composed_plots", "predict", "predict_batch", "preprocess", "without_modality"]

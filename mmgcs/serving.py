@@ -246,8 +246,9 @@ class BatchingPredictor(MicroBatcher):
     """`predictor(plot, poster, title=None) -> {"scores", "genres", "by_modality"}` (plain JSON types), with
     concurrent calls batched into one `Predictor.predict_batch` (mmgcs.inference, the one predict path). Validate
     and decode each input before calling it; a request that still fails gets its own exception. The title is read
-    only by a model whose `text_template` uses it. Items submitted directly are `(plot, poster)` or
-    `(plot, poster, title)`."""
+    only by a model whose `text_template` uses it; `explain=True` adds the explanation (mmgcs.explain), computed
+    on the worker apart from the batch. Items submitted directly are `(plot, poster)`, `(plot, poster, title)` or
+    `(plot, poster, title, explain)`."""
 
     def __init__(self, model, max_batch: int, precision: str = "fp32"):
         if precision not in ("fp32", "bf16"):
@@ -258,17 +259,25 @@ class BatchingPredictor(MicroBatcher):
         self.precision = precision
         super().__init__(self._predict, max_batch)
 
-    def __call__(self, plot: Optional[str], poster: Any, title: Optional[str] = None) -> dict:
-        return super().__call__((plot, poster, title))
+    def __call__(self, plot: Optional[str], poster: Any, title: Optional[str] = None, explain: bool = False) -> dict:
+        return super().__call__((plot, poster, title, explain))
 
     def _predict(self, items: list[tuple]) -> list[dict]:
-        items = [(*item, None)[:3] for item in items]  # a (plot, poster) item has no title
-        plots = [plot for plot, _, _ in items]
-        posters = [poster for _, poster, _ in items]
-        titles = [title for _, _, title in items]
+        items = [(*item, None, False)[:4] for item in items]  # a (plot, poster) item has no title, no explain
+        plain = [i for i, item in enumerate(items) if not item[3]]
+        out: list = [None] * len(items)
         with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            results = self.predictor.predict_batch(plots, posters, by_modality=True, titles=titles)
-        return [jsonable(r) for r in results]
+            if plain:
+                chosen = [items[i] for i in plain]
+                results = self.predictor.predict_batch([p for p, _, _, _ in chosen], [q for _, q, _, _ in chosen],
+                                                       by_modality=True, titles=[t for _, _, t, _ in chosen])
+                for i, result in zip(plain, results):
+                    out[i] = result
+            # An explained request runs alone, on this worker (the towers on 1 + grid² posters), after the batch.
+            for i in sorted(set(range(len(items))) - set(plain)):
+                plot, poster, title, _ = items[i]
+                out[i] = self.predictor.predict(plot, poster, by_modality=True, title=title, explain=True)
+        return [jsonable(r) for r in out]
 
 
 __all__ = [

@@ -21,11 +21,25 @@ TEST_LIMITS = {"MMGCS_MAX_PLOT_CHARS": "2000", "MMGCS_MAX_IMAGE_PIXELS": "100000
 START_TIMEOUT = 120
 
 
+# A few plots for the tiny bundle's lexical branch, so that explanations have words to show ("haunted" → Horror).
+LEXICAL_PLOTS = [
+    ("A ghost haunts an old house at night.", "Horror"), ("A witch in a haunted forest curses a village.", "Horror"),
+    ("Two friends open a funny bakery.", "Comedy"), ("A clumsy dog ruins a funny wedding.", "Comedy"),
+    ("Soldiers fight a battle in the desert.", "Action"), ("A police team chases a gang.", "Action"),
+    ("A family grieves after a death.", "Drama"), ("A mother and her son rebuild their lives.", "Drama"),
+]
+
+
 def save_tiny_bundle(folder: Path) -> Path:
-    """A tiny fused (text + poster) model with per-genre thresholds, saved in Hub layout."""
+    """A tiny fused (text + poster) model with per-genre thresholds and a fitted lexical branch, in Hub layout."""
+    import numpy as np
+
     from mmgcs.testing import tiny_model
 
-    tiny_model(LABELS, thresholds=THRESHOLDS).save_pretrained(folder)
+    model = tiny_model(LABELS, thresholds=THRESHOLDS, lexical=True, lexical_features=4096, lexical_min_df=1)
+    targets = np.array([[float(genre == label) for label in LABELS] for _, genre in LEXICAL_PLOTS])
+    model.lexical.fit([plot for plot, _ in LEXICAL_PLOTS], targets, c=10.0)
+    model.save_pretrained(folder)
     return folder
 
 

@@ -94,8 +94,9 @@ def test_api_page_lists_the_named_endpoints(client):
     named = api["named_endpoints"]
     assert set(named) == {"/predict", "/model_info"}  # the UI's rendering step stays private
     params = named["/predict"]["parameters"]
-    assert [p["parameter_name"] for p in params] == ["plot", "poster", "title"]
+    assert [p["parameter_name"] for p in params] == ["plot", "poster", "title", "explain"]
     assert all(p["parameter_has_default"] for p in params)  # any may be left out
+    assert params[3]["parameter_default"] is False  # a plain /predict does no explanation work
 
 
 def test_model_info_reports_labels_thresholds_and_limits(client):
@@ -193,6 +194,35 @@ def test_concurrent_calls_are_batched_without_mixing_answers(server, reference, 
         else:
             assert isinstance(result, dict), result
             assert _close(result["scores"], reference.predict(plot=PLOTS[i % 4])["scores"], 1e-4)
+
+
+def test_explanations_over_the_api(client, reference, files):
+    plain = client.predict(plot=PLOTS[2], poster=handle_file(files["good_png"]), api_name="/predict")
+    assert "explanation" not in plain
+    result = client.predict(plot=PLOTS[2], poster=handle_file(files["good_png"]), explain=True, api_name="/predict")
+    assert _close(result["scores"], plain["scores"], 1e-6)
+    explanation = result["explanation"]
+    assert set(explanation["genres"]) == set(result["genres"])
+    expected = reference.predict(plot=PLOTS[2], poster=Image.open(files["good_png"]), explain=True)["explanation"]
+    assert explanation["text"] == expected["text"]
+    for genre, entry in explanation["genres"].items():
+        assert 0.0 <= entry["plot_share"] <= 1.0
+        assert len(entry["occlusion"]) == 7 and all(len(row) == 7 for row in entry["occlusion"])
+        want = expected["genres"][genre]["lexical"]
+        assert [name for name, _ in entry["lexical"]["up"]] == [name for name, _ in want["up"]]
+        assert [c for _, c in entry["lexical"]["up"]] == pytest.approx([c for _, c in want["up"]], abs=1e-5)
+        assert entry["plot_share"] == pytest.approx(expected["genres"][genre]["plot_share"], abs=1e-4)
+    # the tiny bundle's lexical branch learnt "old house at night" as Horror (app_helpers.LEXICAL_PLOTS)
+    from mmgcs.inference import Predictor
+
+    horror = Predictor(reference).explain(PLOTS[2], genres=["Horror"])["genres"]["Horror"]["lexical"]
+    assert {name for name, _ in horror["up"][:4]} & {"house", "night", "old", "at night", "old house"}
+
+
+@pytest.mark.parametrize("value", ["yes", 1, [True]])
+def test_explain_must_be_a_boolean(client, value):
+    with pytest.raises(AppError, match="`explain` must be true or false"):
+        client.predict(plot=PLOTS[0], explain=value, api_name="/predict")
 
 
 def test_server_is_healthy_after_the_bad_inputs(client, server):
@@ -296,6 +326,27 @@ def test_the_app_serves_with_the_settings_it_reports(app_module):
     assert isinstance(space.predictor, BatchingPredictor)
     assert space.predictor.max_batch == app_module.LIMITS.max_batch
     assert space.predictor.precision == space.precision == app_module.model_info()["precision"] == "fp32"
+
+
+def test_the_page_shows_highlighted_words_and_a_heat_map(app_module):
+    from mmgcs.uploads import UploadedPoster
+
+    poster = io.BytesIO()
+    Image.new("RGB", (40, 60), (20, 20, 20)).save(poster, format="PNG")
+    upload = UploadedPoster(poster.getvalue(), "The poster")
+    result = app_module.predict(plot=PLOTS[2], poster=poster.getvalue(), explain=True)
+    genre, words, heat = app_module.explanation_view(result, None, upload)
+    first = next(iter(result["explanation"]["genres"]))
+    assert genre.value == first and genre.choices
+    assert "".join(segment for segment, _ in words) == result["explanation"]["text"]  # the whole plot, in order
+    assert all(score is None or -1.0 <= score <= 1.0 for _, score in words)
+    assert any(score for _, score in words)
+    assert heat.size == (40, 60)
+    grid = [[0.0] * 7 for _ in range(7)]
+    grid[0][0] = 0.5  # one region raised the score: the top-left turns red, the rest keeps the poster's colour
+    shown = app_module.heat_map(Image.new("RGB", (70, 70), (20, 20, 20)), grid)
+    assert shown.getpixel((2, 2))[0] > 100 and shown.getpixel((65, 65)) == (20, 20, 20)
+    assert app_module.explanation_view({"scores": {}, "genres": []}, None, None)[1:] == (None, None)
 
 
 def test_starting_the_space_warms_the_model_up_then_serves_with_the_body_limit(app_module, monkeypatch):

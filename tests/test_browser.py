@@ -153,3 +153,44 @@ def test_type_plot_upload_poster_and_read_the_genres(page, tmp_path):
     artifacts.mkdir(exist_ok=True)
     shutil.copy(shot, artifacts / "screenshot-app.png")
     print(f"screenshot: {shot} (copied to {artifacts / 'screenshot-app.png'})")
+
+
+def test_explanations_show_highlighted_words_and_the_poster_heat_map(page, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    poster = tmp_path / "poster.png"
+    img = Image.new("RGB", (200, 300), (120, 20, 20))
+    img.paste((240, 240, 240), (30, 40, 170, 150))
+    img.save(poster)
+
+    # ticked for people once the page has loaded (the API's default stays off)
+    _wait(page, lambda d: d.find_element(By.CSS_SELECTOR, "#explain input[type=checkbox]").is_selected(),
+          "the Explain box ticked")
+    _element(page, "#plot textarea").send_keys(PLOT)
+    _element(page, "#poster input[type=file]").send_keys(str(poster))
+    _wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#poster img"), "the poster preview")
+    _element(page, "#predict").click()
+    _wait(page, lambda d: "Predicted genres" in d.find_element(By.CSS_SELECTOR, "#verdict").text, "the answer")
+    words = _wait(
+        page, lambda d: (t := d.find_element(By.CSS_SELECTOR, "#explain-words").text) and "haunted" in t and t,
+        "the highlighted plot",
+    )
+    assert "witch" in words and "forest" in words
+    # the scored words are drawn as coloured spans (a HighlightedText with a confidence per word)
+    spans = page.find_elements(By.CSS_SELECTOR, "#explain-words .token")
+    assert len(spans) > 5
+    coloured = [s.text for s in spans if "highlighted" in (s.get_attribute("class") or "")]
+    assert "haunted" in coloured and "witch" in coloured  # words the tiny bundle's lexical branch scores
+    heat = _wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#explain-poster img"), "the poster heat map")
+    assert heat[0].get_attribute("src")
+    genre = _element(page, "#explain-genre input").get_attribute("value")
+    assert genre in LABELS
+
+    page.set_window_size(1400, 2400)  # the explanation sits below the scores: room for all of it in the shot
+    page.find_element(By.CSS_SELECTOR, "#explain-words").location_once_scrolled_into_view
+    shot = tmp_path / "screenshot-explain.png"
+    assert page.save_screenshot(str(shot))
+    artifacts = REPO / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(shot, artifacts / "screenshot-explain.png")
+    print(f"screenshot: {shot} (copied to {artifacts / 'screenshot-explain.png'})")

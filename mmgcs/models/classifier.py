@@ -264,14 +264,16 @@ class GenreClassifier(
 
     # ---------------------------------------------------------------------------------------- inference
     def predict(self, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False,
-                title: Optional[str] = None) -> dict:
-        """One movie → `{"scores": {genre: probability}, "genres": [predicted genres]}` (see mmgcs.inference).
-        `title` is read only when `config.text_template` uses it."""
-        return Predictor(self).predict(plot, poster, by_modality=by_modality, title=title)
+                title: Optional[str] = None, explain: bool = False) -> dict:
+        """One movie → `{"scores": {genre: probability}, "genres": [predicted genres]}` (see mmgcs.inference;
+        `explain=True` adds `"explanation"`, see mmgcs.explain). `title` is read only when `config.text_template`
+        uses it."""
+        return Predictor(self).predict(plot, poster, by_modality=by_modality, title=title, explain=explain)
 
     def predict_batch(self, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
-                      by_modality: bool = False, titles: Optional[list] = None) -> list[dict]:
-        return Predictor(self).predict_batch(plots, posters, batch_size=batch_size, by_modality=by_modality, titles=titles)
+                      by_modality: bool = False, titles: Optional[list] = None, explain: bool = False) -> list[dict]:
+        return Predictor(self).predict_batch(plots, posters, batch_size=batch_size, by_modality=by_modality,
+                                             titles=titles, explain=explain)
 
     # ------------------------------------------------------------- the hub mixin: save / load / push (mmgcs.hub)
     def save_pretrained(self, save_directory: Union[str, Path], *, config=None, repo_id: Optional[str] = None,
