@@ -84,10 +84,11 @@ def _instrument(stack: contextlib.ExitStack, stages: _Stages, model, predictor, 
     stack.enter_context(_patched(inference, "tokenize", stages.wrap("tokenize", inference.tokenize)))
     if model.lexical is not None:
         stack.enter_context(_patched(model.lexical, "featurize", stages.wrap("lexical n-grams", model.lexical.featurize)))
-    stack.enter_context(_patched(model, "encode_text", stages.wrap("text tower", model.encode_text)))
     if predictor.fast is not None:
+        stack.enter_context(_patched(predictor.fast, "encode_text", stages.wrap("text tower", predictor.fast.encode_text)))
         stack.enter_context(_patched(predictor.fast, "encode_image", stages.wrap("image tower", predictor.fast.encode_image)))
     else:
+        stack.enter_context(_patched(model, "encode_text", stages.wrap("text tower", model.encode_text)))
         stack.enter_context(_patched(inference, "_encode_image", stages.wrap("image tower", inference._encode_image)))
     stack.enter_context(_patched(model, "forward", stages.wrap("fusion head (fused + 2 views)", model.forward)))
     stack.enter_context(_patched(predictor, "_results", stages.wrap("decisions + results", predictor._results)))
@@ -143,8 +144,8 @@ def exactness(model, dataset: str, batch_size: int = 32) -> str:
         de, df = eager.decisions(pe), fast.decisions(pf)
         flips += sum(len(set(x) ^ set(y)) for x, y in zip(de, df))
         decisions += pe.numel()
-    kind = fast.fast.image_kind()
+    kind = f"image {fast.fast.image_kind()}, text {fast.fast.text_kind()}"
     ok = "within" if worst <= 1e-4 else "BEYOND"
-    return (f"exactness over {len(test)} test movies of {dataset} (fused + plot-only + poster-only scores), fast image "
-            f"tower {kind}: max |Δ score| = {worst:.2e} ({ok} 1e-4); {flips} of {decisions} fused genre decisions "
+    return (f"exactness over {len(test)} test movies of {dataset} (fused + plot-only + poster-only scores), fast towers: "
+            f"{kind}: max |Δ score| = {worst:.2e} ({ok} 1e-4); {flips} of {decisions} fused genre decisions "
             f"flipped; torch {torch.__version__}")

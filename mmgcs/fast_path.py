@@ -4,21 +4,26 @@
 
 `FastPath(model).encode_image(pixels)` runs the image tower through its fast encoder (`tower.fast_encoder`:
 static SAME padding, BatchNorm folded by TorchScript freezing, oneDNN fusion; mmgcs.models.image_fast), built on
-the first batch of each poster size and checked there against the eager tower. Where no fast encoder applies
-(GPU, an untraceable or non-timm tower) or building one fails, the eager tower runs and the server log gets one
-line saying why: a missing backend is never an error for the user.
+the first batch of each poster size and checked there against the eager tower. `encode_text(ids, mask)` runs the
+text tower exported to ONNX (dynamic batch and sequence axes) in ONNX Runtime (the optional extra `mmgcs[fast]`),
+whose fused attention and MLAS kernels take a ~60-token MiniLM call from ~17 to ~8 ms on one thread; it is
+checked against the eager tower on the first batch and on that batch padded longer (so no shape is baked in).
+Where no fast encoder applies (GPU, an untraceable tower, onnxruntime not installed) or building one fails, the
+eager tower runs and the server log gets one line saying why: a missing backend is never an error for the user.
 
 The encoder is a snapshot of the tower's weights when it is built: use a FastPath only over a frozen model
 (serving, evaluation), never one that is still being trained.
 
-The text tower stays eager: at batch 1 a ~70-token MiniLM call is matmul-bound already (see
-benchmarks/bench_predict.py --profile), and tokenization pads each batch to its longest plot only.
+Measured and not kept (benchmarks/bench_predict.py, issue 12): torch.compile of the text tower (31 s to build,
+no faster at batch 1), TorchScript freezing of it (~5 %). Tokenization already pads a batch to its longest plot.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -39,7 +44,21 @@ class FastPath:
         self.model = model
         self.enabled = enabled
         self._image: dict[tuple, Optional[Any]] = {}  # poster tensor shape (C, H, W) -> fast encoder or None (eager)
+        self._text: list = []  # [] until built, then [the ONNX Runtime encoder or None (eager)]
         self._lock = threading.Lock()
+
+    def text_kind(self) -> str:
+        return "onnxruntime" if self._text and self._text[0] is not None else "eager"
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.enabled and not self._text:
+            with self._lock:
+                if not self._text:
+                    self._text.append(_build_text(self.model, input_ids, attention_mask))
+        encoder = self._text[0] if self.enabled else None
+        if encoder is None:
+            return self.model.encode_text(input_ids, attention_mask)
+        return encoder(input_ids, attention_mask)
 
     def image_kind(self) -> str:
         """What runs the image tower: the fast encoder's kind once one is in use, else "eager"."""
@@ -85,9 +104,62 @@ class FastPath:
         return encoder
 
 
+class OnnxTextEncoder:
+    """A text tower exported to ONNX, run by ONNX Runtime on CPU: `(input_ids, attention_mask) -> (B, D)`."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, tower, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        import onnxruntime  # the optional extra mmgcs[fast]; without it the eager tower serves
+
+        buf = io.BytesIO()
+        axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}, "out": {0: "batch"}}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's tracer notes are noise here
+            torch.onnx.export(tower, (input_ids, attention_mask), buf, input_names=["input_ids", "attention_mask"],
+                              output_names=["out"], dynamic_axes=axes, opset_version=17, dynamo=False)
+        options = onnxruntime.SessionOptions()
+        # As many threads as torch uses here; one pool (inter-op parallelism only helps branchy graphs).
+        options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        self.session = onnxruntime.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}  # an input the graph does not read is dropped
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        feeds = {k: v.cpu().numpy() for k, v in feeds.items() if k in self.inputs}
+        return torch.from_numpy(self.session.run(None, feeds)[0])
+
+
+def _build_text(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Optional[OnnxTextEncoder]:
+    if input_ids.device.type != "cpu":
+        logger.info("No fast text encoder on %s; the eager text tower serves", input_ids.device.type)
+        return None
+    try:
+        encoder = OnnxTextEncoder(model.text_tower, input_ids, attention_mask)
+        # Also on the batch padded 7 tokens longer, twice: a length or batch size baked into the export shows.
+        padded = (torch.nn.functional.pad(input_ids, (0, 7)).repeat(2, 1),
+                  torch.nn.functional.pad(attention_mask, (0, 7)).repeat(2, 1))
+        with torch.inference_mode():
+            ok = all(outputs_agree(encoder(*x), model.encode_text(*x), FEATURE_RTOL)
+                     for x in ((input_ids, attention_mask), padded))
+    except ImportError:
+        logger.info("onnxruntime is not installed (pip install 'mmgcs[fast]' for a ~2x faster text tower on CPU); "
+                    "the eager text tower serves")
+        return None
+    except Exception as e:  # noqa: BLE001 — a tower the exporter or ONNX Runtime cannot handle
+        logger.warning("The ONNX Runtime text encoder is unavailable (%s: %s); the eager text tower serves",
+                       type(e).__name__, e)
+        return None
+    if not ok:
+        logger.info("The ONNX Runtime text encoder disagrees with the eager tower beyond %g; the eager one serves",
+                    FEATURE_RTOL)
+        return None
+    return encoder
+
+
 def _agrees(encoder, model, sample: torch.Tensor) -> bool:
     with torch.inference_mode():
         return outputs_agree(encoder(sample), model.encode_image(sample.contiguous()), FEATURE_RTOL)
 
 
-__all__ = ["FEATURE_RTOL", "FastPath"]
+__all__ = ["FEATURE_RTOL", "FastPath", "OnnxTextEncoder"]

@@ -160,7 +160,8 @@ def _encode(model, batch: dict, fast: Optional[FastPath] = None) -> dict[str, to
     text_mask, image_mask = batch.get("text_mask"), batch.get("image_mask")
     if model.text_tower is not None and bool(text_mask.any()):
         inputs = (batch["input_ids"], batch["attention_mask"])
-        features["text_features"] = _encode_present(model.encode_text, inputs, text_mask)
+        encode_text = fast.encode_text if fast is not None else model.encode_text
+        features["text_features"] = _encode_present(encode_text, inputs, text_mask)
     if model.image_tower is not None and bool(image_mask.any()):
         encode = fast.encode_image if fast is not None else functools.partial(_encode_image, model)
         features["image_features"] = _encode_present(encode, (batch["pixel_values"],), image_mask)

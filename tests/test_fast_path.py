@@ -1,12 +1,15 @@
 """The fast serving path (mmgcs.fast_path): the eager scores within 1e-4 for every fusion head, and the eager
 towers, with one log line, whenever the fast encoder is unavailable, fails or disagrees."""
 
+import importlib.util
 import logging
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from mmgcs import fast_path
 from mmgcs.fast_path import FastPath
 from mmgcs.inference import Predictor
 from mmgcs.models.fusion import FUSIONS
@@ -16,6 +19,7 @@ from mmgcs.testing import tiny_model
 LABELS = ["Action", "Comedy", "Drama"]
 FIXTURES = Path(__file__).parent / "fixtures"
 POSTERS = [str(FIXTURES / "poster_0.png"), str(FIXTURES / "poster_1.png"), str(FIXTURES / "poster_0.png")]
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None  # the optional extra mmgcs[fast]
 PLOTS = ["A retired soldier must save his daughter from a gang of killers.", None,
          "Two friends fall in love during a long summer by the sea, and a storm changes everything."]
 
@@ -30,7 +34,8 @@ def test_fast_scores_equal_eager_for_every_fusion_head(fusion):
     model = tiny_model(LABELS, fusion=fusion).eval()
     predictor = Predictor(model, fast=True)
     eager, fast = scores(Predictor(model)), scores(predictor)
-    assert predictor.fast.image_kind() == "torchscript-frozen"  # the fast encoder really served
+    assert predictor.fast.image_kind() == "torchscript-frozen"  # the fast encoders really served
+    assert predictor.fast.text_kind() == ("onnxruntime" if HAS_ORT else "eager")
     assert eager.keys() == fast.keys() == {"fused", "text", "image"}
     for name in eager:
         assert (eager[name] - fast[name]).abs().max().item() <= 1e-4, name
@@ -57,9 +62,9 @@ def test_a_failing_fast_encoder_falls_back_to_eager_with_one_log_line(monkeypatc
         fast = scores(predictor)
         scores(predictor)  # a second call does not try (nor log) again
     eager = scores(Predictor(model))
-    assert all(torch.equal(eager[k], fast[k]) for k in eager)
+    assert all((eager[k] - fast[k]).abs().max().item() <= 1e-4 for k in eager)
     assert predictor.fast.image_kind() == "eager"
-    lines = [r for r in caplog.records if r.name == "mmgcs.fast_path"]
+    lines = [r for r in caplog.records if r.name == "mmgcs.fast_path" and "image" in r.getMessage()]
     assert len(lines) == 1 and "RuntimeError" in lines[0].getMessage() and "eager" in lines[0].getMessage()
 
 
@@ -76,7 +81,7 @@ def test_a_fast_encoder_that_disagrees_is_not_used(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="mmgcs.fast_path"):
         fast = scores(predictor)
     eager = scores(Predictor(model))
-    assert all(torch.equal(eager[k], fast[k]) for k in eager)
+    assert all((eager[k] - fast[k]).abs().max().item() <= 1e-4 for k in eager)
     assert any("disagrees" in r.getMessage() for r in caplog.records)
 
 
@@ -106,3 +111,37 @@ def test_serving_uses_the_fast_path_for_fp32_only_and_the_switch_is_checked():
     assert not fast_path_wanted({"MMGCS_FAST_PATH": "0"})
     with pytest.raises(ServingConfigError, match="MMGCS_FAST_PATH"):
         fast_path_wanted({"MMGCS_FAST_PATH": "maybe"})
+
+
+@pytest.mark.parametrize("how", ["onnxruntime missing", "export fails"])
+def test_the_text_tower_falls_back_to_eager_with_one_log_line(monkeypatch, caplog, how):
+    model = tiny_model(LABELS).eval()
+    if how == "onnxruntime missing":
+        monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    else:
+        def broken(*args, **kwargs):
+            raise RuntimeError("the exporter cannot handle this tower")
+
+        monkeypatch.setattr(fast_path.torch.onnx, "export", broken)
+    predictor = Predictor(model, fast=True)
+    with caplog.at_level(logging.INFO, logger="mmgcs.fast_path"):
+        fast = scores(predictor)
+        scores(predictor)
+    eager = scores(Predictor(model))
+    assert all((eager[k] - fast[k]).abs().max().item() <= 1e-4 for k in eager)
+    assert predictor.fast.text_kind() == "eager"
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmgcs.fast_path" and "text" in r.getMessage()]
+    assert len(lines) == 1 and ("mmgcs[fast]" if how == "onnxruntime missing" else "RuntimeError") in lines[0]
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime (mmgcs[fast]) not installed")
+def test_the_onnx_text_encoder_takes_other_lengths_and_batch_sizes():
+    model = tiny_model(LABELS).eval()
+    path = FastPath(model)
+    tokenizer = model.get_tokenizer()
+    short = tokenizer(["A short plot."], return_tensors="pt")
+    path.encode_text(short["input_ids"], short["attention_mask"])  # built on 1 row of a few tokens
+    assert path.text_kind() == "onnxruntime"
+    longer = tokenizer([PLOTS[0], PLOTS[2], "Another."], padding="longest", return_tensors="pt")
+    ids, mask = longer["input_ids"], longer["attention_mask"]
+    assert (path.encode_text(ids, mask) - model.encode_text(ids, mask)).abs().max().item() <= 1e-4
