@@ -124,14 +124,18 @@ def occluded(pixels: torch.Tensor, grid: int) -> torch.Tensor:
     return out
 
 
-def _image_features(model, pixels: torch.Tensor) -> torch.Tensor:
+def _image_features(model, pixels: torch.Tensor, fast=None) -> torch.Tensor:
+    """The image tower over `pixels` in chunks: through the predictor's fast path when it has one (the scores it
+    serves, ~2x faster on CPU), else eagerly as the predict path runs it."""
+    if fast is not None:
+        return torch.cat([fast.encode_image(chunk) for chunk in pixels.split(_IMAGE_CHUNK)])
     if pixels.device.type == "cpu":
-        pixels = pixels.contiguous(memory_format=torch.channels_last)  # as the predict path runs it
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
     return torch.cat([model.encode_image(chunk) for chunk in pixels.split(_IMAGE_CHUNK)])
 
 
 # ------------------------------------------------------------------------------------------- the rows
-def _feature_rows(model, batch: dict, grid: int) -> tuple[dict, bool, bool]:
+def _feature_rows(model, batch: dict, grid: int, fast=None) -> tuple[dict, bool, bool]:
     """One head batch for one movie: row 0 both inputs, row 1 the plot alone (poster withheld), row 2 the poster
     alone (plot withheld), then one row per occluded poster cell. Each tower runs once (the image tower on the
     poster and its occluded copies as one batch)."""
@@ -141,7 +145,8 @@ def _feature_rows(model, batch: dict, grid: int) -> tuple[dict, bool, bool]:
     n = 3 + (0 if cells is None else cells.shape[0])
     rows: dict[str, Any] = {}
     if has_text:
-        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        encode = fast.encode_text if fast is not None else model.encode_text
+        text = encode(batch["input_ids"], batch["attention_mask"])
         rows["text_features"] = text.expand(n, -1)
         rows["text_mask"] = torch.tensor([True, True, False] + [True] * (n - 3), device=text.device)
         for key in ("lexical_ids", "lexical_values"):
@@ -149,7 +154,7 @@ def _feature_rows(model, batch: dict, grid: int) -> tuple[dict, bool, bool]:
                 rows[key] = batch[key].expand(n, -1)
     if has_image:
         pixels = batch["pixel_values"][:1] if cells is None else torch.cat([batch["pixel_values"][:1], cells])
-        image = _image_features(model, pixels)
+        image = _image_features(model, pixels, fast)
         rows["image_features"] = torch.cat([image[:1].expand(3, -1), image[1:]])
         rows["image_mask"] = torch.tensor([True, False, True] + [True] * (n - 3), device=image.device)
     return rows, has_text, has_image
@@ -177,7 +182,7 @@ def explain_movie(predictor, text: Optional[str], poster: Any, genres: list[str]
     if unknown:
         raise ValueError(f"Cannot explain {unknown}: not genres of this model; choose from {labels}")
     batch = {k: v.to(model.device) for k, v in model.preprocess([text], [poster]).items()}
-    rows, has_text, has_image = _feature_rows(model, batch, grid)
+    rows, has_text, has_image = _feature_rows(model, batch, grid, getattr(predictor, "fast", None))
     logits = model(**rows)["logits"].float().cpu()
     probs = model.probabilities(logits)
     lexical = lexical_contributions(model, text) if has_text else None

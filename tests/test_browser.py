@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app_helpers import LABELS, REPO, shared_app_server
+from app_helpers import LABELS, REPO, shared_app_server, start_app
 
 pytestmark = pytest.mark.browser
 
@@ -155,6 +155,19 @@ def test_type_plot_upload_poster_and_read_the_genres(page, tmp_path):
     print(f"screenshot: {shot} (copied to {artifacts / 'screenshot-app.png'})")
 
 
+def _shoot(page, tmp_path, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    page.set_window_size(1400, 2400)  # the explanation sits below the scores: room for all of it in the shot
+    page.find_element(By.CSS_SELECTOR, "#explain-words").location_once_scrolled_into_view
+    shot = tmp_path / name
+    assert page.save_screenshot(str(shot))
+    artifacts = REPO / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(shot, artifacts / name)
+    print(f"screenshot: {shot} (copied to {artifacts / name})")
+
+
 def test_explanations_show_highlighted_words_and_the_poster_heat_map(page, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -186,11 +199,37 @@ def test_explanations_show_highlighted_words_and_the_poster_heat_map(page, tmp_p
     genre = _element(page, "#explain-genre input").get_attribute("value")
     assert genre in LABELS
 
-    page.set_window_size(1400, 2400)  # the explanation sits below the scores: room for all of it in the shot
-    page.find_element(By.CSS_SELECTOR, "#explain-words").location_once_scrolled_into_view
-    shot = tmp_path / "screenshot-explain.png"
-    assert page.save_screenshot(str(shot))
-    artifacts = REPO / "artifacts"
-    artifacts.mkdir(exist_ok=True)
-    shutil.copy(shot, artifacts / "screenshot-explain.png")
-    print(f"screenshot: {shot} (copied to {artifacts / 'screenshot-explain.png'})")
+    _shoot(page, tmp_path, "screenshot-explain.png")
+
+
+def test_a_real_movie_explained_by_the_trained_model(browser, shared_data, tmp_path):
+    """The Conjuring (TMDb plot and poster) through the trained default bundle, when this checkout has one."""
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    model = REPO / "runs" / "fusion" / "model"
+    if not (model / "model.safetensors").is_file():
+        pytest.skip(f"no trained model at {model} (accelerate launch training/train_fusion.py makes it)")
+    source = shared_data / "tmdb5000" / "movies.jsonl"
+    movie = next(m for m in map(json.loads, source.read_text(encoding="utf-8").splitlines())
+                 if m.get("title") == "The Conjuring")
+    server = start_app(model, tmp_path)
+    try:
+        browser.get(server.url)
+        _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#explain input[type=checkbox]").is_selected(),
+              "the Explain box ticked")
+        _element(browser, "#title input").send_keys(movie["title"])
+        _element(browser, "#plot textarea").send_keys(movie["plot"])
+        _element(browser, "#poster input[type=file]").send_keys(str(source.parent / movie["poster_file"]))
+        _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#poster img"), "the poster preview")
+        _element(browser, "#predict").click()
+        verdict = _wait(browser, lambda d: (t := d.find_element(By.CSS_SELECTOR, "#verdict").text)
+                        and "Predicted genres" in t and t, "the answer")
+        assert "Horror" in verdict
+        _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#explain-words .token.highlighted"),
+              "the highlighted plot")
+        _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#explain-poster img"), "the poster heat map")
+        _shoot(browser, tmp_path, "screenshot-explain-real.png")
+    finally:
+        server.stop()
