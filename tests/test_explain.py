@@ -144,3 +144,14 @@ def test_the_serving_batcher_passes_explain_through(model):
     assert ["explanation" in r for r in results] == [False, True, False, True]
     assert results[0]["scores"] == pytest.approx(results[1]["scores"])
     assert isinstance(results[1]["explanation"]["genres"][results[1]["genres"][0]]["words"][0][2], float)
+
+
+@pytest.mark.parametrize("towers", [dict(image=False), dict(text=False)], ids=["plot-only model", "poster-only model"])
+def test_a_one_tower_model_is_explained_with_what_it_reads(towers):
+    model = tiny_model(GENRES, **towers).eval()
+    result = model.predict(PLOT if "image" in towers else None, None if "image" in towers else _noise_poster(),
+                           explain=True)
+    entry = next(iter(result["explanation"]["genres"].values()))
+    assert entry["lexical"] is None  # no lexical branch in these models
+    assert entry["plot_share"] == (1.0 if "image" in towers else 0.0)
+    assert (entry["occlusion"] is None) == ("image" in towers)
