@@ -392,6 +392,9 @@ def add_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--split", default="test", help="split of a built dataset (default test)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--fast", action="store_true",
+                   help="the predictor's fast encoders (mmgcs.fast_path: scores within 1e-4 of the eager towers, "
+                        "which serve whenever the fast one is unavailable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     if explain_supported():
         p.add_argument("--explain", action="store_true",
@@ -425,7 +428,7 @@ def main(args) -> int:
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        stats = predict_file(Predictor(model, device=device), args.input, Path(args.out), args.batch_size,
+        stats = predict_file(Predictor(model, device=device, fast=args.fast), args.input, Path(args.out), args.batch_size,
                              args.by_modality, args.resume, args.split, getattr(args, "explain", False),
                              progress=False if args.no_progress else None)
     except OutputMismatch as e:
