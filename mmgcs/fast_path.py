@@ -121,6 +121,9 @@ class OnnxTextEncoder:
         options = onnxruntime.SessionOptions()
         # As many threads as torch uses here; one pool (inter-op parallelism only helps branchy graphs).
         options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        # Idle pool threads sleep instead of spinning (as OMP_WAIT_POLICY=PASSIVE for torch, mmgcs.runtime): on a
+        # 2-core Space a spinning pool takes the CPU that decoding the next requests needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}  # an input the graph does not read is dropped
 
