@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -272,3 +273,38 @@ def test_the_three_formats_hold_the_same_rows_and_parquet_resumes(bundle, broken
     assert (stats.skipped, stats.written) == (4, 5)
     assert pq.read_table(half).to_pylist() == as_parquet
     assert not half.with_name(half.name + ".partial").exists()
+
+
+def test_serve_runs_app_py_with_the_environment_and_its_options(monkeypatch):
+    from mmgcs import cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda argv, env, cwd: calls.append((argv, env, cwd)) or 0)
+    monkeypatch.setenv("MMGCS_EXAMPLES", "examples.jsonl")
+    assert cli.main(["serve", "--model", "runs/x/model", "--port", "7999"]) == 0
+    (argv, env, cwd), = calls
+    assert argv == [sys.executable, str(REPO_ROOT / "app.py")] and cwd == REPO_ROOT
+    assert env["MMGCS_MODEL"] == "runs/x/model" and env["GRADIO_SERVER_PORT"] == "7999"
+    assert env["MMGCS_EXAMPLES"] == "examples.jsonl"  # the caller's environment goes through
+    assert env.get("GRADIO_SERVER_NAME") == os.environ.get("GRADIO_SERVER_NAME")  # untouched without --host
+
+
+@pytest.mark.shared_data
+def test_predict_reads_the_real_tmdb_source_format(bundle, shared_data, tmp_path):
+    """The first 30 movies of ../shared/data/tmdb5000 (posters copied beside them: a poster is read only inside
+    the input's folder) through the command: every one predicted, none with an error."""
+    source = tmp_path / "tmdb"
+    (source / "posters").mkdir(parents=True)
+    lines = (shared_data / "tmdb5000" / "movies.jsonl").read_text(encoding="utf-8").splitlines()[:30]
+    for line in lines:
+        poster = json.loads(line).get("poster_file")
+        if poster:
+            (source / poster).write_bytes((shared_data / "tmdb5000" / poster).read_bytes())
+    (source / "movies.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "p.csv"
+    run = mmgcs("predict", "--model", bundle, "--input", source, "--out", out, "--by-modality")
+    assert run.returncode == 0, run.stderr
+    rows = read_csv(out)
+    assert [r["id"] for r in rows] == [str(json.loads(line)["id"]) for line in lines]
+    assert all(r["error"] == "" and all(r[g] != "" for g in GENRES) for r in rows)
+    assert sum(r["poster_only.Action"] != "" for r in rows) == sum('"poster_file"' in line for line in lines) > 0
