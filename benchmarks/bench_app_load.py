@@ -3,10 +3,13 @@
     python benchmarks/bench_app_load.py                       # starts app.py on a free loopback port
     python benchmarks/bench_app_load.py --callers 1,4,16 --seconds 20 --model runs/fusion/model
     python benchmarks/bench_app_load.py --url http://127.0.0.1:7860 --server-pid 1234   # an app already running
+    python benchmarks/bench_app_load.py --model runs/fusion/model --env MMGCS_PRECISION=fp32 --paths eager,fast
 
 Each caller sends real movies (plot + poster from ../shared/data/tmdb5000 when present, otherwise generated ones)
 through `/predict`, as a user's script would: a poster upload, then the queued call. Prints requests/s, errors,
-p50/p95/p99 round-trip latency and the server's peak memory (VmHWM of its process). Loopback only: it refuses
+p50/p95/p99 round-trip latency, server CPU ms a movie and the server's peak memory (VmHWM of its process); with
+--model, also the compute ceiling (one movie's counted FLOPs at the all-core fp32 matmul rate) and the share of it
+reached; with --paths eager,fast, one app per serving path, one after the other (issue 12). Loopback only: it refuses
 any other host, and the callers run on the same machine as the server, so they share its CPU.
 """
 
@@ -227,10 +230,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bad-every", type=int, default=0, metavar="N",
                     help="each caller sends a bad request (non-image poster, over-long plot, nothing) every N-th call;"
                          " each must be refused with a message")
+    ap.add_argument("--paths", default="",
+                    help="eager,fast: start one app per serving path (MMGCS_FAST_PATH=0 / 1) and report each, in one run")
     args = ap.parse_args(argv)
 
     ceiling = compute_ceiling(args.model) if args.model else None  # before the app starts: no CPU contention
-    load_before = os.getloadavg()[0]
+    paths = [p for p in args.paths.split(",") if p] or [""]
+    if args.url and paths != [""]:
+        raise SystemExit("--paths starts its own apps; leave out --url")
+    for path in paths:
+        env = dict(kv.split("=", 1) for kv in args.env)
+        if path:
+            env["MMGCS_FAST_PATH"] = {"eager": "0", "fast": "1"}[path]
+            print(f"\n## serving path: {path} (MMGCS_FAST_PATH={env['MMGCS_FAST_PATH']})")
+        load_before = os.getloadavg()[0]
+        result = measure(args, env)
+        report(args, result, load_before, ceiling)
+
+
+def measure(args, env: dict) -> dict:
+    """Start the app (or use --url), run each callers level, stop the app: what `report` prints."""
     proc = None
     if args.url:
         url = args.url.rstrip("/")
@@ -240,12 +259,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_app(args.model, port, dict(kv.split("=", 1) for kv in args.env))
+        proc = start_app(args.model, port, env)
         pid = proc.pid
     try:
         t0 = time.time()
         wait_until_up(url, proc)
-        startup = time.time() - t0
+        startup = time.time() - t0 if proc is not None else None
         from gradio_client import Client
 
         info = Client(url, verbose=False).predict(api_name="/model_info")
@@ -265,11 +284,15 @@ def main(argv: list[str] | None = None) -> None:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    return {"url": url, "info": info, "what": what, "rows": rows, "peak": peak, "startup": startup}
 
+
+def report(args, result: dict, load_before: float, ceiling) -> None:
+    url, info, what, rows, peak, startup = (result[k] for k in ("url", "info", "what", "rows", "peak", "startup"))
     print(f"\napp: {url}  model: text={info['text_backbone']} image={info['image_backbone']} fusion={info['fusion']}"
           f" ({len(info['labels'])} genres) on {info.get('device')} in {info.get('precision')}  limits: {info['limits']}")
     print(f"inputs: {what}; mode={args.mode}; {args.seconds:g} s per level after {args.warmup:g} s warm-up; "
-          f"cpus={os.cpu_count()}; callers ssl_verify={args.verify_ssl}" + (f"; app start-up {startup:.1f} s" if proc is not None else ""))
+          f"cpus={os.cpu_count()}; callers ssl_verify={args.verify_ssl}" + (f"; app start-up {startup:.1f} s" if startup is not None else ""))
     print(f"machine load average (1 min): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
           "(other work on the machine slows every number below)")
     # CPU time per request does not depend on what else the machine runs: it bounds the throughput of an idle
