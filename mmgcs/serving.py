@@ -29,9 +29,11 @@ from mmgcs.inference import Predictor
 from mmgcs.models.classifier import GenreClassifier
 
 PRECISIONS = ("auto", "fp32", "bf16")
-# The worker's batch runs as chunks of this many movies, sorted by plot length: the text tower pads a chunk to
-# its longest plot, and small chunks keep activations in cache. On 2 cores (benchmarks/bench_predict.py, fast
-# path, one thread) a movie takes ~19 ms at chunks of 1 and 4, 22 at 8, 26 at 16, 32 at 32.
+# On the fast path the worker's batch runs as chunks of this many movies, sorted by plot length: the text tower
+# pads a chunk to its longest plot, and small chunks keep activations in cache. On 2 cores
+# (benchmarks/bench_predict.py, fast path, one thread) a movie takes ~19 ms at chunks of 1 and 4, 22 at 8, 26 at 16,
+# 32 at 32. The eager towers (bf16) keep the whole batch as one chunk: at chunks of 4 the app at 16 callers fell
+# from 47.5 to 32-38 movies/s (benchmarks/bench_app_load.py, bf16, idle machine).
 SERVE_CHUNK = 4
 MODEL_REMEDY = (
     "Train one with `accelerate launch training/train_fusion.py` (it saves runs/fusion/model), or set "
@@ -274,7 +276,8 @@ class BatchingPredictor(MicroBatcher):
             if plain:
                 chosen = [items[i] for i in plain]
                 results = self.predictor.predict_batch([p for p, _, _, _ in chosen], [q for _, q, _, _ in chosen],
-                                                       batch_size=SERVE_CHUNK, by_modality=True,
+                                                       batch_size=SERVE_CHUNK if self.predictor.fast else self.max_batch,
+                                                       by_modality=True,
                                                        titles=[t for _, _, t, _ in chosen])
                 for i, result in zip(plain, results):
                     out[i] = result
