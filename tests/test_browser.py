@@ -230,6 +230,7 @@ def test_a_real_movie_explained_by_the_trained_model(browser, shared_data, tmp_p
         _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#explain-words .token.highlighted"),
               "the highlighted plot")
         _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#explain-poster img"), "the poster heat map")
+        # It shows a TMDb poster (studio artwork): artifacts/ is git-ignored and this one is never committed.
         _shoot(browser, tmp_path, "screenshot-explain-real.png")
     finally:
         server.stop()
