@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import stat
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
+
+from mmgcs.data.confine import inside, read_confined
 
 UPLOAD_REMEDY = "Upload the poster file itself (gradio_client.handle_file(path) does that)."
 
@@ -31,53 +32,41 @@ class UploadedPoster(NamedTuple):
     name: str
 
 
-def is_inside(path: str | os.PathLike, roots: Sequence[str | os.PathLike]) -> bool:
-    """Whether `path`, with every symlink resolved, lies inside one of `roots` (also resolved)."""
-    real = Path(os.path.realpath(path))
-    return any(real.is_relative_to(os.path.realpath(root)) for root in roots)
+# The builder's confined read, with the client's messages: the path comes from a client, so it is resolved
+# before the check (no `..` or symlink out of the folder), opened without following a last-moment symlink and
+# without blocking (a FIFO or a device never stalls a worker; `/dev/zero` or a pipe is not a regular file), and read
+# to at most `max_bytes + 1`, whatever `stat` said.
+_REFUSALS = {
+    "poster_outside_source": "The poster is not a file uploaded to this app.",
+    "poster_not_regular_file": "The poster is not a regular file.",
+}
 
 
 def read_upload(path: str | os.PathLike, roots: Sequence[str | os.PathLike], max_bytes: int) -> bytes:
-    """The bytes of an uploaded file, read only when it is a regular file inside `roots` and at most `max_bytes`.
-
-    The path comes from a client, so it is resolved before the check (no `..` or symlink out of the folder), and
-    opened without following a last-moment symlink and without blocking (a FIFO or a device never stalls a
-    worker; `/dev/zero` or a pipe is not a regular file). The read itself stops at `max_bytes + 1`, whatever
-    `stat` said.
-    """
-    if not is_inside(path, roots):
-        raise UploadError(f"The poster is not a file uploaded to this app. {UPLOAD_REMEDY}")
-    try:
-        fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        raise UploadError(f"The poster upload could not be read on the server. {UPLOAD_REMEDY}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UploadError(f"The poster is not a regular file. {UPLOAD_REMEDY}")
-        data = _read_at_most(fd, max_bytes + 1)
-    finally:
-        os.close(fd)
-    check_size(len(data), max_bytes)
-    return data
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks, total = [], 0
-    while total < limit:
-        chunk = os.read(fd, min(1 << 20, limit - total))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
+    """The bytes of an uploaded file, read only when it is a regular file inside one of `roots` and at most
+    `max_bytes` (`mmgcs.data.confine.read_confined`)."""
+    path = Path(path)
+    root = next((Path(r) for r in roots if inside(path, Path(r))), None)
+    if root is None:
+        raise UploadError(f"{_REFUSALS['poster_outside_source']} {UPLOAD_REMEDY}")
+    data = read_confined(path, root, max_bytes)
+    if isinstance(data, bytes):
+        return data
+    if data.too_big:
+        raise _too_big(max_bytes)
+    raise UploadError(f"{_REFUSALS.get(data.reason, 'The poster upload could not be read on the server.')} {UPLOAD_REMEDY}")
 
 
 def check_size(n_bytes: int, max_bytes: int) -> None:
     if n_bytes > max_bytes:
-        raise UploadError(
-            f"The poster is over the {max_bytes / 2**20:g} MB limit. Resize it (a poster needs well under "
-            "1,000 px a side)."
-        )
+        raise _too_big(max_bytes)
+
+
+def _too_big(max_bytes: int) -> UploadError:
+    return UploadError(
+        f"The poster is over the {max_bytes / 2**20:g} MB limit. Resize it (a poster needs well under "
+        "1,000 px a side)."
+    )
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:

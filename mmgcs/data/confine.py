@@ -26,6 +26,7 @@ class Refusal:
 
     reason: str
     detail: str
+    too_big: bool = False  # over the byte limit (the report's reason is the generic "invalid_poster")
 
 
 def inside(path: Path, root: Path) -> bool:
@@ -65,7 +66,7 @@ def read_confined(path: Path, root: Path, max_bytes: int) -> bytes | Refusal:
             kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a FIFO, socket or device)"
             return Refusal("poster_not_regular_file", f"poster path {shown} is {kind}; poster stored as null")
         if info.st_size > max_bytes:  # refused before reading a huge file into memory
-            return Refusal("invalid_poster", _too_big(path, info.st_size, max_bytes))
+            return Refusal("invalid_poster", _too_big(path, info.st_size, max_bytes), too_big=True)
         os.set_blocking(fd, True)
         data = _read_at_most(fd, max_bytes + 1)
     except OSError as e:
@@ -74,7 +75,7 @@ def read_confined(path: Path, root: Path, max_bytes: int) -> bytes | Refusal:
         os.close(fd)
     if len(data) > max_bytes:  # the file grew, or stat under-reports its size
         return Refusal("invalid_poster", f"{path.name}: over the {_mb(max_bytes)} poster limit (more than its stated "
-                                         "size). Resize it. Poster stored as null.")
+                                         "size). Resize it. Poster stored as null.", too_big=True)
     return data
 
 
