@@ -35,6 +35,7 @@ from mmgcs.data.confine import Refusal, read_confined
 from mmgcs.data.images import MAX_IMAGE_BYTES, InvalidImageError, load_image, poster_present
 from mmgcs.data.records import BuildReport
 from mmgcs.data.sources import FORMATS, detect_format, source_name
+from mmgcs.evaluate import batched
 from mmgcs.inference import Predictor
 from mmgcs.models.classifier import GenreClassifier
 from mmgcs.models.preprocessing import plot_present
@@ -339,17 +340,16 @@ class RunStats:
 
 
 def _batches(movies: Iterator[Movie], size: int, done: set[str], stats: RunStats) -> Iterator[list[Movie]]:
-    batch: list[Movie] = []
-    for movie in movies:
-        if movie.id in done:
-            stats.skipped += 1
-            continue
-        batch.append(movie)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    """The movies not yet in the output (`done`, counted as skipped), in batches of `size`."""
+
+    def pending() -> Iterator[Movie]:
+        for movie in movies:
+            if movie.id in done:
+                stats.skipped += 1
+            else:
+                yield movie
+
+    return batched(pending(), size)
 
 
 def predict_file(predictor: Predictor, source: str, out: Path, batch_size: int = 32, by_modality: bool = False,

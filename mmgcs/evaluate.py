@@ -200,7 +200,8 @@ def read_data(path: str, split: str = "test", fmt: Optional[str] = None) -> Eval
 # ---------------------------------------------------------------- scoring
 
 
-def _batches(it: Iterable, size: int) -> Iterator[list]:
+def batched(it: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` items from `it` (the last one shorter), read lazily (itertools.batched from Python 3.12)."""
     batch = []
     for x in it:
         batch.append(x)
@@ -389,7 +390,7 @@ def evaluate(
     bar = tqdm(desc="scoring", unit="movie", file=sys.stderr) if progress else None
     pred_file = open(predictions_path, "w", encoding="utf-8") if predictions_path else None
     try:
-        for chunk in _batches(rows, batch_size):
+        for chunk in batched(rows, batch_size):
             _score_chunk(model, chunk, plan, data, mapper, tally, pred_file)
             if bar is not None:
                 bar.update(len(chunk))
