@@ -36,9 +36,9 @@ setup-dev: .make-setup-dev
 DATA_CHECK = HF_HUB_OFFLINE=$(HF_HUB_OFFLINE) $(PY) scripts/demo_data.py check --shared $(SHARED)
 ifneq ($(filter demo train data serve,$(MAKECMDGOALS)),)
   ifeq ($(wildcard $(DATA)/build_report.json),)
-    DATA_SOURCE := $(shell $(DATA_CHECK) 2>/dev/null)
+    # $(shell) keeps stdout (the source) and lets stderr (the message, when there is no data) reach the terminal
+    DATA_SOURCE := $(shell $(DATA_CHECK))
     ifeq ($(DATA_SOURCE),)
-      $(shell $(DATA_CHECK) >/dev/null)
       $(error no movie data for $(DATA) (the message above says what to do))
     endif
   endif
