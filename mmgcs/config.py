@@ -128,11 +128,21 @@ class TrainConfig:
     cache_features: bool = True  # frozen towers: compute features once (on disk) and train the head on them
     cache_dir: str = ".cache/mmgcs-features"
     early_stopping_patience: int = 3  # epochs without improvement before stopping (0 = never stop early)
+    # micro_macro_f1: the mean of micro- and macro-F1, so the kept epoch does not trade the rare genres for the
+    # frequent ones.
     metric_for_best: str = "micro_f1"
     limit: int = 0  # use only the first N rows of each split (0 = all)
     log_with: str = "auto"  # auto (tensorboard when installed) | none | tensorboard | wandb | ... (comma-separated)
     log_every: int = 20
     pos_weight: str = "none"  # none | sqrt (BCE weight sqrt(negatives/positives) per genre, from the train split)
+    # The head's multi-label loss: bce | focal (Lin et al. 2017: easy rows down-weighted by (1 - p_t)^focal_gamma) |
+    # asymmetric (Ridnik et al. 2021: negatives by p_m^asl_gamma_neg, p_m = max(p - asl_clip, 0); positives by
+    # (1 - p)^asl_gamma_pos). Both keep the many easy negatives of a rare genre from drowning its positives.
+    loss: str = "bce"
+    focal_gamma: float = 2.0
+    asl_gamma_neg: float = 4.0
+    asl_gamma_pos: float = 0.0
+    asl_clip: float = 0.05
     tune_thresholds: bool = True
     threshold_min_positives: int = 5  # per-genre threshold tuning needs this many validation positives
     push_to_hub: str = ""  # repo id
@@ -240,7 +250,8 @@ CHOICES: dict[str, tuple] = {
     "train.text_finetune": ("frozen", "partial", "full"),
     "train.image_finetune": ("frozen", "partial", "full"),
     "train.pos_weight": ("none", "sqrt"),
-    "train.metric_for_best": ("micro_f1", "macro_f1", "weighted_f1", "samples_f1", "mAP", "loss"),
+    "train.metric_for_best": ("micro_f1", "macro_f1", "micro_macro_f1", "weighted_f1", "samples_f1", "mAP", "loss"),
+    "train.loss": ("bce", "focal", "asymmetric"),
 }
 
 # (lowest allowed, whether the lowest is allowed itself)
@@ -266,6 +277,10 @@ MINIMUMS: dict[str, tuple] = {
     "train.limit": (0, True),
     "train.log_every": (1, True),
     "train.threshold_min_positives": (1, True),
+    "train.focal_gamma": (0, True),
+    "train.asl_gamma_neg": (0, True),
+    "train.asl_gamma_pos": (0, True),
+    "train.asl_clip": (0, True),
     "data.num_workers": (0, True),
 }
 

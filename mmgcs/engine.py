@@ -30,6 +30,7 @@ from mmgcs.config import ConfigError, RunConfig, load_config, validate_config
 from mmgcs.hub import PushError  # one class for model and dataset uploads
 from mmgcs.inference import without_modality
 from mmgcs.models.choices import check_model_choices
+from mmgcs.models.classifier import loss_options
 from mmgcs.optim import apply_stage, build_optimizer, build_schedule, two_stage
 from mmgcs.report import flatten_dict, resolve_trackers, run_metrics, save_finished_run, tracker_config
 from mmgcs.runs import TrainingError, latest_checkpoint  # noqa: F401  (importable from here, as before)
@@ -39,7 +40,13 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 BUNDLE = "model"
 # The validation numbers kept in history.json (val_<name>) and used to pick the best epoch.
-SUMMARY = ("loss", "micro_f1", "macro_f1", "weighted_f1", "samples_f1", "mAP", "n_samples")
+SUMMARY = ("loss", "micro_f1", "macro_f1", "micro_macro_f1", "weighted_f1", "samples_f1", "mAP", "n_samples")
+
+
+def selection_scores(metrics: dict) -> dict:
+    """``metrics`` plus the scores an epoch may be chosen by that the metrics do not hold: micro_macro_f1, the
+    mean of micro- and macro-F1 (micro alone keeps epochs that trade the rare genres for the frequent ones)."""
+    return dict(metrics, micro_macro_f1=(metrics["micro_f1"] + metrics["macro_f1"]) / 2)
 
 
 # --------------------------------------------------------------------------------------------- command line
@@ -117,11 +124,24 @@ def run(cfg: RunConfig) -> dict:
     """Train, evaluate on the test split and save everything in ``cfg.train.output_dir``; returns metrics.json."""
     validate_config(cfg)
     check_model_choices(cfg.model)  # tower/fusion/pooling names, from the registries, before anything is built
+    head_loss(cfg)  # a bad train.loss setting fails before anything slow
     trainer = Trainer(cfg)
     try:
         return trainer.fit()
     finally:
         trainer.close()
+
+
+def head_loss(cfg: RunConfig) -> dict:
+    """The head's loss options from train.loss and its parameters; a ConfigError names the field and the fix."""
+    tcfg = cfg.train
+    if cfg.model.task == "singlelabel" and tcfg.loss != "bce":
+        raise ConfigError(f"train.loss={tcfg.loss!r} is a multi-label loss; a singlelabel model trains with "
+                          f"cross-entropy: set train.loss=bce")
+    try:
+        return loss_options(tcfg.loss, tcfg.focal_gamma, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 class Trainer:
@@ -150,6 +170,7 @@ class Trainer:
             splits, dataset_labels = loaders.load_splits(self.cfg, acc)
             set_seed(tcfg.seed)  # before the model is built: the same initial head on every run and rank
             model = loaders.build_model(self.cfg, dataset_labels)
+            model.set_loss(head_loss(self.cfg))
             self.data = loaders.prepare_splits(splits, dataset_labels, model)
         except loaders.SetupError as e:
             raise TrainingError(str(e)) from e.__cause__
@@ -278,7 +299,7 @@ class Trainer:
         result = [None]
         if self.is_main:
             thresholds = self._tune(pred)
-            metrics = dict(self._score(pred, thresholds), loss=self.data.loss(pred))
+            metrics = selection_scores(dict(self._score(pred, thresholds), loss=self.data.loss(pred)))
             result = [{"summary": {k: metrics[k] for k in SUMMARY}, "thresholds": thresholds}]
         broadcast_object_list(result)
         return result[0]
