@@ -39,6 +39,8 @@ CANDIDATES: dict[str, list[str]] = {
     "lr-3e-4": ["train.lr=3e-4"],
     "wd-0.1": ["train.weight_decay=0.1"],
     "patience-8": ["train.early_stopping_patience=8", "train.epochs=40"],
+    "prior-once": ["train.lexical_prior_once=true"],
+    "prior-once+select-micro+macro": ["train.lexical_prior_once=true", "train.metric_for_best=micro_macro_f1"],
     "focal-2": ["train.loss=focal", "train.focal_gamma=2"],
     "asl": ["train.loss=asymmetric"],
 }

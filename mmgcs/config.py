@@ -143,6 +143,11 @@ class TrainConfig:
     asl_gamma_neg: float = 4.0
     asl_gamma_pos: float = 0.0
     asl_clip: float = 0.05
+    # The lexical branch's logistic regressions and the head each learn a genre's base rate; added up, a rare genre's
+    # prior counts twice and its probabilities sink below the threshold grid (TV Movie < 0.002 on data/movies).
+    # true: the branch's intercepts lose the training log-odds of their genre right after its fit, so it adds its
+    # evidence only and the prior is counted once (by the head).
+    lexical_prior_once: bool = False
     tune_thresholds: bool = True
     threshold_min_positives: int = 5  # per-genre threshold tuning needs this many validation positives
     push_to_hub: str = ""  # repo id

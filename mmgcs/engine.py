@@ -144,6 +144,25 @@ def head_loss(cfg: RunConfig) -> dict:
         raise ConfigError(str(e)) from None
 
 
+def train_log_odds(texts, targets: np.ndarray) -> np.ndarray:
+    """Each genre's log-odds among the training rows that have a text (those the lexical branch is fitted on); 0 for
+    a genre all or none of them have (the branch holds a constant logit for it)."""
+    present = np.array([isinstance(t, str) and bool(t.strip()) for t in texts])
+    rate = (np.asarray(targets)[present] > 0).mean(0) if present.any() else np.zeros(np.shape(targets)[1])
+    usable = (rate > 0) & (rate < 1)
+    safe = np.where(usable, rate, 0.5)
+    return np.where(usable, np.log(safe / (1.0 - safe)), 0.0)
+
+
+def lexical_prior_once(model, data: loaders.RunData) -> None:
+    """Take the genre's training log-odds out of the lexical branch's intercepts (train.lexical_prior_once): the
+    head already learns each genre's base rate, and the sum of two calibrated logits would count it twice."""
+    log_odds = train_log_odds(data.splits["train"]["plot"], data.targets("train").numpy())
+    with torch.no_grad():
+        model.lexical.bias -= torch.as_tensor(log_odds, dtype=model.lexical.bias.dtype)
+    logger.info("Lexical branch: the training log-odds of each genre taken out of its intercept (prior counted once)")
+
+
 class Trainer:
     """One run: setup, the epochs (train, validate, keep the best, checkpoint), then the final evaluation."""
 
@@ -174,7 +193,10 @@ class Trainer:
             self.data = loaders.prepare_splits(splits, dataset_labels, model)
         except loaders.SetupError as e:
             raise TrainingError(str(e)) from e.__cause__
+        fitted_before = model.lexical is not None and model.lexical.fitted
         loaders.fit_model_to_data(model, self.data, self.cfg, self.is_main)
+        if tcfg.lexical_prior_once and self.is_main and model.lexical is not None and not fitted_before:
+            lexical_prior_once(model, self.data)  # a branch fitted in this run only (a bundle started from has it)
         # Optimizer and DDP wrapper over what trains in the final stage (DDP only syncs the parameters that need
         # grads when it is built); a first frozen stage then leaves the towers without grads.
         apply_stage(model, tcfg, tcfg.epochs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ import yaml
 from engine_helpers import REPO_ROOT, build_dataset, tiny_overrides
 
 from mmgcs.config import CHOICES, ConfigError, load_config
-from mmgcs.engine import head_loss, main, selection_scores
+from mmgcs.engine import head_loss, main, selection_scores, train_log_odds
 from mmgcs.models.classifier import LOSSES, asymmetric_loss, focal_loss, loss_options, multilabel_loss
 
 LOGITS = torch.tensor([[2.0, -3.0, 0.0], [-1.0, 4.0, -6.0]])
@@ -94,6 +95,13 @@ def test_selection_score_is_the_mean_of_micro_and_macro_f1():
     assert scores["micro_macro_f1"] == pytest.approx(0.60) and scores["mAP"] == 0.6
 
 
+def test_train_log_odds_count_only_rows_with_a_text_and_skip_constant_genres():
+    texts = ["a plot", "", None, "another plot", "a third", "a fourth"]
+    targets = np.array([[1, 0, 1], [1, 1, 0], [1, 1, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]])
+    # Rows with a text: 0, 3, 4, 5. Genre 0: 1 of 4 -> log(1/3); genre 1: none -> 0; genre 2: all -> 0.
+    assert train_log_odds(texts, targets) == pytest.approx([math.log(1 / 3), 0.0, 0.0])
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return build_dataset(tmp_path_factory.mktemp("macro-data"), n=45)
@@ -119,3 +127,25 @@ def test_a_run_trains_with_the_chosen_loss_and_keeps_the_epoch_of_the_best_mean(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["best_epoch"] == 1 + max(range(len(means)), key=lambda i: (means[i], -i))
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["loss"] == "asymmetric"
+
+
+def test_prior_once_takes_the_training_log_odds_out_of_the_lexical_intercepts(tmp_path, data):
+    from safetensors.torch import load_file
+
+    from mmgcs.data import load_movies
+
+    runs = {}
+    for once in ("false", "true"):
+        out = tmp_path / f"run-{once}"
+        main(tiny_overrides(data, out, train__epochs=1, train__max_steps=1, train__lexical_prior_once=once),
+             default_config=REPO_ROOT / "configs" / "fusion.yaml")
+        runs[once] = load_file(str(out / "model" / "model.safetensors"))
+    train = load_movies(data)["train"]
+    labels = json.loads((tmp_path / "run-true" / "model" / "config.json").read_text())["labels"]
+    names = train.features["genres"].feature.names
+    targets = np.zeros((len(train), len(labels)))
+    for i, ids in enumerate(train["genres"]):
+        targets[i, [labels.index(names[k]) for k in ids]] = 1
+    expected = runs["false"]["lexical.bias"].numpy() - train_log_odds(train["plot"], targets)
+    assert runs["true"]["lexical.bias"].numpy() == pytest.approx(expected, abs=1e-5)
+    assert torch.equal(runs["true"]["lexical.weight"], runs["false"]["lexical.weight"])
