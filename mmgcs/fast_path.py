@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import warnings
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -35,6 +36,16 @@ logger = logging.getLogger(__name__)
 # The fast encoder's features may differ from eager ones by float rounding only; checked on the first batch
 # (relative to its largest feature), as FastImageEncoder does, but 10x tighter: scores must stay within 1e-4.
 FEATURE_RTOL = 1e-4
+
+
+def fast_path_setting(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """`MMGCS_FAST_PATH`: 1 (default) runs frozen towers through the fast calls (serving fp32, featurization for
+    the feature cache), 0 through the eager ones; any other value is a ValueError naming the choices."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("MMGCS_FAST_PATH", "1").strip().lower() or "1"
+    if raw not in ("0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"MMGCS_FAST_PATH={raw!r}: use 1 (the fast path, default) or 0 (the eager towers).")
+    return raw in ("1", "true", "yes")
 
 
 class FastPath:
@@ -165,4 +176,4 @@ def _agrees(encoder, model, sample: torch.Tensor) -> bool:
         return outputs_agree(encoder(sample), model.encode_image(sample.contiguous()), FEATURE_RTOL)
 
 
-__all__ = ["FEATURE_RTOL", "FastPath", "OnnxTextEncoder"]
+__all__ = ["FEATURE_RTOL", "FastPath", "OnnxTextEncoder", "fast_path_setting"]

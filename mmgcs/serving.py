@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from mmgcs.data.images import MAX_IMAGE_PIXELS
+from mmgcs.fast_path import fast_path_setting
 from mmgcs.hub.ids import is_hub_id
 from mmgcs.inference import Predictor
 from mmgcs.models.classifier import GenreClassifier
@@ -118,11 +119,10 @@ def choose_precision(device_type: str, environ: Optional[Mapping[str, str]] = No
 
 def fast_path_wanted(environ: Optional[Mapping[str, str]] = None) -> bool:
     """`MMGCS_FAST_PATH`: 1 (default) serves fp32 through the fast tower calls (mmgcs.fast_path), 0 the eager ones."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get("MMGCS_FAST_PATH", "1").strip().lower() or "1"
-    if raw not in ("0", "1", "true", "false", "yes", "no"):
-        raise ServingConfigError(f"MMGCS_FAST_PATH={raw!r}: use 1 (the fast path, default) or 0 (the eager towers).")
-    return raw in ("1", "true", "yes")
+    try:
+        return fast_path_setting(environ)
+    except ValueError as e:
+        raise ServingConfigError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------------ model

