@@ -1,13 +1,19 @@
-"""Quality benchmark: train the default fused model and its text-only and poster-only counterparts the same way
-(the embedded towers, CPU), then print test micro/macro F1 and mAP side by side, as mean ± sd over seeds.
+"""Quality benchmark: every candidate default side by side. Each candidate trains its fused model and its plot-only
+counterpart the same way (frozen embedded towers, cached features, CPU); the poster-only model is shared (both use
+EfficientNet-Lite0). Prints test micro/macro F1 and mAP as mean ± sd over seeds, training time cold and warm, and
+the bars judged on the means.
 
     python benchmarks/bench_quality.py [--data data/movies] [--out runs/bench-quality] [--seeds 42,43,44]
-                                       [--reuse] [--only fusion] [section.key=value ...]
+                                       [--candidates quality,fast] [--cold] [--reuse] [section.key=value ...]
 
-Bars (from the issue): fused micro-F1 >= 0.68 and macro-F1 >= 0.60 over genres with >= 50 movies; the fused model
-beats the best single modality; the fused model given only the plot is within 0.02 micro-F1 of the text-only model.
-Each (model, seed) trains into OUT/<model>/seed-<S>; `--reuse` reports finished runs without training again.
-Overrides apply to every run. The bars are judged on the means.
+Candidates (CANDIDATES): "quality" = configs/fusion.yaml (all-mpnet-base-v2 + EfficientNet-Lite0, the default),
+"fast" = configs/fast-fusion.yaml (all-MiniLM-L6-v2 + EfficientNet-Lite0). Bars (from the issue): fused micro-F1
+>= 0.68, macro-F1 >= 0.60 over genres with >= 50 movies, mAP >= 0.66; the fused model beats the best single
+modality on movies with both inputs; given only the plot it is within 0.02 micro-F1 of the plot-only model.
+Each run trains into OUT/<candidate>/<model>/seed-<S> (the shared poster model: OUT/image/seed-<S>); `--reuse`
+reports finished runs without training again. `--cold` trains the first seed of each model with an empty feature
+cache of its own (OUT/cold-cache, removed first), so its wall time includes featurization: the cold time; the
+other seeds use the shared cache (warm). Overrides apply to every run, after the candidate's own.
 """
 
 from __future__ import annotations
@@ -21,22 +27,39 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {"fusion": "fusion.yaml", "text": "text.yaml", "image": "image.yaml"}
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+MPNET = "sentence-transformers/all-mpnet-base-v2"
+# candidate -> model -> (config file, overrides); the plot-only model reads the candidate's plot encoder.
+CANDIDATES = {
+    "quality": {"fusion": ("fusion.yaml", []), "text": ("text.yaml", [f"model.text_backbone={MPNET}"])},
+    "fast": {"fusion": ("fast-fusion.yaml", []), "text": ("text.yaml", [f"model.text_backbone={MINILM}"])},
+}
+IMAGE = ("image.yaml", [])
+MODELS = ("fusion", "text", "image")
 MIN_MOVIES = 50
 SCORES = ("micro_f1", "macro_f1", "macro50", "mAP")
 
 
-def train(name: str, folder: Path, data: str, overrides: list[str], reuse: bool) -> tuple[dict, float]:
+def train(spec: tuple[str, list], folder: Path, data: str, overrides: list[str], reuse: bool,
+          cold_cache: Path | None = None) -> tuple[dict, float]:
+    """One run of `spec` (config file, its overrides) into `folder`; (metrics, wall seconds, nan when reused).
+    With `cold_cache` the run featurizes into that emptied cache folder."""
+    import shutil
+
     from mmgcs.config import load_config
     from mmgcs.engine import run
 
     if reuse and (folder / "metrics.json").is_file():
         return json.loads((folder / "metrics.json").read_text()), float("nan")
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
-    cfg = load_config([REPO / "configs" / MODELS[name]], [f"data.path={data}", f"train.output_dir={folder}", *overrides])
+    extra = []
+    if cold_cache is not None:
+        shutil.rmtree(cold_cache, ignore_errors=True)
+        extra = [f"train.cache_dir={cold_cache}"]
+    config, own = spec
+    cfg = load_config([REPO / "configs" / config],
+                      [*own, f"data.path={data}", f"train.output_dir={folder}", *overrides, *extra])
     start = time.time()
     metrics = run(cfg)
     return metrics, time.time() - start
@@ -73,22 +96,44 @@ def scores_on_rows(folder: Path, rows_by_id: set, label_names: list[str]) -> dic
     return compute_metrics(saved["probs"][keep], saved["labels"][keep], label_names, thresholds=thr)
 
 
-def seed_figures(out: Path, seed: int, results: dict, frequent: list[str], labels: list[str]) -> dict:
-    """Every figure of one seed: row -> scores (rows: each model on its test split, each on the movies with both
-    inputs, and the fused model given one input)."""
-    rows = {name: summary(m["test"], frequent) for name, m in results.items()}
-    fused = results.get("fusion")
-    if fused and "text" in results and "image" in results:
-        f = np.load(out / "fusion" / f"seed-{seed}" / "test_predictions.npz")
+ROW_NAMES = {"fusion": "fused", "text": "plot only", "image": "poster only"}
+
+
+def candidate_figures(candidate: str, runs: dict, frequent: list[str], labels: list[str]) -> dict:
+    """Every figure of one candidate and seed: row -> scores. `runs`: model -> (metrics, folder). Rows: each model
+    on its test split, each on the movies with both inputs, and the fused model given one input."""
+    name = {m: ("" if m == "image" else f"{candidate} ") + ROW_NAMES[m] for m in runs}
+    rows = {name[m]: summary(metrics["test"], frequent) for m, (metrics, _) in runs.items()}
+    if set(MODELS) <= set(runs):
+        f = np.load(runs["fusion"][1] / "test_predictions.npz")
         both = {int(i) for i, t, p in zip(f["ids"], f["has_text"], f["has_image"]) if t and p}
-        for name in results:
-            rows[f"{name}, movies with both inputs"] = summary(
-                scores_on_rows(out / name / f"seed-{seed}", both, labels), frequent)
-    for kind, label in (("text_only", "fusion given only the plot"), ("image_only", "fusion given only the poster")):
-        single = (fused or {}).get("test_single_input", {}).get(kind)
-        if single:
-            rows[label] = summary(single, frequent)
+        for m, (_, folder) in runs.items():
+            rows[f"{name[m]}, movies with both inputs"] = summary(scores_on_rows(folder, both, labels), frequent)
+    single_inputs = runs["fusion"][0].get("test_single_input", {}) if "fusion" in runs else {}
+    for kind, label in (("text_only", "given only the plot"), ("image_only", "given only the poster")):
+        if single_inputs.get(kind):
+            rows[f"{candidate} fused {label}"] = summary(single_inputs[kind], frequent)
     return rows
+
+
+def bars(candidate: str, mean) -> list[tuple[str, bool, str]]:
+    """The issue's bars for one candidate, on the means (`mean(row, key)`; nan when the row is missing)."""
+    fused, text = f"{candidate} fused", f"{candidate} plot only"
+    verdicts = []
+    for key, bar, label in (("micro_f1", 0.68, "micro-F1"), ("macro50", 0.60, f"macro-F1 (genres >= {MIN_MOVIES} movies)"),
+                            ("mAP", 0.66, "mAP")):
+        if not np.isnan(mean(fused, key)):
+            verdicts.append((f"{fused} {label} >= {bar}", mean(fused, key) >= bar, f"{mean(fused, key):.4f}"))
+    both = [f"{r}, movies with both inputs" for r in (fused, text, "poster only")]
+    if not any(np.isnan(mean(r, "micro_f1")) for r in both):
+        best = max(mean(both[1], "micro_f1"), mean(both[2], "micro_f1"))
+        verdicts.append((f"{fused} beats the best single modality (micro-F1, movies with both inputs)",
+                         mean(both[0], "micro_f1") > best, f"{mean(both[0], 'micro_f1'):.4f} vs {best:.4f}"))
+    only_plot = f"{fused} given only the plot"
+    if not np.isnan(mean(only_plot, "micro_f1")) and not np.isnan(mean(text, "micro_f1")):
+        gap = mean(text, "micro_f1") - mean(only_plot, "micro_f1")
+        verdicts.append((f"{fused} given only the plot within 0.02 micro-F1 of plot-only", gap <= 0.02, f"gap {gap:+.4f}"))
+    return verdicts
 
 
 def seed_list(text: str) -> list[int]:
@@ -110,80 +155,91 @@ def mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
-def main(argv=None) -> int:
+def candidate_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CANDIDATES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"--candidates takes names from {list(CANDIDATES)}, comma-separated; got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/movies")
     parser.add_argument("--out", default="runs/bench-quality")
     parser.add_argument("--seeds", type=seed_list, default=[42], help="train.seed of each repeat, e.g. 42,43,44 (default: 42)")
+    parser.add_argument("--candidates", type=candidate_list, default=list(CANDIDATES),
+                        help=f"which candidate defaults, comma-separated (default: {','.join(CANDIDATES)})")
+    parser.add_argument("--cold", action="store_true", help="first seed of each model from an empty feature cache")
     parser.add_argument("--reuse", action="store_true", help="report finished runs in --out instead of training")
-    parser.add_argument("--only", choices=sorted(MODELS), action="append", help="train only these (repeatable)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_intermixed_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def train_all(args, out: Path) -> tuple[dict, dict]:
+    """Every (candidate, model, seed) run: (candidate -> seed -> model -> (metrics, folder), run key -> walls)."""
+    runs, walls, shared = {}, {}, {}
+    for seed in args.seeds:
+        for candidate in args.candidates:
+            for model in MODELS:
+                spec = IMAGE if model == "image" else CANDIDATES[candidate][model]
+                folder = out / "image" / f"seed-{seed}" if model == "image" else out / candidate / model / f"seed-{seed}"
+                key = "poster only" if model == "image" else f"{candidate} {ROW_NAMES[model]}"
+                if (key, seed) not in shared:
+                    cold = out / "cold-cache" if args.cold and seed == args.seeds[0] else None
+                    metrics, took = train(spec, folder, args.data, [*args.overrides, f"train.seed={seed}"], args.reuse, cold)
+                    shared[key, seed] = (metrics, folder)
+                    walls.setdefault(key, []).append((took, cold is not None, metrics))
+                runs.setdefault(candidate, {}).setdefault(seed, {})[model] = shared[key, seed]
+    return runs, walls
+
+
+def print_times(walls: dict) -> None:
+    print("\n| model | best epoch | train s (engine) | wall s (cold = empty feature cache) | lexical weight |")
+    print("|---|---|---|---|---|")
+    for key, entries in walls.items():
+        epochs = ", ".join(str(m["best_epoch"]) for _, _, m in entries)
+        engine = ", ".join(str(m["train_time_s"]) for _, _, m in entries)
+        wall = ", ".join("reused" if np.isnan(t) else f"{t:.0f}" + (" (cold)" if cold else "") for t, cold, _ in entries)
+        weights = ", ".join(str(m.get("lexical", {}).get("weight", "-")) for _, _, m in entries)
+        print(f"| {key} | {epochs} | {engine} | {wall} | {weights} |")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import logging
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     out = Path(args.out)
-    per_seed, seconds, extras = {}, {}, {}
     counts = genre_counts(args.data)
-    for seed in args.seeds:
-        results = {}
-        for name in MODELS:
-            folder = out / name / f"seed-{seed}"
-            if args.only and name not in args.only and not (folder / "metrics.json").is_file():
-                continue
-            reuse = args.reuse or bool(args.only and name not in args.only)
-            results[name], took = train(name, folder, args.data, [*args.overrides, f"train.seed={seed}"], reuse)
-            seconds.setdefault(name, []).append(took)
-            extras.setdefault(name, []).append(results[name])
-        labels = next(iter(results.values()))["labels"]
-        frequent = [g for g in labels if counts.get(g, 0) >= MIN_MOVIES]
-        per_seed[seed] = seed_figures(out, seed, results, frequent, labels)
-
+    runs, walls = train_all(args, out)
+    per_seed = {}
+    for candidate, seeds in runs.items():
+        for seed, models in seeds.items():
+            labels = models["fusion"][0]["labels"]
+            frequent = [g for g in labels if counts.get(g, 0) >= MIN_MOVIES]
+            per_seed.setdefault(seed, {}).update(candidate_figures(candidate, models, frequent, labels))
     rows = list(dict.fromkeys(r for figures in per_seed.values() for r in figures))
-    n_seeds = len(args.seeds)
     print(f"\n## Test split of {args.data}: {len(frequent)} of {len(labels)} genres have >= {MIN_MOVIES} movies; "
-          f"mean ± sd over {n_seeds} seed(s) {args.seeds}\n")
+          f"mean ± sd over {len(args.seeds)} seed(s) {args.seeds}\n")
     print("| model | test movies | micro-F1 | macro-F1 | macro-F1 (>= 50 movies) | mAP |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         figs = [per_seed[s][row] for s in args.seeds if row in per_seed[s]]
         print(f"| {row} | {figs[0]['n']} | " + " | ".join(mean_sd([f[k] for f in figs]) for k in
                                                         ("micro_f1", "macro_f1", "macro50", "mAP")) + " |")
-    print("\n| model | best epoch | train s (engine) | wall s | lexical weight |")
-    print("|---|---|---|---|---|")
-    for name, runs in extras.items():
-        weights = [str(m.get("lexical", {}).get("weight", "-")) for m in runs]
-        walls = [f"{s:.0f}" if not np.isnan(s) else "reused" for s in seconds[name]]
-        print(f"| {name} | {', '.join(str(m['best_epoch']) for m in runs)} | "
-              f"{', '.join(str(m['train_time_s']) for m in runs)} | {', '.join(walls)} | {', '.join(weights)} |")
+    print_times(walls)
 
     def mean(row: str, key: str) -> float:
         vals = [per_seed[s][row][key] for s in args.seeds if row in per_seed[s]]
         return float(np.mean(vals)) if vals else float("nan")
 
-    verdicts = []
-    if "fusion" in rows:
-        verdicts.append(("fused micro-F1 >= 0.68", mean("fusion", "micro_f1") >= 0.68, f"{mean('fusion', 'micro_f1'):.4f}"))
-        verdicts.append((f"fused macro-F1 >= 0.60 (genres >= {MIN_MOVIES} movies)", mean("fusion", "macro50") >= 0.60,
-                         f"{mean('fusion', 'macro50'):.4f}"))
-    if {"fusion", "text"} <= set(rows):
-        verdicts.append(("fused beats the plot-only model (micro-F1, all test movies)",
-                         mean("fusion", "micro_f1") > mean("text", "micro_f1"),
-                         f"{mean('fusion', 'micro_f1'):.4f} vs {mean('text', 'micro_f1'):.4f}"))
-    both = [f"{n}, movies with both inputs" for n in ("fusion", "text", "image")]
-    if set(both) <= set(rows):
-        best = max(mean(both[1], "micro_f1"), mean(both[2], "micro_f1"))
-        verdicts.append(("fused beats the best single modality (micro-F1, movies with both inputs)",
-                         mean(both[0], "micro_f1") > best, f"{mean(both[0], 'micro_f1'):.4f} vs {best:.4f}"))
-    if {"fusion given only the plot", "text"} <= set(rows):
-        gap = mean("text", "micro_f1") - mean("fusion given only the plot", "micro_f1")
-        verdicts.append(("fused given only the plot within 0.02 micro-F1 of plot-only", gap <= 0.02, f"gap {gap:+.4f}"))
-    if verdicts:
-        print("\n## Bars (on the means)\n")
-        print("| bar | met | value |")
-        print("|---|---|---|")
-        for text, ok, value in verdicts:
+    print("\n## Bars (on the means)\n")
+    print("| bar | met | value |")
+    print("|---|---|---|")
+    for candidate in args.candidates:
+        for text, ok, value in bars(candidate, mean):
             print(f"| {text} | {'yes' if ok else 'NO'} | {value} |")
     print("\nWall times are on a 2-core machine; other jobs may have been running.")
     return 0
