@@ -161,6 +161,25 @@ def test_text_worker_processes_or_onnx_runtime_give_the_same_features(tmp_path, 
     torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-6)
 
 
+def test_the_onnx_text_encoder_is_built_once_per_tower_and_weights(tmp_path, model, split, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the fast text path needs onnxruntime (mmgcs[fast])")
+    monkeypatch.setenv("MMGCS_FAST_PATH", "1")
+    builds = []
+    original = W.FastPath
+    monkeypatch.setattr(W, "FastPath", lambda m: builds.append(1) or original(m))
+    first, _ = _get(FeatureCache(tmp_path / "a"), model, split, "text", num_workers=2, batch_size=2)
+    _get(FeatureCache(tmp_path / "b"), model, split.select(range(4)), "text", num_workers=2, batch_size=2)
+    assert builds == [1]  # a second split (as a run's validation and test) reuses the export
+    with torch.no_grad():
+        next(model.text_tower.parameters()).add_(0.5)  # changed weights: the snapshot would be stale
+    changed, _ = _get(FeatureCache(tmp_path / "c"), model, split, "text", num_workers=2, batch_size=2)
+    assert builds == [1, 1]
+    with torch.no_grad():
+        eager, _ = F.compute_text_features(model, split, batch_size=2, num_workers=0)
+    torch.testing.assert_close(changed, eager, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(first, changed)
+
+
 def test_a_bad_fast_path_setting_names_the_choices(tmp_path, model, split, monkeypatch):
     monkeypatch.setenv("MMGCS_FAST_PATH", "maybe")
     with pytest.raises(ValueError, match=r"MMGCS_FAST_PATH='maybe': use 1 .* or 0"):
