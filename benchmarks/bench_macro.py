@@ -6,7 +6,8 @@ micro-F1 / macro-F1 / mAP and validation micro-F1 / macro-F1 over the seeds, rea
 
 Each (candidate, seed) trains in its own process, niced and on one thread (the machine's 2 cores are shared), into
 runs/qb-<candidate>-<seed> (its log: runs/qb-logs/<candidate>-<seed>.log). `--reuse` reports the runs that have
-finished and trains only the missing ones; `--report` trains nothing and reports what is there.
+finished and trains only the missing ones; `--report` trains nothing and reports what is there. A finished run's
+checkpoints/ are deleted (`--keep-checkpoints` keeps them): the table needs only metrics.json.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def command(name: str, seed: int) -> list[str]:
             f"train.output_dir={out}", f"train.seed={seed}", *CANDIDATES[name]]
 
 
-def train(name: str, seed: int) -> bool:
-    """Train one run (a leftover unfinished folder is removed first: the engine wants a fresh one)."""
+def train(name: str, seed: int, keep_checkpoints: bool = False) -> bool:
+    """Train one run (a leftover unfinished folder is removed first: the engine wants a fresh one); its checkpoints
+    are removed once it has finished unless ``keep_checkpoints``."""
     folder = folder_of(name, seed)
     if folder.exists():
         shutil.rmtree(folder)
@@ -87,6 +89,9 @@ def train(name: str, seed: int) -> bool:
         done = subprocess.run(command(name, seed), cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if done.returncode:
         print(f"  failed (exit {done.returncode}); see {log}", flush=True)
+    elif not keep_checkpoints:
+        # ~260 MB a run (best + latest epoch states); the table reads metrics.json only, and the disk is shared.
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     return done.returncode == 0
 
 
@@ -141,6 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=helpers.seed_list, default=[42, 43, 44])
     parser.add_argument("--reuse", action="store_true", help="keep finished runs; train only the missing ones")
     parser.add_argument("--report", action="store_true", help="train nothing; report the finished runs")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's checkpoints/")
     parser.add_argument("--list", action="store_true", help="print the candidates and their overrides")
     args = parser.parse_args(argv)
     if args.list:
@@ -152,7 +158,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             metrics = finished(name, seed)
             if metrics is None and not args.report or (metrics is not None and not (args.reuse or args.report)):
-                metrics = finished(name, seed) if train(name, seed) else None
+                metrics = finished(name, seed) if train(name, seed, args.keep_checkpoints) else None
             if metrics is not None:
                 rows.setdefault(name, []).append(figures(metrics))
     print(f"\n## Test and validation splits of data/movies: mean ± sd over the seeds {args.seeds} that finished\n")
