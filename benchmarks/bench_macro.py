@@ -51,6 +51,9 @@ CANDIDATES: dict[str, list[str]] = {
     "prior-once+patience-8": ["train.lexical_prior_once=true", "train.early_stopping_patience=8", "train.epochs=40"],
     "prior-once+lr-3e-4": ["train.lexical_prior_once=true", "train.lr=3e-4"],
     "prior-once+wd-0.1": ["train.lexical_prior_once=true", "train.weight_decay=0.1"],
+    "prior-once+lexical-c-1": ["train.lexical_prior_once=true", "model.lexical_c=1"],
+    "prior-once+lexical-c-16": ["train.lexical_prior_once=true", "model.lexical_c=16"],
+    "prior-once+modality-dropout-0": ["train.lexical_prior_once=true", "model.modality_dropout=0"],
     "focal-2": ["train.loss=focal", "train.focal_gamma=2"],
     "asl": ["train.loss=asymmetric"],
 }
