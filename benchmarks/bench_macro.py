@@ -54,6 +54,8 @@ CANDIDATES: dict[str, list[str]] = {
     "prior-once+lexical-c-1": ["train.lexical_prior_once=true", "model.lexical_c=1"],
     "prior-once+lexical-c-16": ["train.lexical_prior_once=true", "model.lexical_c=16"],
     "prior-once+modality-dropout-0": ["train.lexical_prior_once=true", "model.modality_dropout=0"],
+    "prior-once+batch-128": ["train.lexical_prior_once=true", "train.batch_size=128"],
+    "prior-once+batch-128+lr-2e-3": ["train.lexical_prior_once=true", "train.batch_size=128", "train.lr=2e-3"],
     "focal-2": ["train.loss=focal", "train.focal_gamma=2"],
     "asl": ["train.loss=asymmetric"],
 }
