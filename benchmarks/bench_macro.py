@@ -56,6 +56,7 @@ CANDIDATES: dict[str, list[str]] = {
     "prior-once+modality-dropout-0": ["train.lexical_prior_once=true", "model.modality_dropout=0"],
     "prior-once+batch-128": ["train.lexical_prior_once=true", "train.batch_size=128"],
     "prior-once+batch-128+lr-2e-3": ["train.lexical_prior_once=true", "train.batch_size=128", "train.lr=2e-3"],
+    "prior-once+lexical-c-64": ["train.lexical_prior_once=true", "model.lexical_c=64"],
     "lexical-c-16": ["model.lexical_c=16"],
     "focal-2": ["train.loss=focal", "train.focal_gamma=2"],
     "asl": ["train.loss=asymmetric"],
