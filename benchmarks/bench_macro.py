@@ -57,6 +57,8 @@ CANDIDATES: dict[str, list[str]] = {
     "prior-once+batch-128": ["train.lexical_prior_once=true", "train.batch_size=128"],
     "prior-once+batch-128+lr-2e-3": ["train.lexical_prior_once=true", "train.batch_size=128", "train.lr=2e-3"],
     "prior-once+lexical-c-64": ["train.lexical_prior_once=true", "model.lexical_c=64"],
+    "prior-once+lexical-c-16+focal-1": ["train.lexical_prior_once=true", "model.lexical_c=16", "train.loss=focal",
+                                        "train.focal_gamma=1"],
     "lexical-c-16": ["model.lexical_c=16"],
     "focal-2": ["train.loss=focal", "train.focal_gamma=2"],
     "asl": ["train.loss=asymmetric"],
