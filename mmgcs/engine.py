@@ -30,7 +30,7 @@ from mmgcs.config import ConfigError, RunConfig, load_config, validate_config
 from mmgcs.hub import PushError  # one class for model and dataset uploads
 from mmgcs.inference import without_modality
 from mmgcs.models.choices import check_model_choices
-from mmgcs.models.classifier import loss_options
+from mmgcs.models.classifier import check_loss_for_task, loss_options
 from mmgcs.optim import apply_stage, build_optimizer, build_schedule, two_stage
 from mmgcs.report import flatten_dict, resolve_trackers, run_metrics, save_finished_run, tracker_config
 from mmgcs.runs import TrainingError, latest_checkpoint  # noqa: F401  (importable from here, as before)
@@ -135,32 +135,11 @@ def run(cfg: RunConfig) -> dict:
 def head_loss(cfg: RunConfig) -> dict:
     """The head's loss options from train.loss and its parameters; a ConfigError names the field and the fix."""
     tcfg = cfg.train
-    if cfg.model.task == "singlelabel" and tcfg.loss != "bce":
-        raise ConfigError(f"train.loss={tcfg.loss!r} is a multi-label loss; a singlelabel model trains with "
-                          f"cross-entropy: set train.loss=bce")
     try:
+        check_loss_for_task(cfg.model.task, tcfg.loss)
         return loss_options(tcfg.loss, tcfg.focal_gamma, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def train_log_odds(texts, targets: np.ndarray) -> np.ndarray:
-    """Each genre's log-odds among the training rows that have a text (those the lexical branch is fitted on); 0 for
-    a genre all or none of them have (the branch holds a constant logit for it)."""
-    present = np.array([isinstance(t, str) and bool(t.strip()) for t in texts])
-    rate = (np.asarray(targets)[present] > 0).mean(0) if present.any() else np.zeros(np.shape(targets)[1])
-    usable = (rate > 0) & (rate < 1)
-    safe = np.where(usable, rate, 0.5)
-    return np.where(usable, np.log(safe / (1.0 - safe)), 0.0)
-
-
-def lexical_prior_once(model, data: loaders.RunData) -> None:
-    """Take the genre's training log-odds out of the lexical branch's intercepts (train.lexical_prior_once): the
-    head already learns each genre's base rate, and the sum of two calibrated logits would count it twice."""
-    log_odds = train_log_odds(data.splits["train"]["plot"], data.targets("train").numpy())
-    with torch.no_grad():
-        model.lexical.bias -= torch.as_tensor(log_odds, dtype=model.lexical.bias.dtype)
-    logger.info("Lexical branch: the training log-odds of each genre taken out of its intercept (prior counted once)")
 
 
 class Trainer:
@@ -193,10 +172,7 @@ class Trainer:
             self.data = loaders.prepare_splits(splits, dataset_labels, model)
         except loaders.SetupError as e:
             raise TrainingError(str(e)) from e.__cause__
-        fitted_before = model.lexical is not None and model.lexical.fitted
         loaders.fit_model_to_data(model, self.data, self.cfg, self.is_main)
-        if tcfg.lexical_prior_once and self.is_main and model.lexical is not None and not fitted_before:
-            lexical_prior_once(model, self.data)  # a branch fitted in this run only (a bundle started from has it)
         # Optimizer and DDP wrapper over what trains in the final stage (DDP only syncs the parameters that need
         # grads when it is built); a first frozen stage then leaves the towers without grads.
         apply_stage(model, tcfg, tcfg.epochs)

@@ -159,9 +159,21 @@ def build_model(cfg: RunConfig, dataset_labels: Sequence[str]) -> GenreClassifie
     return model
 
 
-def fit_lexical(model, data: RunData) -> None:
+def train_log_odds(texts, targets: np.ndarray) -> np.ndarray:
+    """Each genre's log-odds among the training rows that have a text (those the lexical branch is fitted on); 0 for
+    a genre all or none of them have (the branch holds a constant logit for it)."""
+    present = np.array([isinstance(t, str) and bool(t.strip()) for t in texts])
+    rate = (np.asarray(targets)[present] > 0).mean(0) if present.any() else np.zeros(np.shape(targets)[1])
+    usable = (rate > 0) & (rate < 1)
+    safe = np.where(usable, rate, 0.5)
+    return np.where(usable, np.log(safe / (1.0 - safe)), 0.0)
+
+
+def fit_lexical(model, data: RunData, prior_once: bool = False) -> None:
     """Fit the lexical branch (TF-IDF logistic regressions) on the training texts. Deterministic, so a resumed run
-    refits the same weights (which its checkpoint then overwrites anyway); a bundle started from keeps its fit."""
+    refits the same weights (which its checkpoint then overwrites anyway); a bundle started from keeps its fit.
+    ``prior_once`` (train.lexical_prior_once) then takes each genre's training log-odds out of the intercepts: the
+    head already learns each genre's base rate, and the sum of two calibrated logits would count it twice."""
     if model.lexical is None or model.lexical.fitted:
         return
     start = time.time()
@@ -171,6 +183,11 @@ def fit_lexical(model, data: RunData) -> None:
                 summary["rows"], summary["ngrams_kept"],
                 f"; constant genres: {[data.labels[j] for j in summary['constant_genres']]}"
                 if summary["constant_genres"] else "")
+    if prior_once:
+        with torch.no_grad():
+            model.lexical.bias -= torch.as_tensor(train_log_odds(data.splits["train"]["plot"], y),
+                                                  dtype=model.lexical.bias.dtype)
+        logger.info("Lexical branch: the training log-odds of each genre taken out of its intercept (prior counted once)")
 
 
 def positive_weights(data: RunData) -> list[float]:
@@ -186,7 +203,7 @@ def fit_model_to_data(model, data: RunData, cfg: RunConfig, is_main: bool) -> No
     """What a new model learns from the training split before the first step: the lexical branch (on the main
     process only: DDP's start-up broadcast gives every rank its weights) and the loss's pos_weight."""
     if is_main:
-        fit_lexical(model, data)
+        fit_lexical(model, data, prior_once=cfg.train.lexical_prior_once)
     if cfg.train.pos_weight != "none" and data.task == "multilabel":
         model.config.pos_weight = positive_weights(data)
         model.pos_weight = torch.tensor(model.config.pos_weight, dtype=torch.float32)
@@ -312,6 +329,7 @@ __all__ = [
     "loader_kind",
     "model_modalities",
     "positive_weights",
+    "train_log_odds",
     "prepare_splits",
     "presence",
 ]

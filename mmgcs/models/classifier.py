@@ -75,6 +75,13 @@ def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, options: dict,
     raise ValueError(f"Unknown multi-label loss {kind!r}; choose one of {list(LOSSES)} (train.loss)")
 
 
+def check_loss_for_task(task: str, kind: str) -> None:
+    """A ValueError when a multi-label loss is asked of a single-label model (which trains with cross-entropy)."""
+    if task != "multilabel" and kind != "bce":
+        raise ValueError(f"train.loss={kind!r} is a multi-label loss; a singlelabel model trains with cross-entropy: "
+                         f"set train.loss=bce")
+
+
 def loss_options(kind: str = "bce", focal_gamma: float = 2.0, asl_gamma_neg: float = 4.0, asl_gamma_pos: float = 0.0,
                  asl_clip: float = 0.05) -> dict:
     """train.loss and its parameters → the options ``GenreClassifier.set_loss`` takes; a bad value names the field."""
@@ -294,9 +301,7 @@ class GenreClassifier(
 
     def set_loss(self, options: dict) -> None:
         """Train the head with another multi-label loss (``loss_options(...)``: focal, asymmetric or BCE)."""
-        if self.config.task != "multilabel" and options.get("kind", "bce") != "bce":
-            raise ValueError(f"train.loss={options['kind']!r} is a multi-label loss; a singlelabel model trains "
-                             f"with cross-entropy: set train.loss=bce")
+        check_loss_for_task(self.config.task, options.get("kind", "bce"))
         self.loss_options = dict(options)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -427,5 +432,5 @@ def create_model(labels: Optional[list] = None, config: Optional[ModelConfig] = 
     return GenreClassifier(cfg, tokenizer=tokenizer, text_tower=text_tower, image_tower=image_tower)
 
 
-__all__ = ["GenreClassifier", "LOSSES", "asymmetric_loss", "create_model", "focal_loss", "loss_options", "multilabel_loss",
+__all__ = ["GenreClassifier", "LOSSES", "asymmetric_loss", "check_loss_for_task", "create_model", "focal_loss", "loss_options", "multilabel_loss",
            "validate_config"]
