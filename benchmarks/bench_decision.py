@@ -387,16 +387,14 @@ def empty_views(paths: list[Path]) -> dict:
 
 
 def frequent_genres(data: str, labels: list[str]) -> np.ndarray:
-    """Which of the model's genres have >= MIN_MOVIES movies over all splits (bench_quality's macro50)."""
-    from mmgcs.data import load_movies
+    """Which of the model's genres have >= MIN_MOVIES movies over all splits (bench_quality's macro50, counted by
+    its genre_counts)."""
+    import importlib.util
 
-    dsd = load_movies(data)
-    names = dsd["train"].features["genres"].feature.names
-    counts = np.zeros(len(names), dtype=int)
-    for split in dsd.values():
-        for ids in split["genres"]:
-            counts[list(ids)] += 1
-    by_name = dict(zip(names, counts))
+    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).resolve().parent / "bench_quality.py")
+    bench_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_quality)
+    by_name = bench_quality.genre_counts(data)
     return np.array([by_name.get(g, 0) >= MIN_MOVIES for g in labels])
 
 

@@ -144,7 +144,7 @@ def _intact(model: SplitZipModel, folder: Path) -> bool:
     at every run would cost about a second)."""
     try:
         recorded = json.loads((folder / _MARKER).read_text())
-        return recorded == json.loads(json.dumps(_stats(model, folder)))
+        return recorded == _stats(model, folder)
     except (OSError, ValueError):
         return False
 
