@@ -34,12 +34,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mmgcs.runtime import configure_cpu_policy
+from mmgcs.runtime import configure_cpu_policy, skip_triton_without_gpu
 
 # The Space must not phone home; set before gradio is imported (it reads this at import time). Idle OpenMP workers
 # sleep instead of spinning: set before anything loads torch (see mmgcs.runtime).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 configure_cpu_policy()
+skip_triton_without_gpu()  # before torchvision loads: 125 MB the Space's CPU-only serving never uses
 
 import datasets  # noqa: E402
 import gradio as gr  # noqa: E402

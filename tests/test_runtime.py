@@ -102,3 +102,30 @@ def test_available_cores_is_this_processes_share():
     assert 1 <= cores <= (os.cpu_count() or 1)
     if hasattr(os, "sched_getaffinity"):
         assert cores == len(os.sched_getaffinity(0))
+
+
+# Runs app.py (no model: it stops after its imports) and says whether triton, the GPU kernel compiler, got loaded.
+TRITON_SPY = r"""
+import runpy, sys
+sys.argv = ["app.py"]
+try:
+    runpy.run_path("app.py", run_name="__main__")
+except SystemExit:
+    pass
+import torch, torchvision, torch._dynamo.utils  # what imported triton before: torchvision -> torch._dynamo
+from torch.utils._triton import has_triton_package
+print("triton", "absent" if sys.modules.get("triton", "unloaded") is None else "loaded", has_triton_package())
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, triton is allowed to load")
+def test_the_app_keeps_triton_unloaded_without_a_gpu(tmp_path):
+    run = subprocess.run([sys.executable, "-c", TRITON_SPY], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=_env(MMGCS_MODEL=str(tmp_path / "no-model"), MMGCS_EXAMPLES=""))
+    assert "triton absent False" in run.stdout, run.stderr[-3000:]
+
+
+def test_triton_is_kept_when_already_loaded(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", object())  # stands for a loaded triton: it must stay
+    assert runtime.skip_triton_without_gpu() is False
+    assert sys.modules["triton"] is not None
