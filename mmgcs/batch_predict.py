@@ -295,6 +295,12 @@ def _drop_partial_line(path: Path) -> None:
         f.truncate(0)
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def written_ids(path: Path, columns: list[str]) -> set[str]:
     """The ids already in an output file (what `--resume` skips); ValueError when its columns differ."""
     if not path.is_file() or path.stat().st_size == 0:
@@ -308,6 +314,8 @@ def written_ids(path: Path, columns: list[str]) -> set[str]:
             reader = csv.DictReader(f)
             found = reader.fieldnames or []
             ids = [row["id"] for row in reader] if found == columns else []
+        if ids and not _ends_with_newline(path):
+            ids.pop()  # the half-written last row of an interrupted run: the writer cuts it, so it is predicted again
     else:
         found, ids = columns, []
         with open(path, encoding="utf-8") as f:

@@ -7,6 +7,7 @@ one place (`build.py`), so every format gets the same rules.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections.abc import Callable, Iterator
@@ -206,12 +207,36 @@ def read_csv(path: Path, source: str, report: BuildReport) -> Iterator[RawMovie]
     file = _csv_file(path)
     if file is None:
         raise FileNotFoundError(f"No .csv file in {str(path)!r} (or more than one: name the file).")
-    raw = file.read_bytes()
-    text, bad_bytes = _decode(raw, first=True)
-    if bad_bytes:
+    # The file is streamed (`mmgcs predict` over a million rows must not hold it); the UTF-8 check is a pass of its
+    # own so that the report still names the bad bytes first, before any row, as it did when the file was read whole.
+    if not _is_utf8(file):
         report.changed(source, None, "invalid_utf8", f"{file.name} has bytes that are not UTF-8; replaced with U+FFFD", file.name)
     csv.field_size_limit(16 * 1024 * 1024)
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    # utf-8-sig drops a leading BOM only; errors="replace" gives the same U+FFFD as decoding the whole file did.
+    with open(file, encoding="utf-8-sig", errors="replace", newline="") as f:
+        yield from _csv_movies(file, csv.DictReader(_split_lines(f)), source, report)
+
+
+def _is_utf8(file: Path) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 16), b""):
+                decoder.decode(chunk)  # the text is dropped: only whether it decodes matters
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _split_lines(f) -> Iterator[str]:
+    """The lines `str.splitlines(keepends=True)` gives (it also ends a line at \\v, \\f, U+2028 … outside quotes,
+    which the file's own lines do not): rows and their line numbers stay those of the whole-file reader."""
+    for line in f:
+        yield from line.splitlines(keepends=True)
+
+
+def _csv_movies(file: Path, reader: csv.DictReader, source: str, report: BuildReport) -> Iterator[RawMovie]:
     columns = set(reader.fieldnames or [])
     if "id" not in columns or not ({"overview", "plot"} & columns):
         raise ValueError(
