@@ -30,7 +30,6 @@ from mmgcs.config import ConfigError, RunConfig, load_config, validate_config
 from mmgcs.hub import PushError  # one class for model and dataset uploads
 from mmgcs.inference import without_modality
 from mmgcs.models.choices import check_model_choices
-from mmgcs.models.classifier import check_loss_for_task, loss_options
 from mmgcs.optim import apply_stage, build_optimizer, build_schedule, two_stage
 from mmgcs.report import flatten_dict, resolve_trackers, run_metrics, save_finished_run, tracker_config
 from mmgcs.runs import TrainingError, latest_checkpoint  # noqa: F401  (importable from here, as before)
@@ -124,22 +123,12 @@ def run(cfg: RunConfig) -> dict:
     """Train, evaluate on the test split and save everything in ``cfg.train.output_dir``; returns metrics.json."""
     validate_config(cfg)
     check_model_choices(cfg.model)  # tower/fusion/pooling names, from the registries, before anything is built
-    head_loss(cfg)  # a bad train.loss setting fails before anything slow
+    loaders.head_loss(cfg)  # a bad train.loss setting fails before anything slow
     trainer = Trainer(cfg)
     try:
         return trainer.fit()
     finally:
         trainer.close()
-
-
-def head_loss(cfg: RunConfig) -> dict:
-    """The head's loss options from train.loss and its parameters; a ConfigError names the field and the fix."""
-    tcfg = cfg.train
-    try:
-        check_loss_for_task(cfg.model.task, tcfg.loss)
-        return loss_options(tcfg.loss, tcfg.focal_gamma, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 class Trainer:
@@ -167,8 +156,8 @@ class Trainer:
         try:
             splits, dataset_labels = loaders.load_splits(self.cfg, acc)
             set_seed(tcfg.seed)  # before the model is built: the same initial head on every run and rank
-            model = loaders.build_model(self.cfg, dataset_labels)
-            model.set_loss(head_loss(self.cfg))
+            model = loaders.build_model(self.cfg, dataset_labels)  # with its loss (train.loss)
+            runs.check_frozen_weights(model, self._resume_from)  # the checkpoint's towers, before any featurizing
             self.data = loaders.prepare_splits(splits, dataset_labels, model)
         except loaders.SetupError as e:
             raise TrainingError(str(e)) from e.__cause__
@@ -202,8 +191,7 @@ class Trainer:
         # Training starts from the seed's RNG state, whatever building the model and the loaders drew (featurizing
         # runs under its own RNG). A resumed run then restores the checkpoint's RNG states.
         set_seed(self.tcfg.seed)
-        if self.tcfg.resume:
-            self._resume()
+        self._resume()  # nothing to do without --resume: no checkpoint was picked
         if self.is_main:
             runs.start_run_folder(self.out, self.cfg)
         if self.accelerator.log_with:
@@ -330,13 +318,12 @@ class Trainer:
                              after=lambda: runs.write_json_atomic(self.out / "history.json", self.state.history))
 
     def _resume(self) -> None:
-        ckpt = self._resume_from  # verified in fit (runs.pick_checkpoint)
+        ckpt = self._resume_from  # verified in fit (runs.pick_checkpoint, which warns when there is none yet)
         if ckpt is None:
-            logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", self.ckpt_root)
             return
         self.state, done = runs.LoopState.from_checkpoint(ckpt)
         apply_stage(self.accelerator.unwrap_model(self.model), self.tcfg, done)
-        self.accelerator.load_state(str(ckpt))
+        runs.load_checkpoint(self.accelerator, ckpt)  # without the frozen towers: checked against their digest
         self.start_epoch = self.state.resumed_at(done, self.tcfg.epochs, self.tcfg.early_stopping_patience, ckpt)
 
     def _finish(self, train_time: float) -> dict:
@@ -379,14 +366,11 @@ class Trainer:
             if self._trackers_started:
                 self.accelerator.end_training()
         finally:
-            self._release_lock()
+            lock, self._lock = self._lock, None
+            if lock is not None:
+                lock.release()
         torch.set_num_threads(self._caller_threads)  # a run inside a notebook or a test leaves its threads as found
         reset_accelerate_state()
-
-    def _release_lock(self) -> None:
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            lock.release()
 
 
 # ---------------------------------------------------------------------------------------- evaluation

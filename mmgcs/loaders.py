@@ -32,11 +32,11 @@ from mmgcs.batching import (
     select_inputs,
     targets,
 )
-from mmgcs.config import RunConfig
+from mmgcs.config import ConfigError, RunConfig
 from mmgcs.data import load_movies
 from mmgcs.features import FeatureCache
 from mmgcs.metrics import compute_metrics
-from mmgcs.models.classifier import GenreClassifier, create_model
+from mmgcs.models.classifier import GenreClassifier, check_loss_for_task, create_model, loss_options
 from mmgcs.models.init_from import init_from_config
 from mmgcs.optim import frozen_towers
 
@@ -136,9 +136,20 @@ def prepare_splits(splits: dict, dataset_labels: Sequence[str], model) -> RunDat
 
 
 # ------------------------------------------------------------------------------------ the model's data fit
+def head_loss(cfg: RunConfig) -> dict:
+    """The head's loss options from train.loss and its parameters; a ConfigError names the field and the fix."""
+    tcfg = cfg.train
+    try:
+        check_loss_for_task(cfg.model.task, tcfg.loss)
+        return loss_options(tcfg.loss, tcfg.focal_gamma, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_model(cfg: RunConfig, dataset_labels: Sequence[str]) -> GenreClassifier:
-    """The run's model: a whole bundle (``train.init_from``), or a new one predicting ``model.labels`` (default:
-    the dataset's genres) whose towers may start from trained bundles (``model.init_*_from``)."""
+    """The run's model with its loss (``head_loss``): a whole bundle (``train.init_from``), or a new one predicting
+    ``model.labels`` (default: the dataset's genres) whose towers may start from trained bundles
+    (``model.init_*_from``)."""
     init_from = cfg.train.init_from
     try:
         towers_from = [f"model.{f.name}" for f in dataclasses.fields(cfg.model)
@@ -149,13 +160,14 @@ def build_model(cfg: RunConfig, dataset_labels: Sequence[str]) -> GenreClassifie
         if init_from:
             model = GenreClassifier.from_pretrained(init_from)
             logger.info("Starting from the bundle %s (its model settings are used; model.* is ignored)", init_from)
-            return model
-        model = create_model(labels=list(cfg.model.labels) or list(dataset_labels), config=cfg.model)
-        init_from_config(model)  # model.init_text_from / init_image_from: towers (+ late heads) from bundles
+        else:
+            model = create_model(labels=list(cfg.model.labels) or list(dataset_labels), config=cfg.model)
+            init_from_config(model)  # model.init_text_from / init_image_from: towers (+ late heads) from bundles
     except (ValueError, TypeError, OSError) as e:
         # Registries and loaders name the bad setting and the choices; show that, not a traceback.
         source = f"train.init_from={init_from}" if init_from else "model settings"
         raise SetupError(f"Could not build the model from the {source}: {e}") from e
+    model.set_loss(head_loss(cfg))
     return model
 
 
@@ -320,6 +332,7 @@ class LoaderFactory:
 __all__ = [
     "SetupError",
     "build_model",
+    "head_loss",
     "LoaderFactory",
     "MODALITIES",
     "RunData",

@@ -15,8 +15,8 @@ import yaml
 from engine_helpers import REPO_ROOT, build_dataset, tiny_overrides
 
 from mmgcs.config import CHOICES, ConfigError, load_config
-from mmgcs.engine import head_loss, main, selection_scores
-from mmgcs.loaders import train_log_odds
+from mmgcs.engine import main, selection_scores
+from mmgcs.loaders import head_loss, train_log_odds
 from mmgcs.models.classifier import LOSSES, asymmetric_loss, focal_loss, loss_options, multilabel_loss
 
 LOGITS = torch.tensor([[2.0, -3.0, 0.0], [-1.0, 4.0, -6.0]])
