@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mmgcs.runtime import configure_cpu_policy, skip_triton_without_gpu
+from mmgcs.runtime import configure_cpu_policy, refuse_imports, skip_triton_without_gpu
 
 # The Space must not phone home; set before gradio is imported (it reads this at import time). Idle OpenMP workers
 # sleep instead of spinning: set before anything loads torch (see mmgcs.runtime).
@@ -270,7 +270,8 @@ def open_space(source: str, limits: Limits, *, exit_if_missing: bool) -> Space:
     reads_plot = getattr(model, "text_tower", None) is not None
     return Space(
         model=model,
-        predictor=BatchingPredictor(model, limits.max_batch, precision),
+        # The Space loaded this model only to serve it: the eager text weights go once ONNX Runtime serves them.
+        predictor=BatchingPredictor(model, limits.max_batch, precision, release_eager_text=True),
         precision=precision,
         pixel_budget=PixelBudget(limits.max_decoded_pixels),
         labels=labels,
@@ -704,6 +705,10 @@ def max_request_bytes() -> int:
 def main() -> None:
     """Serve the page (what a Space runs): warm the model up, then launch with the body-size limit."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Gradio imports matplotlib and pyplot (25 MB) at a process's first event, to switch matplotlib's backend around
+    # every call; this page draws no plots, and without matplotlib Gradio skips the switch. (Here, not at import:
+    # a process that imports the app, e.g. a notebook, keeps its matplotlib.)
+    refuse_imports("matplotlib")
     warm_up(SPACE)
     # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by launch(); show_error stays off so that unexpected
     # exceptions reach users as a generic message, never as a traceback.

@@ -180,16 +180,19 @@ class Predictor:
     Predictions always run in eval mode and give the model back in the mode it was in; `device` (optional) moves
     the model once, here. `fast=True` runs the image tower through its fast encoder (mmgcs.fast_path: the same
     scores within 1e-4, eager where none applies): only for a model whose weights no longer change (serving).
+    `release_eager_text=True` (with `fast`) lets the text tower's eager weights go once its fast encoder is checked:
+    for a process that only serves this model (`mmgcs.fast_path.OnnxTextTower`).
     """
 
-    def __init__(self, model, device: Union[str, torch.device, None] = None, fast: bool = False):
+    def __init__(self, model, device: Union[str, torch.device, None] = None, fast: bool = False,
+                 release_eager_text: bool = False):
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             raise TypeError(
                 f"Predictor takes a loaded model, got the path {model!r}: use "
                 "Predictor(GenreClassifier.from_pretrained(path_or_hub_id))"
             )
         self.model = model if device is None else model.to(device)
-        self.fast = FastPath(self.model) if fast else None
+        self.fast = FastPath(self.model, release_eager_text=release_eager_text) if fast else None
 
     @property
     def labels(self) -> list[str]:

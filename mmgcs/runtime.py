@@ -13,7 +13,8 @@ import ctypes.util
 import logging
 import os
 import sys
-from typing import Mapping, Optional
+import time
+from typing import Callable, Mapping, Optional
 
 from mmgcs.config import ConfigError
 
@@ -27,21 +28,31 @@ def configure_cpu_policy() -> bool:
     return "torch" not in sys.modules
 
 
+def refuse_imports(*names: str) -> list[str]:
+    """Make `import <name>` raise ImportError in this process, for each of `names` not loaded yet; returns those.
+
+    A `None` in `sys.modules` is Python's own way of saying "this module is not available". A library that only
+    tries such a module (`try: import x / except ImportError`) then skips it. For a serving process, that keeps
+    modules it never uses out of its memory.
+    """
+    refused = [name for name in names if name not in sys.modules]
+    for name in refused:
+        sys.modules[name] = None
+    return refused
+
+
 def skip_triton_without_gpu() -> bool:
     """On a machine without a CUDA GPU, make `import triton` fail fast, so the GPU kernel compiler stays unloaded.
 
     Importing torchvision (timm's image transforms) imports `torch._dynamo`, which imports triton just to see
     whether it is installed: 125 MB of a serving process's memory (69 MB of libtriton.so pages, 56 MB of heap) and
-    ~0.1 s, for a compiler that only generates GPU kernels (on CPU, torch.compile writes C++). A `None` in
-    `sys.modules` makes that import raise ImportError, which torch reads as "triton is not installed". Call it
-    before torchvision loads; returns whether it took effect (not with a GPU, or once triton is loaded).
+    ~0.1 s, for a compiler that only generates GPU kernels (on CPU, torch.compile writes C++). torch reads the
+    ImportError as "triton is not installed". Call it before torchvision loads; returns whether it took effect
+    (not with a GPU, or once triton is loaded).
     """
     import torch  # here, not at the top: configure_cpu_policy must run before torch first loads
 
-    if torch.cuda.is_available() or "triton" in sys.modules:
-        return False
-    sys.modules["triton"] = None
-    return True
+    return not torch.cuda.is_available() and bool(refuse_imports("triton"))
 
 
 def release_freed_memory() -> None:
@@ -57,6 +68,24 @@ def release_freed_memory() -> None:
         trim = None
     if trim is not None:
         trim(0)
+
+
+class PeriodicTrim:
+    """`release_freed_memory`, at most once every `interval_s` seconds however often it is called (a server calls
+    it after each batch; one trim of a ~1.5 GB heap takes ~5 ms)."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic):
+        self.interval_s, self.clock = interval_s, clock
+        self.last: Optional[float] = None
+        self.count = 0
+
+    def __call__(self) -> bool:
+        now = self.clock()
+        if self.last is not None and now - self.last < self.interval_s:
+            return False
+        release_freed_memory()
+        self.last, self.count = self.clock(), self.count + 1
+        return True
 
 
 def available_cores() -> int:

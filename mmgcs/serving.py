@@ -28,7 +28,7 @@ from mmgcs.fast_path import fast_path_setting
 from mmgcs.hub.ids import is_hub_id
 from mmgcs.inference import Predictor
 from mmgcs.models.classifier import GenreClassifier
-from mmgcs.runtime import release_freed_memory
+from mmgcs.runtime import PeriodicTrim, release_freed_memory
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # On the fast path the worker's batch runs as chunks of this many movies, sorted by plot length: the text tower
@@ -37,6 +37,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # 32 at 32. The eager towers (bf16) keep the whole batch as one chunk: at chunks of 4 the app at 16 callers fell
 # from 47.5 to 32-38 movies/s (benchmarks/bench_app_load.py, bf16, idle machine).
 SERVE_CHUNK = 4
+# Decoding posters on 16 request threads while the batches run leaves freed pages scattered over glibc's heaps: the
+# app's memory climbed ~200 MB under 16 callers. Trimming after a batch, at most this often, cost ~5 ms a trim
+# (benchmarks/bench_app_load.py, MiniLM + Lite0, 16 callers: peak 1,545 MB untrimmed, 1,521 every 2 s, 1,501 every
+# 0.5 s; same movies/s).
+TRIM_INTERVAL_S = 1.0
 MODEL_REMEDY = (
     "Train one with `accelerate launch training/train_fusion.py` (it saves runs/fusion/model), or set "
     "MMGCS_MODEL to a Hub model id or to a folder saved by `save_pretrained`."
@@ -256,15 +261,19 @@ class BatchingPredictor(MicroBatcher):
     and decode each input before calling it; a request that still fails gets its own exception. The title is read
     only by a model whose `text_template` uses it; `explain=True` adds the explanation (mmgcs.explain), computed
     on the worker apart from the batch. Items submitted directly are `(plot, poster)`, `(plot, poster, title)` or
-    `(plot, poster, title, explain)`."""
+    `(plot, poster, title, explain)`. `release_eager_text=True`: the server owns the model and serves nothing else
+    with it, so on the fp32 fast path the text tower's eager weights are let go (see `Predictor`). After a batch,
+    the heap's freed pages go back to the system at most once a second (`runtime.PeriodicTrim`)."""
 
-    def __init__(self, model, max_batch: int, precision: str = "fp32"):
+    def __init__(self, model, max_batch: int, precision: str = "fp32", release_eager_text: bool = False):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16' (resolve 'auto' with choose_precision), got {precision!r}")
         self.model = model
         # The fast path gives the eager fp32 scores (within 1e-4); under bf16 autocast the eager towers serve.
-        self.predictor = Predictor(model, fast=precision == "fp32" and fast_path_wanted())
+        self.predictor = Predictor(model, fast=precision == "fp32" and fast_path_wanted(),
+                                   release_eager_text=release_eager_text)
         self.precision = precision
+        self._trim = PeriodicTrim(TRIM_INTERVAL_S)
         super().__init__(self._predict, max_batch)
 
     def __call__(self, plot: Optional[str], poster: Any, title: Optional[str] = None, explain: bool = False) -> dict:
@@ -287,6 +296,7 @@ class BatchingPredictor(MicroBatcher):
             for i in sorted(set(range(len(items))) - set(plain)):
                 plot, poster, title, _ = items[i]
                 out[i] = self.predictor.predict(plot, poster, by_modality=True, title=title, explain=True)
+        self._trim()
         return [jsonable(r) for r in out]
 
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -127,6 +128,18 @@ def test_poster_only(client, reference, files):
     result = client.predict(poster=handle_file(files["good_png"]), api_name="/predict")
     _check_result(result, reference.predict(poster=Image.open(files["good_png"])))
     assert set(result["by_modality"]) == {"image", "fused"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists() or torch.cuda.is_available(),
+                    reason="reads the server's memory map from /proc; with a GPU, triton may load")
+def test_the_serving_process_loads_neither_matplotlib_nor_triton(client, server, files):
+    # Gradio tries matplotlib around every event and torchvision tries triton at import (app.main, runtime):
+    # 150 MB a CPU Space never uses. Checked after a served request, in the server's own memory map.
+    client.predict(plot=PLOTS[0], poster=handle_file(str(files["good_png"])), api_name="/predict")
+    mapped = {line.split()[-1] for line in Path(f"/proc/{server.proc.pid}/maps").read_text().splitlines()
+              if line.split()[-1].startswith("/")}
+    assert any("libtorch_cpu" in path for path in mapped)  # the map is the server's, with torch in it
+    assert not [path for path in mapped if "/matplotlib/" in path or "triton" in path]
 
 
 def test_plot_and_poster_shows_each_modality(client, reference, files):

@@ -145,3 +145,38 @@ def test_the_onnx_text_encoder_takes_other_lengths_and_batch_sizes():
     longer = tokenizer([PLOTS[0], PLOTS[2], "Another."], padding="longest", return_tensors="pt")
     ids, mask = longer["input_ids"], longer["attention_mask"]
     assert (path.encode_text(ids, mask) - model.encode_text(ids, mask)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime (mmgcs[fast]) not installed")
+def test_serving_releases_the_eager_text_weights_once_onnx_runtime_serves():
+    model = tiny_model(LABELS).eval()
+    eager = scores(Predictor(model))  # before: the eager towers' scores
+    text_weights = sum(p.numel() for p in model.text_tower.parameters())
+    served = BatchingPredictor(model, 4, "fp32", release_eager_text=True)
+    try:
+        answer = served(PLOTS[0], POSTERS[0])
+        assert isinstance(model.text_tower, fast_path.OnnxTextTower)
+        assert text_weights > 0 and not list(model.text_tower.parameters())  # the eager weights are gone
+        assert answer["scores"] == pytest.approx({g: float(eager["fused"][0, i]) for i, g in enumerate(LABELS)},
+                                                 abs=1e-4)
+        after = scores(Predictor(model))  # any later caller of the model's text tower gets the same scores
+        assert all((eager[k] - after[k]).abs().max().item() <= 1e-4 for k in eager)
+    finally:
+        served.close(5)
+
+
+def test_the_eager_text_weights_stay_when_the_fast_encoder_is_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    model = tiny_model(LABELS).eval()
+    eager = scores(Predictor(model))
+    predictor = Predictor(model, fast=True, release_eager_text=True)
+    fast = scores(predictor)
+    assert predictor.fast.text_kind() == "eager" and list(model.text_tower.parameters())
+    assert all((eager[k] - fast[k]).abs().max().item() <= 1e-4 for k in eager)
+
+
+def test_without_release_the_text_tower_stays_eager():
+    model = tiny_model(LABELS).eval()
+    tower = model.text_tower
+    scores(Predictor(model, fast=True))
+    assert model.text_tower is tower

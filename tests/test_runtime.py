@@ -129,3 +129,26 @@ def test_triton_is_kept_when_already_loaded(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", object())  # stands for a loaded triton: it must stay
     assert runtime.skip_triton_without_gpu() is False
     assert sys.modules["triton"] is not None
+
+
+def test_refused_imports_raise_import_error_and_loaded_ones_stay(monkeypatch):
+    monkeypatch.delitem(sys.modules, "mmgcs_not_a_module_yet", raising=False)
+    monkeypatch.setitem(sys.modules, "json", sys.modules["json"])  # restored after the test
+    assert runtime.refuse_imports("mmgcs_not_a_module_yet", "json") == ["mmgcs_not_a_module_yet"]
+    try:
+        with pytest.raises(ImportError):
+            import mmgcs_not_a_module_yet  # noqa: F401
+        import json  # loaded already: untouched
+        assert json.dumps([1]) == "[1]"
+    finally:
+        del sys.modules["mmgcs_not_a_module_yet"]
+
+
+def test_periodic_trim_runs_at_most_once_per_interval(monkeypatch):
+    trims, now = [], [100.0]
+    monkeypatch.setattr(runtime, "release_freed_memory", lambda: trims.append(now[0]))
+    trim = runtime.PeriodicTrim(1.0, clock=lambda: now[0])
+    for t in (100.0, 100.4, 100.99, 101.0, 101.5, 103.0):
+        now[0] = t
+        trim()
+    assert trims == [100.0, 101.0, 103.0] and trim.count == 3
