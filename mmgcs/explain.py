@@ -29,7 +29,8 @@ from collections import Counter
 from typing import Any, Optional
 
 import torch
-from sklearn.feature_extraction import FeatureHasher
+
+from mmgcs.models.lexical import TOKEN_PATTERN, hashed_id
 
 DEFAULT_GRID = 7
 TOP_K = 8
@@ -58,33 +59,26 @@ def lexical_contributions(model, text: str) -> Optional[dict]:
             "bias": weight * branch.bias.detach().float().cpu()}
 
 
-def _hasher(branch) -> FeatureHasher:
-    # The hasher HashingVectorizer itself applies to its analyzer's n-grams: the same ids for the same strings.
-    return FeatureHasher(n_features=branch.n_features, input_type="string", alternate_sign=False)
-
-
 def _ngram_names(branch, text: str, ids: list[int]) -> list[str]:
     """Hashed ids back to the n-grams of `text` they came from (the plot's own n-grams, run through the branch's
     analyzer and hasher); colliding n-grams are joined with " / "."""
-    grams = list(dict.fromkeys(branch.vectorizer().build_analyzer()(text)))
     by_id: dict[int, list[str]] = {}
-    if grams:
-        for gram, index in zip(grams, _hasher(branch).transform([[g] for g in grams]).tocsr().indices.tolist()):
-            by_id.setdefault(index, []).append(gram)
+    for gram in dict.fromkeys(branch.analyze(text)):
+        by_id.setdefault(hashed_id(gram, branch.n_features), []).append(gram)
     return [" / ".join(by_id.get(i, [f"#{i}"])) for i in ids]
 
 
 def word_spans(branch, text: str, ids: list[int], contributions: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
     """(start, end, per-genre score (L,)) for each word of `text`: every n-gram occurrence's share of its id's
     contribution, spread evenly over the words it spans (so the words' scores add up to the n-grams')."""
-    pattern = re.compile(branch.vectorizer().token_pattern)
+    pattern = re.compile(TOKEN_PATTERN)
     words = [(m.start(), m.end(), m.group().lower()) for m in pattern.finditer(text)]
     occurrences = []  # (first word, n, gram)
     for n in range(1, branch.ngrams + 1):
         occurrences += [(i, n, " ".join(w for _, _, w in words[i:i + n])) for i in range(len(words) - n + 1)]
     if not occurrences:
         return []
-    hashed = _hasher(branch).transform([[g] for _, _, g in occurrences]).tocsr().indices.tolist()
+    hashed = [hashed_id(gram, branch.n_features) for _, _, gram in occurrences]
     counts = Counter(hashed)
     row_of = {index: r for r, index in enumerate(ids)}
     scores = torch.zeros(len(words), contributions.shape[1])

@@ -18,7 +18,7 @@ import torch
 from mmgcs.data.images import InvalidImageError, load_image
 from mmgcs.explain import explain_movie, genres_to_explain
 from mmgcs.fast_path import FastPath
-from mmgcs.metrics import decide, decision_thresholds
+from mmgcs.decisions import decide, decision_thresholds
 from mmgcs.models.preprocessing import check_plot, compose_text, plot_present, tokenize
 
 LEXICAL_INPUTS = ("lexical_ids", "lexical_values")

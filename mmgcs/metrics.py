@@ -1,6 +1,7 @@
 """Multi-label genre metrics (F1 family, per-genre report, mAP) and per-genre threshold tuning.
 
-Everything is computed with scikit-learn on plain NumPy arrays: ``probs`` (N, L) in [0, 1] and ``labels`` (N, L)
+The rule that turns scores into genres is `mmgcs.decisions` (re-exported here); it needs no scikit-learn, so
+predicting does not load it. Everything here is computed with scikit-learn on plain NumPy arrays: ``probs`` (N, L) in [0, 1] and ``labels`` (N, L)
 in {0, 1}. Genres with no positives in the evaluated split are a normal situation (rare genres, small held-out
 sets): their precision/recall/F1 count as 0 (``zero_division=0``) without warnings, and their average precision is
 undefined, so it is reported as ``None`` and left out of ``mAP``.
@@ -19,9 +20,15 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-ThresholdSpec = Union[None, float, Sequence[float], np.ndarray]
+from mmgcs.decisions import (  # noqa: F401  (the decision rule; importable from here, as before)
+    DEFAULT_THRESHOLD,
+    ThresholdSpec,
+    binarize,
+    decide,
+    decision_thresholds,
+    resolve_thresholds,
+)
 
-DEFAULT_THRESHOLD = 0.5
 # Candidate thresholds for tuning. A 0.01 grid is fine enough for calibrated sigmoid outputs; the tuner takes the
 # middle of the best plateau, so a finer grid would only add noise.
 DEFAULT_GRID = np.round(np.arange(0.01, 1.0, 0.01), 2)
@@ -45,42 +52,6 @@ def _check_inputs(probs, labels, label_names=None) -> tuple[np.ndarray, np.ndarr
     if label_names is not None and len(label_names) != probs.shape[1]:
         raise ValueError(f"label_names has {len(label_names)} names but probs has {probs.shape[1]} genre columns")
     return probs, labels.astype(np.int64)
-
-
-def resolve_thresholds(thresholds: ThresholdSpec, n_labels: int) -> np.ndarray:
-    """``None`` → 0.5 everywhere; a float → that value everywhere; a sequence → one threshold per genre."""
-    if thresholds is None:
-        return np.full(n_labels, DEFAULT_THRESHOLD)
-    arr = np.asarray(thresholds, dtype=np.float64)
-    if arr.ndim == 0:
-        arr = np.full(n_labels, float(arr))
-    if arr.shape != (n_labels,):
-        raise ValueError(f"thresholds must be a float or {n_labels} per-genre values; got shape {arr.shape}")
-    if not np.all((arr >= 0) & (arr <= 1)):
-        raise ValueError(f"thresholds must lie in [0, 1]; got {arr.tolist()}")
-    return arr
-
-
-def binarize(probs: np.ndarray, thresholds: ThresholdSpec = None, *, argmax: bool = False) -> np.ndarray:
-    """Decisions (N, L) in {0, 1}: ``probs >= threshold`` per genre, or one-hot of the top genre (single-label)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if argmax:
-        out = np.zeros(probs.shape, dtype=np.int64)
-        out[np.arange(probs.shape[0]), probs.argmax(axis=1)] = 1
-        return out
-    return (probs >= resolve_thresholds(thresholds, probs.shape[1])[None, :]).astype(np.int64)
-
-
-def decision_thresholds(cfg) -> np.ndarray:
-    """A model config's per-genre decision thresholds: its tuned `thresholds`, else its global `threshold`."""
-    chosen = cfg.thresholds if getattr(cfg, "thresholds", None) else getattr(cfg, "threshold", DEFAULT_THRESHOLD)
-    return resolve_thresholds(chosen, len(cfg.labels))
-
-
-def decide(probs, labels: Sequence[str], thresholds: ThresholdSpec = None, *, argmax: bool = False) -> list[list[str]]:
-    """Scores (N, L) → each movie's genres (the one rule turning scores into genres, by :func:`binarize`),
-    in label order."""
-    return [[label for label, on in zip(labels, row) if on] for row in binarize(probs, thresholds, argmax=argmax)]
 
 
 def _average_precisions(probs: np.ndarray, labels: np.ndarray) -> list[Optional[float]]:

@@ -63,7 +63,7 @@ def test_a_horror_word_in_the_fitted_weights_shows_as_horror(model):
     assert {"ghost", "haunted"} & set(top), horror["up"]
     comedy_down = {name for name, _ in explanation["genres"]["Comedy"]["lexical"]["down"]}
     assert {"ghost", "haunted"} & comedy_down
-    grams = set(model.lexical.vectorizer().build_analyzer()(PLOT))
+    grams = set(model.lexical.analyze(PLOT))
     # ids mapped back to the plot's own n-grams (n-grams sharing a hash bucket are joined with " / ")
     assert all(part in grams for name, _ in horror["up"] + horror["down"] for part in name.split(" / "))
     spans = {PLOT[s:e].lower(): score for s, e, score in explanation["genres"]["Horror"]["words"]}

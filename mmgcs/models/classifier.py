@@ -21,7 +21,7 @@ from mmgcs.hub.bundle import load_bundle, save_bundle_files
 from mmgcs.hub.card import model_card
 from mmgcs.hub.push import push_bundle, push_model
 from mmgcs.inference import Predictor, preprocess
-from mmgcs.metrics import decision_thresholds
+from mmgcs.decisions import decision_thresholds
 from mmgcs.models.fusion import create_fusion
 from mmgcs.models.image import create_image_tower, image_tower_from_config
 from mmgcs.models.lexical import LexicalBranch
