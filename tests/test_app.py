@@ -366,9 +366,12 @@ def test_starting_the_space_warms_the_model_up_then_serves_with_the_body_limit(a
     calls = []
     monkeypatch.setattr(app_module, "warm_up", lambda space: calls.append(("warm_up", space)))
     monkeypatch.setattr(app_module.demo, "launch", lambda **kwargs: calls.append(("launch", kwargs)))
+    # recorded, not run: refusing matplotlib here would refuse it to the rest of this test process
+    monkeypatch.setattr(app_module, "refuse_imports", lambda *names: calls.append(("refuse_imports", names)))
     app_module.main()
-    assert [c[0] for c in calls] == ["warm_up", "launch"] and calls[0][1] is app_module.SPACE
-    launch = calls[1][1]
+    assert [c[0] for c in calls] == ["refuse_imports", "warm_up", "launch"] and calls[1][1] is app_module.SPACE
+    assert calls[0][1] == ("matplotlib",)
+    launch = calls[2][1]
     assert launch["show_error"] is False and launch["max_file_size"] == app_module.LIMITS.max_file_mb * 2**20
     (middleware,) = launch["app_kwargs"]["middleware"]
     assert middleware.kwargs["max_bytes"] == app_module.max_request_bytes()
