@@ -8,14 +8,10 @@ import csv
 import json
 import os
 import random
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 
 import pytest
-
-from engine_helpers import REPO_ROOT, subprocess_env
 
 from mmgcs.batch_predict import predict_file
 from mmgcs.data import sources
@@ -188,17 +184,3 @@ def test_a_line_ending_or_character_cut_by_the_read_buffer_reads_the_same(tmp_pa
         _same_as_whole_file(path)
     rows = list(sources.read_csv(path, "s", BuildReport()))
     assert [r.id for r in rows] == ids  # U+2028 ends a line, as splitlines did; é and 🎬 stay in the plot
-
-
-@pytest.mark.slow
-def test_memory_stays_flat_over_100000_csv_rows():
-    """The benchmark in a subprocess: the peak RSS after 100,000 CSV rows is that after the first 10,000 (reading
-    the CSV whole cost ~50 MB more at 100,000 rows)."""
-    run = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_predict_memory.py"),
-                          "--rows", "100000", "--small", "10000", "--format", "csv"],
-                         env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    results = json.loads(next(line for line in reversed(run.stderr.splitlines()) if line.startswith("{")))
-    small, large = results["10000"], results["100000"]
-    assert small["rows"] == 10_000 and large["rows"] == 100_000
-    assert large["peak_rss_mb"] - small["peak_rss_mb"] < 20, results
