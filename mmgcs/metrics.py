@@ -1,15 +1,15 @@
 """Multi-label genre metrics (F1 family, per-genre report, mAP) and per-genre threshold tuning.
 
 The rule that turns scores into genres is `mmgcs.decisions` (re-exported here); it needs no scikit-learn, so
-predicting does not load it. Everything here is computed with scikit-learn on plain NumPy arrays: ``probs`` (N, L) in [0, 1] and ``labels`` (N, L)
-in {0, 1}. Genres with no positives in the evaluated split are a normal situation (rare genres, small held-out
-sets): their precision/recall/F1 count as 0 (``zero_division=0``) without warnings, and their average precision is
-undefined, so it is reported as ``None`` and left out of ``mAP``.
+predicting does not load it. Everything here is computed with scikit-learn on plain NumPy arrays: ``probs`` (N, L)
+in [0, 1] and ``labels`` (N, L) in {0, 1}. Genres with no positives in the evaluated split are a normal situation
+(rare genres, small held-out sets): their precision/recall/F1 count as 0 (``zero_division=0``) without warnings,
+and their average precision is undefined, so it is reported as ``None`` and left out of ``mAP``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 from sklearn.metrics import (

@@ -9,7 +9,7 @@ CPU spinning vs 130 ms passive. GNU OpenMP reads `OMP_WAIT_POLICY` once, when to
 """
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -61,13 +61,19 @@ def release_freed_memory() -> None:
     Building the serving model (the state dict read next to the module, the ONNX export of the text tower) frees
     hundreds of MB in small blocks that glibc otherwise keeps as the process's resident memory.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        trim = None
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's `malloc_trim`, looked up once among the symbols already loaded (a server trims every second;
+    `ctypes.util.find_library` would run `ldconfig` in a subprocess each time), or None without it (musl, macOS)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
 
 
 class PeriodicTrim:
