@@ -278,12 +278,10 @@ def _json_or_none(value) -> Optional[str]:
 
 def _drop_partial_line(path: Path) -> None:
     """Cut a last line left half-written by an interrupted run (it would corrupt the next row)."""
+    if _last_line_complete(path):
+        return
     with open(path, "rb+") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 1))
-        if f.read(1) == b"\n":
-            return
+        size = f.seek(0, os.SEEK_END)
         step, pos = 1 << 16, size
         while pos > 0:
             pos = max(0, pos - step)
@@ -295,8 +293,11 @@ def _drop_partial_line(path: Path) -> None:
         f.truncate(0)
 
 
-def _ends_with_newline(path: Path) -> bool:
+def _last_line_complete(path: Path) -> bool:
+    """Whether the file is empty or ends with a newline (no row was left half-written)."""
     with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
 
@@ -314,7 +315,7 @@ def written_ids(path: Path, columns: list[str]) -> set[str]:
             reader = csv.DictReader(f)
             found = reader.fieldnames or []
             ids = [row["id"] for row in reader] if found == columns else []
-        if ids and not _ends_with_newline(path):
+        if ids and not _last_line_complete(path):
             ids.pop()  # the half-written last row of an interrupted run: the writer cuts it, so it is predicted again
     else:
         found, ids = columns, []
