@@ -30,6 +30,7 @@ from mmgcs.features.keys import model_tower
 from mmgcs.models.image_fast import FastImageEncoder, split_eval_transform, to_normalized_batch
 from mmgcs.models.preprocessing import plot_present, tokenize
 from mmgcs.models.tower import outputs_agree
+from mmgcs.progress import progress
 from mmgcs.runtime import available_cores
 
 logger = logging.getLogger(__name__)
@@ -190,21 +191,26 @@ def compute_text_features(
             if fast is None:
                 with _main_threads(1):
                     worker_tower = _worker_text_tower(model, batches[-1])
-        if fast is not None:
-            with torch.inference_mode():
-                for batch_rows, ids, attn in batches:
-                    features[batch_rows] = fast.encode_text(ids, attn).float()
-        elif worker_tower is not None:
-            loader = torch.utils.data.DataLoader(
-                batches, batch_size=None, num_workers=workers, prefetch_factor=2, collate_fn=_EncodeText(worker_tower),
-            )
-            with _main_threads(1):
-                for batch_rows, out in loader:
-                    features[batch_rows] = out.float()
-        else:
-            with torch.inference_mode():
-                for batch_rows, ids, attn in batches:
-                    features[batch_rows] = model.encode_text(ids.to(device), attn.to(device)).float().cpu()
+        with progress(total=len(rows), desc="featurizing plots", unit="plots") as bar:
+            if fast is not None:
+                with torch.inference_mode():
+                    for batch_rows, ids, attn in batches:
+                        features[batch_rows] = fast.encode_text(ids, attn).float()
+                        bar.update(len(batch_rows))
+            elif worker_tower is not None:
+                loader = torch.utils.data.DataLoader(
+                    batches, batch_size=None, num_workers=workers, prefetch_factor=2,
+                    collate_fn=_EncodeText(worker_tower),
+                )
+                with _main_threads(1):
+                    for batch_rows, out in loader:
+                        features[batch_rows] = out.float()
+                        bar.update(len(batch_rows))
+            else:
+                with torch.inference_mode():
+                    for batch_rows, ids, attn in batches:
+                        features[batch_rows] = model.encode_text(ids.to(device), attn.to(device)).float().cpu()
+                        bar.update(len(batch_rows))
     return features, mask
 
 
@@ -395,9 +401,11 @@ def compute_image_features(
             worker_encoder = _worker_encoder(model, posters, rows, transform, optimize) if in_workers else None
         loader = _poster_loader(posters, rows, transform, worker_encoder, batch_size, workers, device)
         encode = _MainEncoder(model, tower, device, optimize) if worker_encoder is None else None
-        with _main_threads(1) if worker_encoder is not None else contextlib.nullcontext():
+        threads = _main_threads(1) if worker_encoder is not None else contextlib.nullcontext()
+        with threads, progress(total=len(rows), desc="featurizing posters", unit="posters") as bar:
             for batch_rows, out, batch_bad in loader:
                 bad.extend(batch_bad)
+                bar.update(len(batch_rows) + len(batch_bad))
                 if len(batch_rows) == 0:
                     continue
                 features[batch_rows] = (encode(out) if encode is not None else out).float().cpu()
