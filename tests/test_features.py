@@ -3,7 +3,12 @@ are exactly what the model computes on raw inputs."""
 
 from __future__ import annotations
 
+import errno
 import io
+import logging
+import os
+import stat
+import threading
 import warnings
 from pathlib import Path
 
@@ -12,11 +17,13 @@ import PIL.Image
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Image, Sequence, Value
+from filelock import FileLock
 
 import mmgcs.features as F
+import mmgcs.features.locks as L
 import mmgcs.features.store as store
 import mmgcs.features.workers as W
-from mmgcs.features import FeatureCache, FeatureCacheWarning
+from mmgcs.features import CacheLockTimeout, FeatureCache, FeatureCacheWarning
 from mmgcs.testing import tiny_model
 
 LABELS = ["Action", "Comedy", "Drama"]
@@ -75,6 +82,11 @@ def model():
 @pytest.fixture()
 def cache(tmp_path) -> FeatureCache:
     return FeatureCache(tmp_path / "cache")
+
+
+def _cache_files(folder: Path) -> list[str]:
+    """The names in a cache folder but its lock files' folder."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".locks")
 
 
 def _get(cache, model, split, modality, **kw):
@@ -207,9 +219,11 @@ def test_miss_stores_then_a_later_run_loads_without_recomputing(tmp_path, split,
     first = FeatureCache(tmp_path / "cache")
     feats, mask = _get(first, tiny_model(LABELS, seed=0), split, "text")
     assert (first.misses, first.hits, counter.calls) == (1, 0, 1)
-    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    files = _cache_files(tmp_path / "cache")
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
     assert not any(name.startswith(".tmp-") for name in files)
+    # the miss was computed under the entry's lock, whose (empty) file stays for the next writer
+    assert [p.name for p in (tmp_path / "cache" / ".locks").iterdir()] == [files[1] + ".lock"]
 
     # "a later run": a new cache object and a new model object with the same weights
     later = FeatureCache(tmp_path / "cache")
@@ -406,7 +420,7 @@ def test_a_crash_while_writing_leaves_no_file_that_reads_as_valid(cache, model, 
     with pytest.raises(KeyboardInterrupt):
         _get(cache, model, split, "text")
     assert not cache.path_for(model, split, "text").exists()
-    assert list(cache.cache_dir.iterdir()) == []  # the temporary file is gone too
+    assert _cache_files(cache.cache_dir) == []  # the temporary file is gone too
     monkeypatch.undo()
     _get(cache, model, split, "text")
     assert cache.misses == 2 and cache.path_for(model, split, "text").exists()
@@ -424,8 +438,91 @@ def test_an_unwritable_cache_still_returns_features(tmp_path, model, split):
 def test_clear_removes_every_file(cache, model, split):
     _get(cache, model, split, "text")
     (cache.cache_dir / ".tmp-leftover.safetensors").write_bytes(b"x")
-    assert cache.clear() == 3
+    assert cache.clear() == 4  # the entry and its sidecar, the leftover, the entry's lock file
     assert list(cache.cache_dir.iterdir()) == []
+
+
+def test_cache_files_get_the_umask_permissions_like_any_new_file(cache, model, split):
+    """Not mkstemp's 0600: a cache folder shared by a group (several machines, several accounts) stays readable."""
+    old = os.umask(0o022)
+    try:
+        _get(cache, model, split, "text")
+    finally:
+        os.umask(old)
+    path = cache.path_for(model, split, "text")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.with_suffix(".json").stat().st_mode) == 0o644
+
+
+# ------------------------------------------------------------------------- processes sharing one cache folder
+def test_a_second_process_waits_for_the_entry_being_computed_then_reads_it(tmp_path, model, split, monkeypatch,
+                                                                          caplog):
+    """Two caches on one folder (runs side by side, or machines on one NFS folder): the second finds no file while
+    the first computes, waits on the entry's lock (saying so), then reads what the first stored: computed once."""
+    monkeypatch.setattr(L, "LOCK_REPORT_S", 0.05)
+    computing, waited = threading.Event(), threading.Event()
+
+    class SeesTheWait(logging.Handler):
+        def emit(self, record):
+            if "Waiting for another process computing text features of 8 rows" in record.getMessage():
+                waited.set()
+
+    real, calls = store.compute_features, []
+
+    def slow(*args, **kwargs):  # the first cache's featurization, held until the second one waits on the lock
+        calls.append(threading.current_thread().name)
+        computing.set()
+        assert waited.wait(timeout=60), "the second cache did not wait on the entry's lock"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "compute_features", slow)
+    first, second = FeatureCache(tmp_path / "shared"), FeatureCache(tmp_path / "shared")
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(first=_get(first, model, split, "text")), name="first")
+    handler = SeesTheWait()
+    L.logger.addHandler(handler)
+    try:
+        thread.start()
+        assert computing.wait(timeout=60)
+        with caplog.at_level(logging.INFO, logger="mmgcs.features.store"):
+            out["second"] = _get(second, model, split, "text")
+        thread.join(timeout=60)
+    finally:
+        L.logger.removeHandler(handler)
+    assert not thread.is_alive() and calls == ["first"]
+    assert (first.misses, first.hits, second.misses, second.hits) == (1, 0, 0, 1)
+    assert torch.equal(out["first"][0], out["second"][0]) and torch.equal(out["first"][1], out["second"][1])
+    assert "stored by another process while this one waited" in caplog.text
+
+
+def test_a_lock_held_too_long_stops_the_wait_with_a_clear_error(tmp_path, model, split):
+    cache = FeatureCache(tmp_path / "shared", lock_wait_s=0.3)
+    entry = cache.path_for(model, split, "text")
+    L.lock_path(entry).parent.mkdir(parents=True)
+    holder = FileLock(str(L.lock_path(entry)))  # another process computing that entry, for too long
+    holder.acquire()
+    try:
+        with pytest.raises(CacheLockTimeout, match=r"another process has been computing text features of 8 rows.*"
+                                                   r"train\.cache_dir") as caught:
+            _get(cache, model, split, "text")
+    finally:
+        holder.release()
+    assert str(L.lock_path(entry)) in str(caught.value)
+    assert cache.misses == 0 and not entry.exists()
+
+
+def test_a_filesystem_without_locks_computes_unlocked_with_a_warning(cache, model, split, monkeypatch):
+    class NoLocks:  # what some network filesystems answer to flock
+        def __init__(self, path):
+            pass
+
+        def acquire(self, timeout=None):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(L, "FileLock", NoLocks)
+    with pytest.warns(FeatureCacheWarning, match=r"Could not lock the feature cache entry .*ENOLCK.*written whole"):
+        feats, mask = cache.get_or_compute(model, split, "text", batch_size=3, num_workers=0)
+    assert cache.misses == 1 and cache.path_for(model, split, "text").exists() and feats.shape[0] == len(split)
 
 
 # ------------------------------------------------------------------------------------------- errors

@@ -10,7 +10,8 @@ key made of everything the features depend on:
 - the rows: the content of the one column the tower reads, with the row ids and count (`keys`).
 
 `keys`: key composition and content digests; `store`: the files (atomic writes, damaged files recomputed, a full
-disk downgraded to "this run only"); `workers`: featurization in DataLoader workers. The fast EfficientNet
+disk downgraded to "this run only"); `locks`: one writer per entry among the processes and machines sharing a
+cache folder; `workers`: featurization in DataLoader workers. The fast EfficientNet
 encoder the workers run is the image tower's (`tower.fast_encoder`, mmgcs.models.image_fast).
 """
 
@@ -24,6 +25,7 @@ from mmgcs.features.keys import (
     tokenizer_fingerprint,
     weights_hash,
 )
+from mmgcs.features.locks import CacheLockTimeout
 from mmgcs.features.store import DEFAULT_CACHE_DIR, FeatureCache
 from mmgcs.features.workers import (
     FeatureCacheWarning,
@@ -37,6 +39,7 @@ from mmgcs.models.image_fast import FastImageEncoder, static_same_padding
 __all__ = [
     "CACHE_FORMAT",
     "COLUMNS",
+    "CacheLockTimeout",
     "DEFAULT_CACHE_DIR",
     "MODALITIES",
     "FastImageEncoder",
