@@ -127,6 +127,11 @@ class TrainConfig:
     freeze_epochs: int = 0  # two-stage schedule: towers frozen for this many epochs, then tuned as above
     cache_features: bool = True  # frozen towers: compute features once (on disk) and train the head on them
     cache_dir: str = ".cache/mmgcs-features"
+    # text_finetune=partial with cache_features: the frozen bottom of the text encoder runs once per split and its
+    # output is cached (mmgcs/features/prefix.py); each step runs only the trainable top layers. false: every step
+    # runs the whole encoder (with dropout in the frozen layers too).
+    prefix_cache: bool = True
+    prefix_dtype: str = "float32"  # how the cached prefix is stored: float32 | bfloat16 (half the disk and memory)
     early_stopping_patience: int = 3  # epochs without improvement before stopping (0 = never stop early)
     # micro_macro_f1: the mean of micro- and macro-F1, so the kept epoch does not trade the rare genres for the
     # frequent ones.
@@ -257,6 +262,7 @@ CHOICES: dict[str, tuple] = {
     "train.pos_weight": ("none", "sqrt"),
     "train.metric_for_best": ("micro_f1", "macro_f1", "micro_macro_f1", "weighted_f1", "samples_f1", "mAP", "loss"),
     "train.loss": ("bce", "focal", "asymmetric"),
+    "train.prefix_dtype": ("float32", "bfloat16"),
 }
 
 # (lowest allowed, whether the lowest is allowed itself)

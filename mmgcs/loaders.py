@@ -39,6 +39,7 @@ from mmgcs.metrics import compute_metrics
 from mmgcs.models.classifier import GenreClassifier, check_loss_for_task, create_model, loss_options
 from mmgcs.models.init_from import init_from_config
 from mmgcs.optim import frozen_towers
+from mmgcs.prefix_loaders import prefix_loaders, prefix_stage_kind
 
 logger = logging.getLogger(__name__)
 
@@ -258,10 +259,14 @@ class LoaderFactory:
         """(kind, role → prepared loader) for the stage ``epoch`` (0-based) belongs to; ``model`` unwrapped."""
         tcfg = self.cfg.train
         cached = frozen_towers(tcfg, self.data.modalities, epoch) if tcfg.cache_features else ()
-        kind = loader_kind(cached, self.data.modalities)
+        prefix_kind = prefix_stage_kind(model, tcfg, self.data.modalities, epoch)  # the text tower's top layers train
+        kind = prefix_kind or loader_kind(cached, self.data.modalities)
         if kind not in self._prepared:
             features = self._cached_features(model, cached) if cached else None
-            if kind == "features":
+            if prefix_kind:
+                loaders = prefix_loaders(model, self.data, tcfg, self.accelerator, features,
+                                         lambda role: self._lexical_inputs(role, model), self._batch_size)
+            elif kind == "features":
                 loaders = self._feature_loaders(model, features)
             else:
                 loaders = self._raw_loaders(model, features)

@@ -218,9 +218,12 @@ class GenreClassifier(
         token_type_ids: Optional[torch.Tensor] = None,  # accepted from tokenizer output; unused (single segment)
         lexical_ids: Optional[torch.Tensor] = None,
         lexical_values: Optional[torch.Tensor] = None,
+        text_hidden: Optional[torch.Tensor] = None,  # a cached prefix (mmgcs.features.prefix), with attention_mask
+        text_frozen_means: Optional[torch.Tensor] = None,
     ) -> dict[str, Optional[torch.Tensor]]:
         batch_size = next(
-            (t.shape[0] for t in (input_ids, pixel_values, text_features, image_features, labels) if t is not None), None
+            (t.shape[0] for t in (input_ids, pixel_values, text_features, image_features, labels, text_hidden)
+             if t is not None), None
         )
         if batch_size is None:
             raise ValueError(
@@ -230,8 +233,10 @@ class GenreClassifier(
         if self.text_tower is not None:
             if input_ids is not None and attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            inputs = (input_ids, attention_mask)
-            parts.append((*self._features(text_features, self.encode_text, inputs, text_mask, batch_size), self.text_tower))
+            encode, inputs = self.encode_text, (input_ids, attention_mask)
+            if text_hidden is not None:  # only the tower's trainable top layers run, from the bottom's cached output
+                encode, inputs = self.text_tower.forward_from_prefix, (text_hidden, attention_mask, text_frozen_means)
+            parts.append((*self._features(text_features, encode, inputs, text_mask, batch_size), self.text_tower))
         elif input_ids is not None or text_features is not None:
             raise ValueError("This model has no text tower (text_tower='none'); drop input_ids/text_features from the batch")
         if self.image_tower is not None:

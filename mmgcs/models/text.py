@@ -27,7 +27,8 @@ from mmgcs.bundle_checks import text_config_problem
 from mmgcs.config import ModelConfig
 from mmgcs.models.embedded import DEFAULT_TEXT_BACKBONE, EMBEDDED_TEXT, embedded_text_path, hub_reachable
 from mmgcs.models.registry import Registry
-from mmgcs.models.tower import Tower
+from mmgcs.models.text_prefix import PrefixLayers, masked_mean, pool_layers, prefix_problem, run_bottom, run_top
+from mmgcs.models.tower import Tower, weights_hash
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +151,6 @@ class TextTower(Tower):
         return {"max_text_length": cfg.max_text_length, "tokenizer": tokenizer_fingerprint(tokenizer)}
 
 
-def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-
-
 @TEXT_TOWERS.register("hf")
 class HFTextTower(TextTower):
     """Any transformers encoder (BERT, MiniLM, DistilBERT, RoBERTa, DeBERTa, ...), pooled as in POOLINGS."""
@@ -217,27 +213,87 @@ class HFTextTower(TextTower):
             states = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                    output_hidden_states=True).hidden_states[1:]
             last = states[-min(_MEAN4_LAYERS, len(states)):]
-            return torch.stack([_masked_mean(h, attention_mask) for h in last]).mean(0)
+            return torch.stack([masked_mean(h, attention_mask) for h in last]).mean(0)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
-        return _masked_mean(hidden, attention_mask)
+        return masked_mean(hidden, attention_mask)
 
     def finetune_groups(self) -> list[nn.Module]:
         stack = _layer_stack(self.backbone)
         if stack is None:
             return [self.backbone]
-        in_stack = {id(p) for p in stack.parameters()}
-        # Norms after the last layer (some encoders have one) train with the last layers, embeddings never.
-        tail = nn.ModuleList(
-            m for name, m in self.backbone.named_children()
-            if "embed" not in name and not any(id(p) in in_stack for p in m.parameters())
-            and any(True for _ in m.parameters())
-        )
+        tail = self._tail(stack)
         groups = list(stack)
         if len(tail):
             groups[-1] = nn.ModuleList([groups[-1], tail])
         return groups
+
+    def _tail(self, stack: nn.ModuleList) -> nn.ModuleList:
+        """Modules with weights after the layer stack (some encoders have a final norm): they train with the last
+        layers; embeddings never do."""
+        in_stack = {id(p) for p in stack.parameters()}
+        return nn.ModuleList(
+            m for name, m in self.backbone.named_children()
+            if "embed" not in name and not any(id(p) in in_stack for p in m.parameters())
+            and any(True for _ in m.parameters())
+        )
+
+    # ------------------------------------------------------------------------- the cached prefix path
+    # "partial" fine-tuning trains the last `trainable_groups` layers: the layers below give the same output every
+    # epoch, so mmgcs.features.prefix caches it once per split and training runs only the top (forward_from_prefix).
+    def prefix_problem(self) -> Optional[str]:
+        """Why this tower cannot train its top layers from a cached prefix (None when it can)."""
+        stack = _layer_stack(self.backbone)
+        return prefix_problem(self.backbone, stack, self._tail(stack) if stack is not None else nn.ModuleList())
+
+    def prefix_layers(self) -> PrefixLayers:
+        """Where the encoder is cut for the current "partial" setting (`set_finetune("partial", k)`)."""
+        if self.finetune_mode != "partial" or self.trainable_groups < 1:
+            raise ValueError("A cached prefix feeds the layers a partially tuned tower trains: call "
+                             "set_finetune('partial', k) with k >= 1 first (train.text_finetune=partial)")
+        problem = self.prefix_problem()
+        if problem:
+            raise ValueError(f"This text tower cannot run from a cached prefix: {problem}; set train.prefix_cache=false")
+        n_layers = len(_layer_stack(self.backbone))
+        return PrefixLayers.plan(n_layers, self.trainable_groups, self._pooled_last(n_layers))
+
+    def _pooled_last(self, n_layers: int) -> int:
+        return min(_MEAN4_LAYERS, n_layers) if self.pooling == "mean4" else 1
+
+    def encode_prefix(self, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(the hidden states entering the first trainable layer (B, T, H), the masked means (B, P, H) of the frozen
+        layers' outputs the pooling reads, or None): what forward_from_prefix takes. Run it in eval mode."""
+        layers = self.prefix_layers()
+        return run_bottom(self.backbone, _layer_stack(self.backbone), layers, input_ids, attention_mask)
+
+    def forward_from_prefix(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                            frozen_means: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tower's features from `encode_prefix`'s outputs (padded to any length): only the trainable layers
+        and the pooling run, as they run in `forward`."""
+        layers = self.prefix_layers()
+        expected = len(layers.pooled)
+        if (0 if frozen_means is None else frozen_means.shape[1]) != expected:
+            raise ValueError(f"this tower's pooling reads {expected} frozen layer(s) from the cached prefix, got "
+                             f"{None if frozen_means is None else frozen_means.shape[1]}: the prefix was cached for "
+                             "another train.text_trainable_layers or text_pooling")
+        stack = _layer_stack(self.backbone)
+        outputs = run_top(self.backbone, list(stack)[layers.first:], hidden, attention_mask)
+        return pool_layers(self.pooling, outputs, attention_mask, frozen_means, self._pooled_last(layers.n_layers))
+
+    def prefix_key(self, cfg: ModelConfig, tokenizer: Any) -> dict:
+        """What a cached prefix depends on: the tower's key with the weights of the frozen part only (the top
+        layers change every step, the prefix never), and where the encoder is cut."""
+        layers = self.prefix_layers()
+        top = {id(t) for group in self.finetune_groups()[layers.first:] for t in (*group.parameters(), *group.buffers())}
+        top_names = [n for n, t in (*self.named_parameters(), *self.named_buffers()) if id(t) in top]
+        return {
+            "backbone": self._backbone_key(cfg),
+            "weights": weights_hash(self, exclude=top_names),
+            "preprocessing": self._preprocessing_key(cfg, tokenizer),
+            "layers": {"total": layers.n_layers, "first_trainable": layers.first, "pooled_frozen": list(layers.pooled)},
+        }
 
 
 def build_word_tokenizer(words: list[str], max_length: int):

@@ -2,7 +2,7 @@
 features depend on, so that the feature cache can store them without knowing the tower."""
 
 import hashlib
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 import torch
 from torch import nn
@@ -12,13 +12,17 @@ from mmgcs.config import ModelConfig
 FINETUNE_MODES = ("frozen", "partial", "full")
 
 
-def weights_hash(module: nn.Module) -> str:
-    """A digest of every parameter and buffer (names, dtypes, shapes and bytes) of `module`.
+def weights_hash(module: nn.Module, exclude: Collection[str] = ()) -> str:
+    """A digest of every parameter and buffer (names, dtypes, shapes and bytes) of `module`, except the state-dict
+    entries named in `exclude` (the layers a cached prefix does not depend on).
 
     Exact rather than clever: hashing MiniLM's 90 MB takes about 0.1 s, far less than one featurization pass.
     """
     h = hashlib.blake2b(digest_size=16)
+    skip = set(exclude)
     for name, tensor in sorted(module.state_dict().items()):
+        if name in skip:
+            continue
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -43,6 +47,7 @@ class Tower(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.finetune_mode = "full"
+        self.trainable_groups = 0  # "partial": how many of the last finetune_groups() train
 
     def finetune_groups(self) -> list[nn.Module]:
         raise NotImplementedError
@@ -95,6 +100,7 @@ class Tower(nn.Module):
             for p in self.always_frozen():
                 p.requires_grad_(False)
         self.finetune_mode = mode
+        self.trainable_groups = min(n, len(self.finetune_groups())) if mode == "partial" and n > 0 else 0
         return self.train(self.training)
 
     def train(self, mode: bool = True) -> "Tower":
