@@ -64,6 +64,52 @@ class PrefixRows(torch.utils.data.Dataset):
         return row
 
 
+class EpochPermutation(torch.utils.data.Sampler):
+    """A random order of `n` rows that depends only on (seed, epoch): a resumed run replays the interrupted one's."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.generator()).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Training batches of rows of similar length (the Hugging Face Trainer's group_by_length): the epoch's random
+    order is cut into groups of `GROUP_BATCHES` batches, each group sorted by length and cut into batches, and the
+    batches are shuffled. A batch then pads little (plots of 5 to 128 tokens, 65 on average). `sampler` is the
+    epoch's order (accelerate calls its set_epoch)."""
+
+    GROUP_BATCHES = 50
+
+    def __init__(self, lengths: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.lengths, self.batch_size = lengths, batch_size
+        self.sampler = EpochPermutation(len(lengths), seed)
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), dtype=torch.long)
+        group = self.GROUP_BATCHES * self.batch_size
+        batches = []
+        for start in range(0, len(order), group):
+            rows = order[start : start + group]
+            rows = rows[torch.argsort(self.lengths[rows], descending=True, stable=True)]
+            batches.extend(rows[b : b + self.batch_size].tolist() for b in range(0, len(rows), self.batch_size))
+        shuffle = torch.randperm(len(batches), generator=self.sampler.generator()).tolist()
+        return iter([batches[i] for i in shuffle])
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+
 def collate_prefix(rows: list[dict]) -> dict:
     """Rows → a batch: the cached tokens padded (right) to the longest row, computed in float32 whatever their
     storage dtype; every other value stacked."""
@@ -101,9 +147,14 @@ def prefix_loaders(model, data, tcfg: TrainConfig, accelerator, image_features: 
         extra = {"labels": targets(split["genres"], data.mapping, len(data.labels), data.task), **lexical_inputs(role)}
         for modality, (features, mask) in (image_features or {}).get(role, {}).items():
             extra[f"{modality}_features"], extra[f"{modality}_mask"] = features.float(), mask.bool()
-        loaders[role] = DataLoader(PrefixRows(prefixes[role], extra), batch_size=batch_size(role),
-                                   shuffle=role == "train", collate_fn=collate_prefix)
+        rows = PrefixRows(prefixes[role], extra)
+        if role == "train":
+            lengths = prefixes[role].offsets.diff()
+            batches = LengthGroupedBatches(lengths, batch_size(role), tcfg.seed)
+            loaders[role] = DataLoader(rows, batch_sampler=batches, collate_fn=collate_prefix)
+        else:  # evaluation keeps the split's order (predictions are saved by row)
+            loaders[role] = DataLoader(rows, batch_size=batch_size(role), collate_fn=collate_prefix)
     return loaders
 
 
-__all__ = ["PREFIX_KIND", "PrefixRows", "collate_prefix", "prefix_loaders", "prefix_stage_kind"]
+__all__ = ["PREFIX_KIND", "EpochPermutation", "LengthGroupedBatches", "PrefixRows", "collate_prefix", "prefix_loaders", "prefix_stage_kind"]

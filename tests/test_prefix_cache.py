@@ -29,7 +29,7 @@ from mmgcs.engine import main
 from mmgcs.features import FeatureCacheWarning
 from mmgcs.features.prefix import STORAGE_DTYPES, PrefixCache
 from mmgcs.models.text import POOLINGS, HFTextTower
-from mmgcs.prefix_loaders import PrefixRows, collate_prefix, prefix_stage_kind
+from mmgcs.prefix_loaders import LengthGroupedBatches, PrefixRows, collate_prefix, prefix_stage_kind
 from mmgcs.testing import tiny_model, tiny_text_backbone_dir
 
 FUSION = REPO_ROOT / "configs" / "fusion.yaml"
@@ -247,6 +247,22 @@ def test_which_stages_train_from_the_prefix():
     assert [prefix_stage_kind(model, two_stage, ("text",), e) for e in (0, 1)] == [None, "text_prefix"]
     lstm = tiny_model(image=False, text_tower="bilstm")
     assert prefix_stage_kind(lstm, tcfg, ("text",), 0) is None
+
+
+def test_training_batches_group_rows_of_similar_length_in_an_order_fixed_by_seed_and_epoch():
+    lengths = torch.randint(3, 129, (1000,), generator=torch.Generator().manual_seed(0))
+    batches = LengthGroupedBatches(lengths, batch_size=32, seed=42)
+
+    def epoch(e: int) -> list[list[int]]:
+        batches.sampler.set_epoch(e)
+        return list(batches)
+
+    first = epoch(0)
+    assert len(first) == len(batches) == 32 and sorted(sum(first, [])) == list(range(1000))  # each row once
+    assert epoch(0) == first and epoch(1) != first  # the order depends on (seed, epoch) only
+    padded = sum(len(b) * int(lengths[b].max()) for b in first)
+    shuffled = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).split(32)
+    assert padded < 0.75 * sum(len(b) * int(lengths[b].max()) for b in shuffled)
 
 
 # ------------------------------------------------------------------------------------------------ training runs

@@ -3,8 +3,8 @@
 With `train.text_finetune=partial` and `text_trainable_layers=k`, the embeddings and the layers below the last `k`
 give the same output every epoch. Their output (the hidden states entering the first trainable layer, valid tokens
 only) and the masked means of the frozen layers the pooling reads (mean4 reads the last four layers) are computed
-once and stored like the feature cache: one safetensors file per key, written atomically, recomputed with a warning
-when unreadable. The key holds the tower's backbone, a digest of the frozen part's weights (not of the top layers,
+once and stored like the feature cache: one safetensors file per key, computed under the entry's lock, written
+atomically, recomputed with a warning when unreadable. The key holds the tower's backbone, a digest of the frozen part's weights (not of the top layers,
 which train), where the encoder is cut, the tokenizer and maximum length, the text template, the plots read, and
 the storage dtype. Rows without a plot hold what the raw path feeds the tower for them (an empty text), so both
 paths compute the same thing for every row.
@@ -26,7 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mmgcs.features.keys import check_split, column_digest, file_name, key_digest, model_tower
-from mmgcs.features.store import DEFAULT_CACHE_DIR, _atomic_write, _versions
+from mmgcs.features.locks import LOCK_WAIT_S, entry_lock
+from mmgcs.features.store import DEFAULT_CACHE_DIR, _atomic_write, _identity, _versions
 from mmgcs.features.workers import FeatureCacheWarning, _device_of, _eval_mode, _text_batches
 from mmgcs.models.preprocessing import plot_present
 from mmgcs.progress import progress
@@ -134,14 +135,16 @@ def compute_prefix(model, split, batch_size: int = 64, dtype: torch.dtype = torc
 class PrefixCache:
     """Cached prefixes on disk, one safetensors file per key (see `prefix_key`); `dtype` is train.prefix_dtype.
 
-    `hits` and `misses` count this object's lookups (a miss computes and stores); `seconds` the time computing took.
+    `hits` and `misses` count this object's lookups (a miss computes and stores, under the entry's lock:
+    mmgcs.features.locks); `seconds` the time computing took.
     """
 
-    def __init__(self, cache_dir=DEFAULT_CACHE_DIR, dtype: str = "float32"):
+    def __init__(self, cache_dir=DEFAULT_CACHE_DIR, dtype: str = "float32", lock_wait_s: float = LOCK_WAIT_S):
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"Unknown prefix storage dtype {dtype!r}; available: {list(STORAGE_DTYPES)} (train.prefix_dtype)")
         self.cache_dir = Path(cache_dir)
         self.dtype = dtype
+        self.lock_wait_s = lock_wait_s  # how long a miss waits for another process computing the same entry
         self.hits = self.misses = 0
         self.seconds = 0.0
         self.writable = True  # after a failed write (full disk, read-only folder) the others would fail alike
@@ -152,21 +155,36 @@ class PrefixCache:
     def get_or_compute(self, model, split, batch_size: int = 64) -> CachedPrefix:
         """The prefix of every row of `split` in order: loaded when the key matches, else computed and stored."""
         key = prefix_key(model, split, self.dtype)
-        digest, path = key_digest(key), self.cache_dir / file_name(key)
-        if path.exists():
-            loaded = self._load(path, digest, len(split))
-            if loaded is not None:
-                self.hits += 1
-                logger.info("Prefix cache hit: text prefix of %d rows from %s", len(split), path)
-                return loaded
-        self.misses += 1
-        logger.info("Prefix cache miss: computing the text prefix of %d rows (%s)", len(split), path.name)
-        start = time.perf_counter()
-        prefix = compute_prefix(model, split, batch_size=batch_size, dtype=STORAGE_DTYPES[self.dtype])
-        seconds = time.perf_counter() - start
-        self.seconds += seconds
-        self._store(path, prefix, key, digest, seconds)
+        digest, path, n = key_digest(key), self.cache_dir / file_name(key), len(split)
+        loaded = self._hit(path, digest, n)
+        if loaded is not None:
+            return loaded
+        seen = _identity(path)  # no file, or an unusable one (warned about)
+        with entry_lock(path, f"the text prefix of {n} rows", self.lock_wait_s):
+            # Whoever held the lock before may have stored the entry meanwhile (a new file: renamed into place).
+            if _identity(path) != seen:
+                loaded = self._hit(path, digest, n, waited=True)
+                if loaded is not None:
+                    return loaded
+            self.misses += 1
+            logger.info("Prefix cache miss: computing the text prefix of %d rows (%s)", n, path.name)
+            start = time.perf_counter()
+            prefix = compute_prefix(model, split, batch_size=batch_size, dtype=STORAGE_DTYPES[self.dtype])
+            seconds = time.perf_counter() - start
+            self.seconds += seconds
+            self._store(path, prefix, key, digest, seconds)
         return prefix
+
+    def _hit(self, path: Path, digest: str, n: int, waited: bool = False) -> Optional[CachedPrefix]:
+        """The stored prefix of `path` (counted as a hit), or None when there is no usable file."""
+        if not path.exists():
+            return None
+        loaded = self._load(path, digest, n)
+        if loaded is not None:
+            self.hits += 1
+            logger.info("Prefix cache hit: text prefix of %d rows from %s%s", n, path,
+                        " (stored by another process while this one waited)" if waited else "")
+        return loaded
 
     def _load(self, path: Path, digest: str, n_rows: int) -> Optional[CachedPrefix]:
         try:
