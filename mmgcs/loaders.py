@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from mmgcs.batching import (
@@ -90,7 +92,9 @@ class RunData:
 # ------------------------------------------------------------------------------------------------- splits
 def load_splits(cfg: RunConfig, accelerator) -> tuple[dict, list[str]]:
     """role → the dataset's split (cut to ``train.limit``), and the dataset's genre names."""
-    with accelerator.main_process_first():
+    # One process per machine prepares the dataset in its datasets cache (a machine's own disk), the others then
+    # read it; a cache folder shared by several machines is guarded by datasets' own file locks.
+    with accelerator.local_main_process_first():
         try:
             dsd = load_movies(cfg.data.path)
         except FileNotFoundError as e:
@@ -319,10 +323,12 @@ class LoaderFactory:
         cache = FeatureCache(tcfg.cache_dir)
         model.to(self.accelerator.device)
         features = {}
-        # The main process computes and stores the features first; the others then read them from disk.
+        # The first process of each machine computes and stores the features (train.cache_dir may be on each
+        # machine's own disk); the others then read them from disk. Machines sharing one cache folder compute each
+        # entry once: the first to lock it computes, the others wait and read it (mmgcs.features.locks).
         # Featurizing (a cache miss) draws random numbers and a hit does not: keep training's RNG out of it, so a
         # run is the same whether its features were cached or not (and a second stage's miss changes nothing).
-        with self.accelerator.main_process_first(), torch.random.fork_rng(devices=[]):
+        with self.accelerator.local_main_process_first(), torch.random.fork_rng(devices=[]):
             for role, split in self.data.splits.items():
                 features[role] = {
                     m: cache.get_or_compute(
@@ -331,7 +337,22 @@ class LoaderFactory:
                     )
                     for m in modalities
                 }
+        self._report_cache(cache)
         return features
+
+    def _report_cache(self, cache: FeatureCache) -> None:
+        """On a multi-process run, the main process logs what each process's cache did (the others log warnings
+        only): which machine computed which entries, and which read them."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        mine = (acc.process_index, acc.local_process_index, socket.gethostname(), str(cache.cache_dir.resolve()),
+                cache.misses, cache.hits)
+        counts = gather_object([mine])
+        if acc.is_main_process:
+            logger.info("Feature cache per process: %s", "; ".join(
+                f"process {p} (local {local}, host {host}, cache {folder}): computed {misses}, read {hits}"
+                for p, local, host, folder, misses, hits in sorted(counts)))
 
 
 __all__ = [
