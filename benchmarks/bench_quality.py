@@ -4,10 +4,15 @@ EfficientNet-Lite0). Prints test micro/macro F1 and mAP as mean ± sd over seeds
 the bars judged on the means.
 
     python benchmarks/bench_quality.py [--data data/movies] [--out runs/bench-quality] [--seeds 42,43,44]
-                                       [--candidates quality,fast] [--cold] [--reuse] [section.key=value ...]
+                                       [--candidates quality,fast] [--models fusion,text,image] [--cold] [--reuse]
+                                       [section.key=value ...]
 
 Candidates (CANDIDATES): "quality" = configs/fusion.yaml (all-mpnet-base-v2 + EfficientNet-Lite0, the default),
-"fast" = configs/fast-fusion.yaml (all-MiniLM-L6-v2 + EfficientNet-Lite0). Bars (from the issue): fused micro-F1
+"fast" = configs/fast-fusion.yaml (all-MiniLM-L6-v2 + EfficientNet-Lite0); "<profile>-top<k>" = the profile with
+configs/tuned-text.yaml over it: its plot encoder's top k layers (1, 2 or 4) fine-tuned from the cached output of the
+frozen layers below (train.prefix_cache). `--models fusion` trains the fused models only (no bars then). Each run
+writes stages.json: seconds computing the text prefix and the tower features, the other setup, each epoch, and
+calibration + test + saving, printed as a table. Bars (from the issue): fused micro-F1
 >= 0.68, macro-F1 >= 0.60 over genres with >= 50 movies, mAP >= 0.66; the fused model beats the best single
 modality on movies with both inputs; given only the plot it is within 0.02 micro-F1 of the plot-only model.
 Each run trains into OUT/<candidate>/<model>/seed-<S> (the shared poster model: OUT/image/seed-<S>); `--reuse`
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -29,13 +35,30 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MPNET = "sentence-transformers/all-mpnet-base-v2"
-# candidate -> model -> (config file, overrides); the plot-only model reads the candidate's plot encoder.
+# Layered over a profile: its plot encoder's top layers tuned from the cached prefix (train.text_trainable_layers).
+TUNED = "tuned-text.yaml"
+
+
+def tuned(profile: dict, layers: int) -> dict:
+    """`profile`'s models with the top `layers` text layers tuned (configs/tuned-text.yaml over each one's config;
+    the profile's own stopping rule gives way to the tuned config's)."""
+    out = {}
+    for model, (configs, overrides) in profile.items():
+        files = (configs,) if isinstance(configs, str) else tuple(configs)
+        kept = [o for o in overrides if not o.startswith("train.early_stopping_patience=")]
+        out[model] = ((*files, TUNED), [*kept, f"train.text_trainable_layers={layers}"])
+    return out
+
+
+# candidate -> model -> (config file(s), overrides); the plot-only model reads the candidate's plot encoder.
 CANDIDATES = {
     "quality": {"fusion": ("fusion.yaml", []), "text": ("text.yaml", [])},
     # The plot-only model with the fast profile's encoder and stopping rule (configs/fast-fusion.yaml's).
     "fast": {"fusion": ("fast-fusion.yaml", []),
              "text": ("text.yaml", [f"model.text_backbone={MINILM}", "train.early_stopping_patience=4"])},
 }
+CANDIDATES.update({f"{name}-top{k}": tuned(CANDIDATES[name], k) for name in ("quality", "fast") for k in (1, 2, 4)})
+DEFAULT_CANDIDATES = ("quality", "fast")
 IMAGE = ("image.yaml", [])
 MODELS = ("fusion", "text", "image")
 MIN_MOVIES = 50
@@ -59,12 +82,49 @@ def train(spec: tuple[str, list], folder: Path, data: str, overrides: list[str],
     if cold_cache is not None:
         shutil.rmtree(cold_cache, ignore_errors=True)
         extra = [f"train.cache_dir={cold_cache}"]
-    config, own = spec
-    cfg = load_config([REPO / "configs" / config],
-                      [*own, f"data.path={data}", f"train.output_dir={folder}", *overrides, *extra])
+    configs, own = spec
+    files = [REPO / "configs" / c for c in ((configs,) if isinstance(configs, str) else configs)]
+    cfg = load_config(files, [*own, f"data.path={data}", f"train.output_dir={folder}", *overrides, *extra])
     start = time.time()
-    metrics = run(cfg)
-    return metrics, time.time() - start
+    with StageTimes() as stages:
+        metrics = run(cfg)
+    wall = time.time() - start
+    write_stages(folder, metrics, stages, wall)
+    return metrics, wall
+
+
+class StageTimes(logging.Handler):
+    """Listens to a run's log for the seconds its caches spent computing (the text prefix, tower features)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.prefix_s = self.features_s = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = str(record.msg)
+        if message.startswith("Cached the text prefix"):
+            self.prefix_s += float(record.args[1])
+        elif message.startswith("Stored") and "features" in message:
+            self.features_s += float(record.args[-2])
+
+    def __enter__(self) -> "StageTimes":
+        logging.getLogger("mmgcs").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("mmgcs").removeHandler(self)
+
+
+def write_stages(folder: Path, metrics: dict, stages: StageTimes, wall: float) -> None:
+    """stages.json beside the run: the seconds of each stage (caches computed, each epoch, the rest of the setup,
+    and what follows the epochs: calibration, the test split, saving)."""
+    history = json.loads((folder / "history.json").read_text())
+    epochs = [h["time_s"] for h in history]
+    caches = stages.prefix_s + stages.features_s
+    out = {"prefix_s": round(stages.prefix_s, 1), "features_s": round(stages.features_s, 1), "epochs_s": epochs,
+           "other_setup_s": round(metrics["train_time_s"] - sum(epochs) - caches, 1),
+           "calibration_test_save_s": round(wall - metrics["train_time_s"], 1), "wall_s": round(wall, 1)}
+    (folder / "stages.json").write_text(json.dumps(out, indent=1))
 
 
 def genre_counts(data: str) -> dict[str, int]:
@@ -165,13 +225,24 @@ def candidate_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def model_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if "fusion" not in names or any(n not in MODELS for n in names):
+        raise argparse.ArgumentTypeError(f"--models takes names from {list(MODELS)} including fusion; got {text!r}")
+    return [m for m in MODELS if m in names]
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/movies")
     parser.add_argument("--out", default="runs/bench-quality")
     parser.add_argument("--seeds", type=seed_list, default=[42], help="train.seed of each repeat, e.g. 42,43,44 (default: 42)")
-    parser.add_argument("--candidates", type=candidate_list, default=list(CANDIDATES),
-                        help=f"which candidate defaults, comma-separated (default: {','.join(CANDIDATES)})")
+    parser.add_argument("--candidates", type=candidate_list, default=list(DEFAULT_CANDIDATES),
+                        help=f"which candidate defaults, comma-separated, from {', '.join(CANDIDATES)} "
+                             f"(default: {','.join(DEFAULT_CANDIDATES)})")
+    parser.add_argument("--models", type=model_list, default=list(MODELS),
+                        help="which models of each candidate to train, comma-separated; fusion is always one of them "
+                             "(default: fusion,text,image; the bars need all three)")
     parser.add_argument("--cold", action="store_true", help="first seed of each model from an empty feature cache")
     parser.add_argument("--reuse", action="store_true", help="report finished runs in --out instead of training")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -183,7 +254,7 @@ def train_all(args, out: Path) -> tuple[dict, dict]:
     runs, walls, shared = {}, {}, {}
     for seed in args.seeds:
         for candidate in args.candidates:
-            for model in MODELS:
+            for model in args.models:
                 spec = IMAGE if model == "image" else CANDIDATES[candidate][model]
                 folder = out / "image" / f"seed-{seed}" if model == "image" else out / candidate / model / f"seed-{seed}"
                 key = "poster only" if model == "image" else f"{candidate} {ROW_NAMES[model]}"
@@ -191,7 +262,7 @@ def train_all(args, out: Path) -> tuple[dict, dict]:
                     cold = out / "cold-cache" if args.cold and seed == args.seeds[0] else None
                     metrics, took = train(spec, folder, args.data, [*args.overrides, f"train.seed={seed}"], args.reuse, cold)
                     shared[key, seed] = (metrics, folder)
-                    walls.setdefault(key, []).append((took, cold is not None, metrics))
+                    walls.setdefault(key, []).append((took, cold is not None, metrics, folder))
                 runs.setdefault(candidate, {}).setdefault(seed, {})[model] = shared[key, seed]
     return runs, walls
 
@@ -200,11 +271,22 @@ def print_times(walls: dict) -> None:
     print("\n| model | best epoch | train s (engine) | wall s (cold = empty feature cache) | lexical weight |")
     print("|---|---|---|---|---|")
     for key, entries in walls.items():
-        epochs = ", ".join(str(m["best_epoch"]) for _, _, m in entries)
-        engine = ", ".join(str(m["train_time_s"]) for _, _, m in entries)
-        wall = ", ".join("reused" if np.isnan(t) else f"{t:.0f}" + (" (cold)" if cold else "") for t, cold, _ in entries)
-        weights = ", ".join(str(m.get("lexical", {}).get("weight", "-")) for _, _, m in entries)
+        epochs = ", ".join(str(m["best_epoch"]) for _, _, m, _ in entries)
+        engine = ", ".join(str(m["train_time_s"]) for _, _, m, _ in entries)
+        wall = ", ".join("reused" if np.isnan(t) else f"{t:.0f}" + (" (cold)" if cold else "") for t, cold, _, _ in entries)
+        weights = ", ".join(str(m.get("lexical", {}).get("weight", "-")) for _, _, m, _ in entries)
         print(f"| {key} | {epochs} | {engine} | {wall} | {weights} |")
+    print("\n| model (run) | prefix s | features s | other setup s | epochs s (each) | calibration + test + save s |")
+    print("|---|---|---|---|---|---|")
+    for key, entries in walls.items():
+        for i, (_, cold, _, folder) in enumerate(entries):
+            stages_file = folder / "stages.json"
+            if not stages_file.is_file():
+                continue
+            st = json.loads(stages_file.read_text())
+            each = ", ".join(f"{t:.0f}" for t in st["epochs_s"])
+            print(f"| {key} (run {i + 1}{', cold' if cold else ''}) | {st['prefix_s']:.0f} | {st['features_s']:.0f} | "
+                  f"{st['other_setup_s']:.0f} | {sum(st['epochs_s']):.0f} ({each}) | {st['calibration_test_save_s']:.0f} |")
 
 
 def main(argv=None) -> int:
