@@ -8,12 +8,15 @@ generous (real models sit far below them); they exist to turn a wrong number int
 
 Import-light (no torch or timm at import time). The kwargs allowlist lives in mmgcs.config (re-exported here).
 The checks that need torch or timm (the image source, the parameter count on the meta device, NaN weights) live
-with the loader, `mmgcs.hub.bundle`.
+with the loader, `mmgcs.hub.bundle`; the domain of every ModelConfig field (names in their registries, floats in
+their ranges) in `mmgcs.hub.config_values`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,7 +60,8 @@ SAFE_ATTENTION = (None, "eager", "sdpa")
 
 
 # ---------------------------------------------------------------------------------------- size bounds
-def _int_problem(name: str, value: Any, low: int, high: int) -> Optional[str]:
+def int_problem(name: str, value: Any, low: int, high: int) -> Optional[str]:
+    """Why `name=value` is no integer in [low, high] (an integral float counts), or None."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -81,9 +85,9 @@ def backbone_config_problem(config: Any, prefix: str) -> Optional[str]:
     for key, value in items:
         name = f"{prefix}.{key}"
         if key in BACKBONE_FIELD_BOUNDS and not isinstance(value, (dict, list)):
-            problem = _int_problem(name, value, 0, BACKBONE_FIELD_BOUNDS[key])
+            problem = int_problem(name, value, 0, BACKBONE_FIELD_BOUNDS[key])
         elif isinstance(value, int) and not isinstance(value, bool):
-            problem = _int_problem(name, value, -MAX_OTHER_BACKBONE_INT, MAX_OTHER_BACKBONE_INT)
+            problem = int_problem(name, value, -MAX_OTHER_BACKBONE_INT, MAX_OTHER_BACKBONE_INT)
         else:
             problem = backbone_config_problem(value, name)
         if problem:
@@ -96,7 +100,7 @@ def size_problem(cfg) -> Optional[str]:
     if len(cfg.labels) > MAX_LABELS:
         return f"labels has {len(cfg.labels)} entries, above the bound of {MAX_LABELS}"
     for name, (low, high) in MODEL_FIELD_BOUNDS.items():
-        problem = _int_problem(name, getattr(cfg, name), low, high)
+        problem = int_problem(name, getattr(cfg, name), low, high)
         if problem:
             return problem
     return (backbone_config_problem(cfg.text_backbone_config, "text_backbone_config")
@@ -123,6 +127,74 @@ def text_config_problem(config: Any) -> Optional[str]:
         if problem:
             return problem.replace("text_backbone_config.", f"text_backbone_config.{key}.", 1)
     return None
+
+
+# ---------------------------------------------------------------------------------------- JSON files
+# Python's json (which transformers uses for tokenizer.json) recurses once per nesting level: a file of 100k
+# nested brackets ends in a RecursionError. Real bundle files nest < 10 levels; the bound leaves room for any.
+MAX_JSON_DEPTH = 64
+# tokenizer.json of the largest real vocabularies (Gemma's 256 k tokens) is ~35 MB; config.json is a few KB
+# (4,096 labels and two backbone configs stay under 1 MB).
+MAX_JSON_BYTES = 128 * 2**20
+MAX_CONFIG_BYTES = 16 * 2**20
+# A JSON string (an unterminated one runs to the end: the parser reports that), found without backtracking.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\Z)', re.DOTALL)
+_NOT_A_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = [1 if chr(b) in "[{" else -1 for b in range(256)]  # after the filter: only brackets
+
+
+def json_too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON text opens arrays/objects deeper than `limit` at any point, found without recursion in
+    C-speed passes: strings are dropped, then the running count of open brackets is taken. Unclosed brackets
+    count too (Python's parser recurses into them before it finds the text malformed)."""
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_A_BRACKET)
+    return bool(brackets) and max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets))) > limit
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def json_file_problem(file: Path, max_bytes: int = MAX_JSON_BYTES) -> Optional[str]:
+    """Why a bundle's JSON file must not reach a JSON parser (too large, or nested too deep), or None. The
+    file is read once, at most `max_bytes` of it."""
+    size = file.stat().st_size
+    if size > max_bytes:
+        return f"{file.name} is {_size(size)}, above the bound of {_size(max_bytes)} for it"
+    with open(file, "rb") as handle:
+        data = handle.read(size + 1)  # read(n) allocates n bytes up front: never more than the file
+    if len(data) > max_bytes:  # it grew since stat
+        return f"{file.name} is above the bound of {_size(max_bytes)} for it"
+    if json_too_deep(data):
+        return f"{file.name} nests arrays or objects deeper than {MAX_JSON_DEPTH} levels (no real bundle file does)"
+    return None
+
+
+# Numbers in config.json (eps, rope theta, init ranges, token ids, sizes): any real setting is far inside this.
+MAX_CONFIG_NUMBER = 1e12
+
+
+def _described(value) -> str:
+    if isinstance(value, int) and abs(value) >= 10**15:
+        return f"an integer of {len(str(abs(value)))} digits"  # str() of a JSON int is bounded (4,300 digits)
+    return f"{value:.3g}"
+
+
+def non_finite_problem(value: Any, name: str = "") -> Optional[str]:
+    """The first number in a parsed config (nested dicts and lists) that is NaN, infinite (JSON `Infinity`, or a
+    literal like 1e400 that overflows) or beyond +-MAX_CONFIG_NUMBER, named by its path; None when all are fine.
+    Run on text already checked by `json_too_deep`, so the recursion is shallow."""
+    if isinstance(value, dict):
+        found = (non_finite_problem(v, f"{name}.{k}" if name else str(k)) for k, v in value.items())
+    elif isinstance(value, list):
+        found = (non_finite_problem(v, f"{name}[{i}]") for i, v in enumerate(value))
+    elif isinstance(value, float) and not math.isfinite(value):
+        return f"{name} is {'NaN' if math.isnan(value) else 'infinite'}; every number in config.json must be finite"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_NUMBER:
+        return f"{name} is {_described(value)}, beyond +-{MAX_CONFIG_NUMBER:.0e}; no model setting is that large"
+    else:
+        return None
+    return next((problem for problem in found if problem), None)
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -157,8 +229,15 @@ def tokenizer_problem(tokenizer, cfg) -> Optional[str]:
 
 __all__ = [
     "IMAGE_BACKBONE_KWARGS",
+    "MAX_CONFIG_BYTES",
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
     "MAX_PARAMETERS",
     "image_kwargs_problem",
+    "int_problem",
+    "json_file_problem",
+    "json_too_deep",
+    "non_finite_problem",
     "missing_tokenizer_files",
     "size_problem",
     "text_config_problem",

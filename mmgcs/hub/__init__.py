@@ -1,17 +1,20 @@
 """The model bundle on disk and on the Hub, each job in one file:
 
 - `bundle.py`: save the files, strict load, the checks a bundle passes before anything is built;
+- `config_values.py`: every ModelConfig field of a loaded bundle within its domain (choices, finite ranges);
+- `weights.py`: model.safetensors' header checked against the model before any read, then the tensors copied in;
+- `memory.py`: running out of memory while loading, reported as memory (how much the bundle needs);
 - `ids.py`: the Hub-id rule (`owner/name` vs a local folder);
 - `push.py`: upload a saved bundle (offline: a clear error saying where it is);
 - `card.py`: the model card, its model-index and the one metrics-table builder;
-- `errors.py`: BundleError, HubUnavailableError, PushError.
+- `errors.py`: BundleError (BundleMemoryError), HubUnavailableError, PushError.
 
 The errors and `is_hub_id` load at once (the data CLI needs only them); every other name loads its module on
 first use, so `import mmgcs.hub` does not import torch.
 """
 
 from mmgcs.lazy import lazy_exports
-from mmgcs.hub.errors import BundleError, HubUnavailableError, PushError
+from mmgcs.hub.errors import BundleError, BundleMemoryError, HubUnavailableError, PushError
 from mmgcs.hub.ids import default_bundle_dir, is_hub_id
 
 _LAZY = {
@@ -27,4 +30,4 @@ _LAZY = {
 __getattr__ = lazy_exports("mmgcs.hub", globals(), _LAZY)
 
 
-__all__ = ["BundleError", "HubUnavailableError", "PushError", "default_bundle_dir", "is_hub_id", *sorted(_LAZY)]
+__all__ = ["BundleError", "BundleMemoryError", "HubUnavailableError", "PushError", "default_bundle_dir", "is_hub_id", *sorted(_LAZY)]

@@ -22,9 +22,11 @@ from safetensors.torch import load_file, save_model
 from mmgcs import __version__
 from mmgcs import bundle_checks as checks
 from mmgcs.config import ConfigError, ModelConfig, model_config_from_dict
-from mmgcs.hub.errors import BundleError, HubUnavailableError
-from mmgcs.hub.ids import is_hub_id
-from mmgcs.hub.ids import hub_reachable
+from mmgcs.hub import weights
+from mmgcs.hub.config_values import field_problem
+from mmgcs.hub.errors import BundleError, HubUnavailableError, is_out_of_memory
+from mmgcs.hub.ids import hub_reachable, is_hub_id
+from mmgcs.hub.memory import memory_reported
 from mmgcs.models.text import load_tokenizer
 
 CONFIG_NAME = "config.json"
@@ -37,6 +39,7 @@ FORMAT_KEY = "mmgcs_bundle"  # config.json: {"mmgcs_bundle": {"format": 1, "mmgc
 FORMAT_VERSION = 1
 # Fields a user may change when loading (they do not change the weights' shapes).
 LOAD_OVERRIDABLE = {"thresholds", "threshold", "modality_dropout", "dropout"}
+CONFIG_REMEDY = "Fix that value in config.json, or re-save the model with model.save_pretrained"
 
 
 # ---------------------------------------------------------------------------------------------------- save
@@ -92,14 +95,30 @@ def read_config(folder: Path) -> ModelConfig:
     return read_config_and_meta(folder)[0]
 
 
+def check_json_files(folder: Path) -> None:
+    """Every JSON file of the bundle (config.json, the tokenizer's, any other a library may read from the folder)
+    is of a sane size and nesting depth before any parser sees it: Python's json, which transformers uses for
+    tokenizer.json, recurses once per level."""
+    for file in sorted(folder.glob("*.json")):
+        if file.is_file():
+            bound = checks.MAX_CONFIG_BYTES if file.name == CONFIG_NAME else checks.MAX_JSON_BYTES
+            problem = checks.json_file_problem(file, bound)
+            if problem:
+                raise BundleError(f"{file} cannot be read: {problem}. The file is damaged or was not written by "
+                                  "save_pretrained; re-download the bundle or re-save the model with "
+                                  "model.save_pretrained")
+
+
 def read_config_and_meta(folder: Path) -> tuple[ModelConfig, dict]:
-    """The ModelConfig and the bundle's `mmgcs_bundle` entry (format, version, the tokenizer files saved)."""
+    """The ModelConfig and the bundle's `mmgcs_bundle` entry (format, version, the tokenizer files saved); every
+    number finite and every field within its domain (`mmgcs.hub.config_values`), or a BundleError naming it."""
     file = folder / CONFIG_NAME
     if not file.is_file():
         raise BundleError(f"{folder} has no {CONFIG_NAME}: it is not an MMGCS model folder (save one with model.save_pretrained)")
+    check_json_files(folder)
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
         raise BundleError(f"{file} is not valid JSON ({e}); re-save the model or re-download the bundle") from None
     if not isinstance(raw, dict):
         raise BundleError(f"{file} must hold a JSON object of ModelConfig fields")
@@ -109,47 +128,35 @@ def read_config_and_meta(folder: Path) -> tuple[ModelConfig, dict]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise BundleError(f"{file}: bundle format {meta!r} is not supported by this MMGCS (format {FORMAT_VERSION}); upgrade mmgcs")
     try:
-        return model_config_from_dict(raw), meta
+        cfg = model_config_from_dict(raw)
     except ConfigError as e:
         raise BundleError(f"{file}: {e}") from None
+    except OverflowError:  # an integer too large for a float field; the walk below names it
+        cfg = None
+    problem = (field_problem(cfg) if cfg is not None else None) or checks.non_finite_problem(raw)
+    if problem or cfg is None:
+        raise BundleError(f"{file}: {problem or 'a number is too large'}. {CONFIG_REMEDY}")
+    return cfg, meta
 
 
 def read_state_dict(folder: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The bundle's tensors as a dict (its header checked for form first, so damaged data is named before any
+    read); a NaN or an Inf in one is a BundleError. Loading a model uses `weights.copy_weights` instead."""
     file = folder / WEIGHTS_NAME
     if not file.is_file():
         raise BundleError(f"{folder} has no {WEIGHTS_NAME}; re-save the model (only safetensors weights are loaded, never pickle)")
+    weights.read_header(file)
     try:
         state = load_file(str(file), device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if is_out_of_memory(e):
+            raise
         raise BundleError(f"{file} is corrupt or truncated ({type(e).__name__}: {e}); re-save or re-download the bundle") from None
-    bad = non_finite_tensors(state)
+    bad = sorted(name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     if bad:
-        raise BundleError(f"{file} holds NaN or infinite values in {_shown(bad)}: the weights are damaged or come from a "
-                          "diverged training run. Re-download the bundle or re-train the model")
+        raise BundleError(f"{file} holds NaN or infinite values in {', '.join(bad[:5])}: the weights are damaged or "
+                          "come from a diverged training run. Re-download the bundle or re-train the model")
     return state
-
-
-def _shown(names: list) -> str:
-    return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
-
-
-def load_weights_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Every tensor must be present, expected and of the right shape; otherwise a BundleError lists them."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)
-    )
-    problems = [f"{what} tensors: {_shown(keys)}"
-                for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)) if keys]
-    if problems:
-        raise BundleError(
-            f"{source} does not match the model described by its config.json ({'; '.join(problems)}). "
-            "The weights and config.json must come from the same save_pretrained call"
-        )
-    model.load_state_dict(state, strict=True)
 
 
 def load_tokenizer_from_bundle(folder: Path, cfg: ModelConfig):
@@ -157,7 +164,9 @@ def load_tokenizer_from_bundle(folder: Path, cfg: ModelConfig):
         return None
     try:
         tokenizer = load_tokenizer(str(folder), local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: a deep JSON file check_json_files missed
+        if is_out_of_memory(e):
+            raise
         raise BundleError(f"The tokenizer in {folder} cannot be loaded ({type(e).__name__}: {e}); re-save the model") from None
     problem = checks.tokenizer_problem(tokenizer, cfg)
     if problem:
@@ -190,15 +199,13 @@ def count_on_meta(cls, cfg: ModelConfig) -> tuple[int, str, int]:
     exact, and nothing is allocated. Run after `size_problem`, so no single field can make the build slow."""
     with torch.device("meta"):
         model = cls(cfg, tokenizer=None)
+    return _count(model)
+
+
+def _count(model: torch.nn.Module) -> tuple[int, str, int]:
     sizes = {name: t.numel() for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    del model
     largest = max(sizes, key=sizes.get, default="")
     return sum(sizes.values()), largest, sizes.get(largest, 0)
-
-
-def non_finite_tensors(state: dict) -> list[str]:
-    """Names of the floating tensors holding a NaN or an Inf (a diverged run or a damaged file)."""
-    return sorted(name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
 
 
 def check_bundle_files(folder: Path, cfg: ModelConfig, meta: dict) -> None:
@@ -214,8 +221,9 @@ def check_bundle_files(folder: Path, cfg: ModelConfig, meta: dict) -> None:
         )
 
 
-def check_buildable(cls, cfg: ModelConfig, file: Path) -> None:
-    """Bounds, allowlists and the exact parameter count, all before any tensor is allocated."""
+def check_buildable(cls, cfg: ModelConfig, file: Path) -> dict[str, torch.Tensor]:
+    """Bounds, allowlists and the exact parameter count, all before any tensor is allocated. Returns the model's
+    state dict on the meta device (names, shapes, dtypes), which the weights' header must match."""
     problem = checks.size_problem(cfg) or checks.image_kwargs_problem(cfg.image_backbone_kwargs)
     if not problem and cfg.text_tower == "hf":
         problem = checks.text_config_problem(cfg.text_backbone_config)
@@ -224,45 +232,68 @@ def check_buildable(cls, cfg: ModelConfig, file: Path) -> None:
     if problem:
         raise BundleError(f"{file}: {problem}. Fix config.json or re-save the model with model.save_pretrained")
     try:
-        total, largest, largest_size = count_on_meta(cls, cfg)
+        with torch.device("meta"):
+            model = cls(cfg, tokenizer=None)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        if is_out_of_memory(e):
+            raise
         raise BundleError(f"{file} describes a model that cannot be built: {e}") from None
+    total, largest, largest_size = _count(model)
     if total > checks.MAX_PARAMETERS:
         raise BundleError(
             f"{file} describes a model of {total:,} parameters, above the bound of {checks.MAX_PARAMETERS:,} "
             f"(largest tensor: {largest}, {largest_size:,} values); a size in config.json is wrong. Fix it or "
             "re-save the model with model.save_pretrained"
         )
+    return weights.expected_tensors(model)
 
 
 def with_overrides(cfg: ModelConfig, overrides: Optional[dict]) -> ModelConfig:
-    """`cfg` with the inference-only fields a caller set when loading (`thresholds`, `threshold`, ...)."""
+    """`cfg` with the inference-only fields a caller set when loading (`thresholds`, `threshold`, ...), each
+    within its domain."""
     if not overrides:
         return cfg
     bad = sorted(set(overrides) - LOAD_OVERRIDABLE)
     if bad:
         raise TypeError(f"from_pretrained cannot change {bad}; only {sorted(LOAD_OVERRIDABLE)} can be set when loading")
     try:
-        return model_config_from_dict({**dataclasses.asdict(cfg), **overrides})
+        changed = model_config_from_dict({**dataclasses.asdict(cfg), **overrides})
     except ConfigError as e:
         raise TypeError(f"from_pretrained: {e}") from None
+    problem = field_problem(changed, sorted(overrides))
+    if problem:
+        raise TypeError(f"from_pretrained: {problem}")
+    return changed
+
+
+def build_model(cls, cfg: ModelConfig, tokenizer, file: Path):
+    """`cls(cfg)` for real (after check_buildable passed on the meta device)."""
+    try:
+        return cls(cfg, tokenizer=tokenizer)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        if is_out_of_memory(e):
+            raise
+        raise BundleError(f"{file} describes a model that cannot be built: {e}") from None
 
 
 def load_bundle(cls, path_or_repo_id, *, force_download=False, token=None, cache_dir=None, local_files_only=False,
                 revision=None, map_location="cpu", overrides: Optional[dict] = None):
-    """A `cls` model from a bundle folder or Hub id: every check first, then built and loaded strictly, eval mode."""
+    """A `cls` model from a bundle folder or Hub id: every check first (config values, then the weights' header
+    against the model on the meta device), then built and its tensors copied in, eval mode."""
     folder = resolve_bundle(path_or_repo_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
                             token=token, local_files_only=local_files_only)
-    cfg, meta = read_config_and_meta(folder)
-    cfg = with_overrides(cfg, overrides)
-    check_bundle_files(folder, cfg, meta)
-    check_buildable(cls, cfg, folder / CONFIG_NAME)
-    tokenizer = load_tokenizer_from_bundle(folder, cfg)
-    try:
-        model = cls(cfg, tokenizer=tokenizer)
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise BundleError(f"{folder / CONFIG_NAME} describes a model that cannot be built: {e}") from None
-    load_weights_strict(model, read_state_dict(folder), str(folder / WEIGHTS_NAME))
+    weights_file = folder / WEIGHTS_NAME
+    with memory_reported(weights_file):
+        cfg, meta = read_config_and_meta(folder)
+        cfg = with_overrides(cfg, overrides)
+        check_bundle_files(folder, cfg, meta)
+        expected = check_buildable(cls, cfg, folder / CONFIG_NAME)
+        header = weights.read_header(weights_file)
+        weights.check_header(header, expected, str(weights_file))  # before anything is allocated or read
+        tokenizer = load_tokenizer_from_bundle(folder, cfg)
+        model = build_model(cls, cfg, tokenizer, folder / CONFIG_NAME)
+        weights.check_header(header, model.state_dict(), str(weights_file))  # the real build, as on the meta device
+        weights.copy_weights(model, weights_file)
     model.to(map_location)
     model.eval()
     return model
@@ -270,7 +301,7 @@ def load_bundle(cls, path_or_repo_id, *, force_download=False, token=None, cache
 
 __all__ = [
     "BUNDLE_PATTERNS", "CARD_NAME", "CONFIG_NAME", "LOAD_OVERRIDABLE", "TOKENIZER_FILES", "WEIGHTS_NAME",
-    "check_buildable", "check_bundle_files", "config_dict", "count_on_meta", "image_source_problem", "load_bundle", "load_tokenizer_from_bundle",
-    "load_weights_strict", "non_finite_tensors", "read_config", "read_config_and_meta", "read_state_dict", "resolve_bundle",
-    "save_bundle_files", "with_overrides",
+    "build_model", "check_buildable", "check_bundle_files", "check_json_files", "config_dict", "count_on_meta",
+    "image_source_problem", "load_bundle", "load_tokenizer_from_bundle", "read_config", "read_config_and_meta",
+    "read_state_dict", "resolve_bundle", "save_bundle_files", "with_overrides",
 ]

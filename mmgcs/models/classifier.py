@@ -25,7 +25,7 @@ from mmgcs.decisions import decision_thresholds
 from mmgcs.models.fusion import create_fusion
 from mmgcs.models.image import create_image_tower, image_tower_from_config
 from mmgcs.models.lexical import LexicalBranch
-from mmgcs.models.preprocessing import image_transform
+from mmgcs.models.preprocessing import CROP_MODES, INTERPOLATIONS, image_transform
 from mmgcs.models.text import POOLINGS, create_text_tower, text_tower_from_config
 from mmgcs.models.tower import Tower
 
@@ -93,7 +93,6 @@ def loss_options(kind: str = "bce", focal_gamma: float = 2.0, asl_gamma_neg: flo
         raise ValueError(f"train.asl_clip must lie in [0, 1) (a probability shift), got {asl_clip}")
     return {"kind": kind, "gamma": float(focal_gamma), "gamma_neg": float(asl_gamma_neg),
             "gamma_pos": float(asl_gamma_pos), "clip": float(asl_clip)}
-CROP_MODES = ("squash", "center", "border")
 
 
 def validate_config(cfg: ModelConfig) -> None:
@@ -123,6 +122,10 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError("config.image_size and config.max_text_length must be positive")
     if cfg.image_crop_mode not in CROP_MODES:
         raise ValueError(f"Unknown image_crop_mode {cfg.image_crop_mode!r}; available: {list(CROP_MODES)}")
+    if cfg.interpolation and cfg.interpolation not in INTERPOLATIONS:  # "" = the backbone's own, resolved later
+        raise ValueError(f"Unknown interpolation {cfg.interpolation!r}; available: {list(INTERPOLATIONS)}")
+    if not 0.0 <= cfg.threshold <= 1.0:  # also refuses NaN, which would decide no genre at all
+        raise ValueError(f"config.threshold must lie in [0, 1], got {cfg.threshold}")
     kwargs_problem = image_kwargs_problem(cfg.image_backbone_kwargs)
     if kwargs_problem:
         raise ValueError(f"config.{kwargs_problem}")

@@ -15,6 +15,12 @@ TRAIN_SCALE = (0.6, 1.0)
 TRAIN_RATIO = (0.55, 0.8)
 TRAIN_COLOR_JITTER = 0.2
 
+# The names timm's transforms resolve (timm.data.transforms.str_to_interp_mode): a bundle's `interpolation`.
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
+# timm's eval crop modes. Posters are ~2:3: "squash" resizes the whole poster to a square (keeps title and
+# artwork), "center" crops the middle, "border" pads to a square.
+CROP_MODES = ("squash", "center", "border")
+
 
 def image_transform(cfg: ModelConfig, train: bool = False):
     """timm's eval (or train) transform for the bundle's image size / mean / std / interpolation."""
