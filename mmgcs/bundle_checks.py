@@ -170,28 +170,27 @@ def json_file_problem(file: Path, max_bytes: int = MAX_JSON_BYTES) -> Optional[s
     return None
 
 
-# Numbers in config.json (eps, rope theta, init ranges, token ids, sizes): any real setting is far inside this.
-MAX_CONFIG_NUMBER = 1e12
-
-
-def _described(value) -> str:
-    if isinstance(value, int) and abs(value) >= 10**15:
-        return f"an integer of {len(str(abs(value)))} digits"  # str() of a JSON int is bounded (4,300 digits)
-    return f"{value:.3g}"
+# Floats in config.json (eps, rope theta, init ranges): any real setting is far inside this. Integers have their
+# own bounds (size_problem); only one too large for any float (which a float field would fail to convert) is
+# refused here.
+MAX_CONFIG_FLOAT = 1e12
+FLOAT_RANGE = 2**1024
 
 
 def non_finite_problem(value: Any, name: str = "") -> Optional[str]:
     """The first number in a parsed config (nested dicts and lists) that is NaN, infinite (JSON `Infinity`, or a
-    literal like 1e400 that overflows) or beyond +-MAX_CONFIG_NUMBER, named by its path; None when all are fine.
-    Run on text already checked by `json_too_deep`, so the recursion is shallow."""
+    literal like 1e400 that overflows), a float beyond +-MAX_CONFIG_FLOAT or an integer beyond any float, named by
+    its path; None when all are fine. Run on text already checked by `json_too_deep`, so the recursion is shallow."""
     if isinstance(value, dict):
         found = (non_finite_problem(v, f"{name}.{k}" if name else str(k)) for k, v in value.items())
     elif isinstance(value, list):
         found = (non_finite_problem(v, f"{name}[{i}]") for i, v in enumerate(value))
     elif isinstance(value, float) and not math.isfinite(value):
         return f"{name} is {'NaN' if math.isnan(value) else 'infinite'}; every number in config.json must be finite"
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_NUMBER:
-        return f"{name} is {_described(value)}, beyond +-{MAX_CONFIG_NUMBER:.0e}; no model setting is that large"
+    elif isinstance(value, float) and abs(value) > MAX_CONFIG_FLOAT:
+        return f"{name} is {value:.3g}, beyond +-{MAX_CONFIG_FLOAT:.0e}; no model setting is that large"
+    elif isinstance(value, int) and abs(value) >= FLOAT_RANGE:  # str() of a JSON int is bounded (4,300 digits)
+        return f"{name} is an integer of {len(str(abs(value)))} digits; no model setting is that large"
     else:
         return None
     return next((problem for problem in found if problem), None)
