@@ -133,7 +133,7 @@ def whole_file_reader(path: Path, source: str, report: BuildReport) -> list:
         report.changed(source, None, "invalid_utf8", f"{path.name} has bytes that are not UTF-8; replaced with U+FFFD",
                        path.name)
     csv.field_size_limit(16 * 1024 * 1024)
-    return list(sources._csv_movies(path, csv.DictReader(text.splitlines(keepends=True)), source, report))
+    return list(sources._csv_movies(path, text.splitlines(keepends=True), source, report))
 
 
 # pieces that test the decoder and the line splitting: quotes, each line ending, the separators only splitlines

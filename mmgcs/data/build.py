@@ -1,7 +1,8 @@
 """`python -m mmgcs.data build`: sources → validated movies → labels → splits → Hub-layout folder + report.
 
 Every row that is dropped or changed is recorded in build_report.json by id (or line) and reason; nothing is
-lost silently. The output is reproducible bit for bit for the same inputs, options and seed.
+lost silently, and no one row stops the build (a line too long or too deeply nested to read, a plot over
+`MAX_PLOT_CHARS`: that row's report). The --out folder is checked writable before any source is read. The output is reproducible bit for bit for the same inputs, options and seed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from mmgcs.data.confine import Refusal, read_confined, unidentified_image_detail
 from mmgcs.data.genres import canonical_genre, select_labels
 from mmgcs.data.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InvalidImageError, PreparedPoster, prepare_poster
 from mmgcs.data.download import PosterDownloader
+from mmgcs.data.outfiles import unwritable_folder
 from mmgcs.data.records import BuildReport, RawMovie
 from mmgcs.data.sources import detect_format, get_format, source_name
 from mmgcs.data.splits import SPLITS, stratified_split
@@ -90,6 +92,9 @@ class BuildResult:
 
 def build(opts: BuildOptions) -> BuildResult:
     out = Path(opts.out)
+    unwritable = unwritable_folder(out)  # now, not after reading every source and checking every poster
+    if unwritable:
+        raise ValueError(f"--out {opts.out!r}: {unwritable}")
     report = BuildReport()
     clock = _Clock()
     raw, source_info = _read_sources(opts, report)
@@ -372,6 +377,11 @@ def _write(dataset, summary: dict, out: Path) -> None:
     datasets.disable_progress_bars()
     try:
         _write_files(dataset, summary, out)
+    except OSError as e:  # a full disk, or the folder made read-only since the check
+        raise ValueError(
+            f"Could not write the dataset to {str(out)!r} ({e.strerror or e}); what is there is incomplete and must "
+            "not be used. Free space (or pick another --out) and run the build again."
+        ) from None
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
