@@ -3,11 +3,14 @@
 The input is a raw source the data builder reads (a CSV or JSONL with id, title, plot, poster_file / poster_path /
 poster_url; MM-IMDb), a folder of poster images (id = file stem) or a built dataset (folder or Hub id, one split).
 Rows go through the one predict path (`Predictor.predict_batch`) and are appended to the output batch by batch,
-so memory does not grow with the number of rows (only the set of ids already written, kept for `--resume`).
+so memory does not grow with the number of rows (only the set of ids met, which finds an id given to several rows,
+and the ids already written, kept for `--resume`). Each output row says in `input_row` which input row it is
+(two rows of one id are both predicted, and told apart there; the run warns of them). The output is checked to be
+writable before the model loads; a write that fails later says what was kept and how to resume.
 
 A row that cannot be read keeps its place in the output with the reason in `error` and no scores: a missing,
-corrupt, oversized or out-of-folder poster, an empty plot with no poster, an id the reader refuses. Its
-batch-mates are predicted normally. Posters named by a row are read only inside the input's folder, as regular
+corrupt, oversized or out-of-folder poster, an empty plot with no poster, a plot over `MAX_PLOT_CHARS`, a line
+too long or too deeply nested to read, an id the reader refuses. Its batch-mates are predicted normally. Posters named by a row are read only inside the input's folder, as regular
 files and at most `MAX_IMAGE_BYTES` (`mmgcs.data.confine`, the builder's rule); poster URLs are never fetched.
 """
 
@@ -19,8 +22,9 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,7 +37,8 @@ from tqdm.auto import tqdm
 from mmgcs.data import load_movies
 from mmgcs.data.confine import Refusal, read_confined
 from mmgcs.data.images import MAX_IMAGE_BYTES, InvalidImageError, load_image, poster_present
-from mmgcs.data.records import BuildReport
+from mmgcs.data.outfiles import unwritable_file
+from mmgcs.data.records import BuildReport, plot_too_long
 from mmgcs.data.sources import FORMATS, detect_format, source_name
 from mmgcs.evaluate import batched
 from mmgcs.inference import Predictor
@@ -56,6 +61,7 @@ class Movie:
     """One input row: what the reader found, before any poster is decoded."""
 
     id: str
+    row: str = ""  # where it is in the input ("movies.csv:12", a poster's file name, "test[3]"): tells duplicates apart
     plot: Optional[str] = None
     title: Optional[str] = None
     poster: Any = None  # a Path (read confined to `root`), a datasets Image dict, or None
@@ -84,7 +90,7 @@ def read_input(source: str, split: str = "test") -> tuple[Iterator[Movie], Optio
         if not files:
             raise ValueError(f"{source!r} holds no movies.jsonl, CSV, MM-IMDb layout, built dataset or poster images "
                              f"({', '.join(POSTER_SUFFIXES)}). Point --input at one of those.")
-        return (Movie(id=f.stem, poster=f, root=path) for f in files), len(files)
+        return (Movie(id=f.stem, row=f.name, poster=f, root=path) for f in files), len(files)
     fmt = detect_format(path)
     return read_source(path, fmt.name), _line_count(path) if fmt.name == "jsonl" and path.is_file() else None
 
@@ -99,7 +105,7 @@ def read_source(path: Path, fmt: str) -> Iterator[Movie]:
     report = BuildReport()
     for raw in FORMATS[fmt].read(path, source_name(path), report):
         yield from _dropped(report)
-        yield Movie(id=str(raw.id), plot=raw.plot, title=raw.title, poster=raw.poster_file, root=root,
+        yield Movie(id=str(raw.id), row=raw.where, plot=raw.plot, title=raw.title, poster=raw.poster_file, root=root,
                     poster_url=raw.poster_file is None and bool(raw.poster_url))
     yield from _dropped(report)
 
@@ -108,7 +114,8 @@ def _dropped(report: BuildReport) -> Iterator[Movie]:
     for event in report.events:
         if event["action"] == "dropped":
             where = f" ({event['where']})" if event.get("where") else ""
-            yield Movie(id="" if event["id"] is None else str(event["id"]), error=event["detail"] + where)
+            yield Movie(id="" if event["id"] is None else str(event["id"]), row=event.get("where", ""),
+                        error=event["detail"] + where)
     report.events.clear()  # read once; keeps the report from growing with the file
 
 
@@ -120,15 +127,17 @@ def read_dataset(source: str, split: str) -> tuple[Iterator[Movie], int]:
     if "poster" in ds.column_names:
         # Undecoded: a corrupt poster then fails on its own row instead of stopping the run.
         ds = ds.cast_column("poster", datasets.Image(decode=False))
-    return _dataset_rows(ds), len(ds)
+    return _dataset_rows(ds, split), len(ds)
 
 
-def _dataset_rows(ds) -> Iterator[Movie]:
+def _dataset_rows(ds, split: str) -> Iterator[Movie]:
+    start = 0
     for batch in ds.iter(batch_size=256):
         for i, movie_id in enumerate(batch["id"]):
-            yield Movie(id=str(movie_id), plot=batch["plot"][i] if "plot" in batch else None,
+            yield Movie(id=str(movie_id), row=f"{split}[{start + i}]", plot=batch["plot"][i] if "plot" in batch else None,
                         title=batch["title"][i] if "title" in batch else None,
                         poster=batch["poster"][i] if "poster" in batch else None)
+        start += len(batch["id"])
 
 
 def _line_count(path: Path) -> int:
@@ -152,6 +161,9 @@ def row_inputs(movie: Movie) -> tuple[Optional[str], Any]:
     """(plot or None, decoded poster or None) of a readable row; ValueError with the reason otherwise."""
     if movie.error:
         raise ValueError(movie.error)
+    too_long = plot_too_long(movie.plot)  # a built dataset's rows; a raw source's reader refused them already
+    if too_long:
+        raise ValueError(too_long)
     image = poster_image(movie)
     plot = movie.plot if plot_present(movie.plot) else None
     if plot is None and image is None:
@@ -198,13 +210,15 @@ def _predicted(predictor: Predictor, plots: list, posters: list, titles: list, b
 # ------------------------------------------------------------------------------------------------- outputs
 def output_columns(labels: list[str], by_modality: bool, explain: bool) -> list[str]:
     views = [f"{VIEW_COLUMNS[v]}.{g}" for v in VIEW_COLUMNS for g in labels] if by_modality else []
-    return ["id", "genres", *labels, *views, *(["explanation"] if explain else []), "error"]
+    return ["id", "input_row", "genres", *labels, *views, *(["explanation"] if explain else []), "error"]
 
 
-def output_record(movie_id: str, result: dict, columns: list[str]) -> dict:
-    """One output row: scores rounded to 6 decimals; None where there is nothing (an error, a missing input)."""
+def output_record(movie_id: str, result: dict, columns: list[str], row: str = "") -> dict:
+    """One output row: scores rounded to 6 decimals; None where there is nothing (an error, a missing input).
+    `row` is where the movie is in the input (two rows of one id differ there)."""
     record = dict.fromkeys(columns)
     record["id"] = movie_id
+    record["input_row"] = row
     if "error" in result:
         record["error"] = result["error"]
         return record
@@ -224,11 +238,13 @@ class OutputWriter:
     def __init__(self, path: Path, columns: list[str], resume: bool):
         self.path, self.columns, self.format = path, columns, path.suffix.lower()
         self._parquet = self._tmp = None
+        self.rows = 0  # written by this run
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.format == ".parquet":
             self._open_parquet(resume)
             return
         keep = resume and path.is_file() and path.stat().st_size > 0
+        self.started_empty = not keep  # created or emptied here: a run that writes no row leaves no file
         if keep:
             _drop_partial_line(path)
         self._file = open(path, "a" if keep else "w", newline="" if self.format == ".csv" else None, encoding="utf-8")
@@ -238,10 +254,9 @@ class OutputWriter:
                 self._csv.writeheader()
 
     def _open_parquet(self, resume: bool) -> None:
-        fields = [pa.field("id", pa.string()), pa.field("genres", pa.list_(pa.string()))]
-        fields += [pa.field(c, pa.string() if c in ("explanation", "error") else pa.float64())
-                   for c in self.columns[2:]]
-        self.schema = pa.schema(fields)
+        text = ("id", "input_row", "explanation", "error")
+        self.schema = pa.schema([pa.field(c, pa.list_(pa.string()) if c == "genres" else pa.string() if c in text
+                                          else pa.float64()) for c in self.columns])
         # A parquet file cannot be appended to: the rows already there are copied into a new file, which replaces
         # the old one only when it is complete (an interrupted run leaves the previous output intact).
         self._tmp = self.path.with_name(self.path.name + ".partial")
@@ -256,6 +271,7 @@ class OutputWriter:
             records = [{**r, "explanation": _json_or_none(r["explanation"])} for r in records]
         if self._parquet is not None:
             self._parquet.write_table(pa.Table.from_pylist(records, schema=self.schema))
+            self.rows += len(records)
             return
         for r in records:
             if self.format == ".csv":
@@ -263,6 +279,7 @@ class OutputWriter:
             else:
                 self._file.write(json.dumps(r, ensure_ascii=False) + "\n")
         self._file.flush()  # a run stopped now keeps every batch written so far (what --resume continues)
+        self.rows += len(records)
 
     def close(self) -> None:
         if self._parquet is not None:
@@ -270,6 +287,32 @@ class OutputWriter:
             os.replace(self._tmp, self.path)
         else:
             self._file.close()
+
+    def abandon(self, broken: bool = False) -> None:
+        """Close after a failed or interrupted run: keep every row written (what --resume continues), but leave no
+        output that holds none, which would only make the rerun ask for --overwrite. `broken`: writing failed, so
+        a parquet file being written cannot be trusted and the previous output is kept as it was."""
+        if self._parquet is not None:
+            self._abandon_parquet(broken)
+            return
+        try:
+            self._file.close()
+        except OSError:  # the disk filled: what could be written is there; --resume cuts a half-written last line
+            pass
+        if self.started_empty and self.rows == 0 and self.path.is_file() and not self.path.is_symlink():
+            self.path.unlink()
+
+    def _abandon_parquet(self, broken: bool) -> None:
+        """A parquet output holds the old rows and this run's only once its footer is written: keep it when it can
+        be closed and has new rows, else leave the previous output as it was."""
+        try:
+            self._parquet.close()
+            if self.rows and not broken:
+                os.replace(self._tmp, self.path)
+                return
+        except OSError:
+            pass
+        self._tmp.unlink(missing_ok=True)
 
 
 def _json_or_none(value) -> Optional[str]:
@@ -302,10 +345,10 @@ def _last_line_complete(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-def written_ids(path: Path, columns: list[str]) -> set[str]:
-    """The ids already in an output file (what `--resume` skips); ValueError when its columns differ."""
+def written_ids(path: Path, columns: list[str]) -> Counter:
+    """How many rows of each id an output file holds (what `--resume` skips); ValueError when its columns differ."""
     if not path.is_file() or path.stat().st_size == 0:
-        return set()
+        return Counter()
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         found = pq.ParquetFile(path).schema_arrow.names
@@ -332,28 +375,49 @@ def written_ids(path: Path, columns: list[str]) -> set[str]:
     if found != columns:
         raise OutputMismatch(f"{str(path)!r} was written with other columns (another model, or a different "
                          "--by-modality/--explain); continue it with the same options, or write to a new --out")
-    return {str(i) for i in ids}
+    return Counter(str(i) for i in ids)
 
 
 # ---------------------------------------------------------------------------------------------------- run
+MAX_NAMED_DUPLICATES = 10  # ids a duplicate warning names; it counts the others
+
+
+class OutputWriteError(Exception):
+    """The output could not be written mid-run (e.g. the disk filled); the message says what was kept."""
+
+
 @dataclass
 class RunStats:
     written: int = 0
     errors: int = 0
     skipped: int = 0  # already in the output (--resume)
     seconds: float = 0.0
+    duplicate_ids: int = 0  # ids met on more than one row of the input
+    named_duplicates: list[str] = field(default_factory=list)  # the first MAX_NAMED_DUPLICATES of them
 
     @property
     def per_second(self) -> float:
         return self.written / self.seconds if self.seconds else 0.0
 
 
-def _batches(movies: Iterator[Movie], size: int, done: set[str], stats: RunStats) -> Iterator[list[Movie]]:
-    """The movies not yet in the output (`done`, counted as skipped), in batches of `size`."""
+def _batches(movies: Iterator[Movie], size: int, done: Counter, stats: RunStats) -> Iterator[list[Movie]]:
+    """The movies not yet in the output, in batches of `size`. `done` counts each id's rows already written: an
+    id's first occurrences are the ones written (the input is read in the same order), so they are skipped (and
+    counted) and its later ones predicted. Ids met twice are counted in `stats`."""
+    seen: set[str] = set()
+    repeated: set[str] = set()
 
     def pending() -> Iterator[Movie]:
         for movie in movies:
-            if movie.id in done:
+            if movie.id in seen and movie.id not in repeated:
+                repeated.add(movie.id)
+                stats.duplicate_ids += 1
+                if len(stats.named_duplicates) < MAX_NAMED_DUPLICATES:
+                    stats.named_duplicates.append(movie.id)
+            elif movie.id:  # a row without an id (the reader refused it) repeats nothing
+                seen.add(movie.id)
+            if done[movie.id] > 0:
+                done[movie.id] -= 1
                 stats.skipped += 1
             else:
                 yield movie
@@ -363,28 +427,62 @@ def _batches(movies: Iterator[Movie], size: int, done: set[str], stats: RunStats
 
 def predict_file(predictor: Predictor, source: str, out: Path, batch_size: int = 32, by_modality: bool = False,
                  resume: bool = False, split: str = "test", explain: bool = False, progress: Optional[bool] = None) -> RunStats:
-    """Predict every movie of `source` into `out` (see the module docstring); returns the counts."""
+    """Predict every movie of `source` into `out` (see the module docstring); returns the counts. A failure to
+    write raises `OutputWriteError` saying what was kept; a failed run leaves no output without rows."""
     labels = predictor.labels
     columns = output_columns(labels, by_modality, explain)
-    done = written_ids(out, columns) if resume else set()
+    done = written_ids(out, columns) if resume else Counter()
     movies, total = read_input(source, split)
     stats, start = RunStats(), time.perf_counter()
     writer = OutputWriter(out, columns, resume)
-    bar = tqdm(total=None if total is None else total - len(done), unit="movie", disable=progress is False or None,
-               desc="predict", file=sys.stderr)
+    bar = tqdm(total=None if total is None else total - sum(done.values()), unit="movie",
+               disable=progress is False or None, desc="predict", file=sys.stderr)
     try:
         for batch in _batches(movies, batch_size, done, stats):
             results = predict_rows(predictor, batch, by_modality, explain)
-            records = [output_record(m.id, r, columns) for m, r in zip(batch, results)]
-            writer.write(records)
+            records = [output_record(m.id, r, columns, m.row) for m, r in zip(batch, results)]
+            _write(writer, records)
             stats.written += len(records)
             stats.errors += sum(r["error"] is not None for r in records)
             bar.update(len(records))
+        _close(writer)
+    except OutputWriteError:
+        writer.abandon(broken=True)
+        raise
+    except BaseException:  # also Ctrl-C: the rows written stay for --resume
+        writer.abandon()
+        raise
     finally:
         bar.close()
-        writer.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _write(writer: OutputWriter, records: list[dict]) -> None:
+    try:
+        writer.write(records)
+    except OSError as e:
+        raise _write_failed(writer, e) from e
+
+
+def _close(writer: OutputWriter) -> None:
+    try:
+        writer.close()
+    except OSError as e:
+        raise _write_failed(writer, e) from e
+
+
+def _write_failed(writer: OutputWriter, e: OSError) -> OutputWriteError:
+    reason = e.strerror or f"{type(e).__name__}: {e}"
+    if writer.format == ".parquet":
+        kept = (f"{writer.path} is as it was before this run (a parquet file is replaced only once complete; the "
+                f"unfinished {writer.path.name}.partial is removed)")
+    else:
+        kept = (f"the {writer.rows:,} movies this run wrote before it are kept in {writer.path}" if writer.rows else
+                "no movie of this run was written")
+    return OutputWriteError(f"could not write {str(writer.path)!r} ({reason}): {kept}. Free space (or pick "
+                            "another --out) and rerun the same command with --resume: it skips the movies already "
+                            "written and predicts the rest")
 
 
 def add_arguments(p) -> None:
@@ -418,11 +516,14 @@ def _checked(args) -> Optional[str]:
         return f"--out {args.out!r}: name a .csv, .jsonl or .parquet file (the format follows the extension)"
     if args.batch_size < 1:
         return "--batch-size must be at least 1"
+    if out.is_dir():
+        return f"--out {args.out!r} is a folder; name a file inside it (e.g. {str(out / ('predictions' + out.suffix))!r})"
     if out.exists() and not (args.resume or args.overwrite):
         return f"{args.out!r} exists: pass --resume to continue it, --overwrite to replace it, or another --out"
     if args.resume and args.overwrite:
         return "--resume and --overwrite contradict each other; pick one"
-    return None
+    unwritable = unwritable_file(out)  # now, not after loading the model and predicting every movie
+    return f"--out {args.out!r}: {unwritable}" if unwritable else None
 
 
 def main(args) -> int:
@@ -440,7 +541,7 @@ def main(args) -> int:
         stats = predict_file(Predictor(model, device=device, fast=args.fast), args.input, Path(args.out), args.batch_size,
                              args.by_modality, args.resume, args.split, getattr(args, "explain", False),
                              progress=False if args.no_progress else None)
-    except OutputMismatch as e:
+    except (OutputMismatch, OutputWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -449,8 +550,17 @@ def main(args) -> int:
     print(f"{stats.written:,} movies written to {args.out} ({stats.errors:,} with an error"
           + (f", {stats.skipped:,} already there" if args.resume else "")
           + f") in {stats.seconds:.1f} s: {stats.per_second:,.0f} movies/s")
+    if stats.duplicate_ids:
+        print(duplicates_warning(stats), file=sys.stderr)
     return 0
 
 
-__all__ = ["Movie", "OutputWriter", "RunStats", "add_arguments", "explain_supported", "main", "output_columns",
-           "predict_file", "predict_rows", "read_input", "written_ids"]
+def duplicates_warning(stats: RunStats) -> str:
+    named = ", ".join(map(repr, stats.named_duplicates))
+    more = f" and {stats.duplicate_ids - len(stats.named_duplicates):,} more" if stats.duplicate_ids > len(stats.named_duplicates) else ""
+    return (f"warning: {stats.duplicate_ids:,} id(s) occur on more than one row of the input ({named}{more}); each "
+            "row is predicted on its own, and the column input_row says which input row each output row is")
+
+
+__all__ = ["Movie", "OutputWriteError", "OutputWriter", "RunStats", "add_arguments", "duplicates_warning",
+           "explain_supported", "main", "output_columns", "predict_file", "predict_rows", "read_input", "written_ids"]
