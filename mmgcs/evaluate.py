@@ -6,11 +6,13 @@ set can be scored without building it first. Genres are matched to the model's l
 does not know and every row that cannot be scored are reported by id, never dropped silently.
 
 The report (printed, and written whole with ``--out FILE``) holds: ``counts`` (rows == scored + skipped),
-``skipped`` and ``bad_posters`` (by id, with the reason), ``unknown_genres``, ``rows_without_model_genre``,
+``skipped`` and ``bad_posters`` (by id, with the reason: also a line too long or nested too deeply to read and a
+plot over the 10,000-character cap, ``mmgcs.data.records.MAX_PLOT_CHARS``), ``unknown_genres``,
+``rows_without_model_genre``, ``duplicate_ids`` (ids scored on more than one row),
 ``metrics`` (:func:`mmgcs.metrics.compute_metrics` at the bundle's thresholds), ``intervals`` (bootstrap 95%),
 ``by_input`` (fused vs plot-only vs poster-only on the movies that have both) and, when the bundle has tuned
 per-genre thresholds, ``metrics_at_global_threshold`` for comparison. ``--predictions FILE`` adds one JSON line
-per movie.
+per movie. Both files are checked writable before the model loads.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from tqdm.auto import tqdm
 from mmgcs.data import load_movies
 from mmgcs.data.genres import canonical_genre, genre_key, parse_renames
 from mmgcs.data.images import InvalidImageError, load_image
-from mmgcs.data.records import BuildReport
+from mmgcs.data.outfiles import unwritable_file
+from mmgcs.data.records import BuildReport, plot_too_long
 from mmgcs.data.sources import FORMATS, detect_format, get_format, source_name
 from mmgcs.inference import Predictor
 from mmgcs.metrics import bootstrap_intervals, compute_metrics, decide, decision_thresholds, resolve_thresholds
@@ -66,6 +69,9 @@ class EvalData:
     skipped: list[dict] = field(default_factory=list)  # rows the reader could not read
     notes: Counter = field(default_factory=Counter)
 
+
+# Duplicate ids the report names (it counts them all).
+MAX_NAMED_DUPLICATES = 10
 
 # The same genre under the TMDb and IMDb vocabularies, so a model trained on one scores on the other.
 # Applied only when the data's name is not itself a model label, and reported.
@@ -168,7 +174,8 @@ def read_source(path: str, fmt: Optional[str] = None, split: Optional[str] = Non
         nonlocal seen
         for event in report.events[seen:]:
             if event["action"] == "dropped":
-                data.skipped.append({"id": event["id"], "reason": event["reason"], "detail": event["detail"]})
+                where = {"where": event["where"]} if event.get("where") else {}
+                data.skipped.append({"id": event["id"], "reason": event["reason"], "detail": event["detail"], **where})
         seen = len(report.events)
 
     def rows() -> Iterator[EvalRow]:
@@ -321,6 +328,10 @@ def _row_inputs(row: EvalRow, target: np.ndarray, plan: _Plan, data: EvalData, t
         # A single-label model has no right answer for it (training drops such rows too).
         tally.skipped.append({"id": row.id, "reason": "no genre known to the model", "detail": f"genres: {row.genres}"})
         return None
+    too_long = plot_too_long(row.plot) if plan.use_text else None  # a built dataset's row (a source's reader refuses it)
+    if too_long:
+        tally.skipped.append({"id": row.id, "reason": "plot_too_long", "detail": too_long})
+        return None
     plot = row.plot if plan.use_text and plot_present(row.plot) else None
     image = None
     if plan.use_image and _has_poster(row.poster):
@@ -366,7 +377,40 @@ def _score_chunk(model, chunk: list, plan: _Plan, data: EvalData, mapper: GenreM
         tally.targets.append(target)
         tally.ids.append(row.id)
         if pred_file:
-            pred_file.write(json.dumps(_prediction_record(row, p, target, plan)) + "\n")
+            pred_file.write(_prediction_record(row, p, target, plan))
+
+
+class PredictionsWriteError(Exception):
+    """--predictions could not be written (e.g. the disk filled); the message says so and what to do."""
+
+
+class PredictionLines:
+    """The --predictions file, one JSON line per scored movie; a failed write raises `PredictionsWriteError`."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.lines = Path(path), 0
+        try:
+            self.file = open(self.path, "w", encoding="utf-8")
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def write(self, record: dict) -> None:
+        try:
+            self.file.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise self._failed(e) from None
+        self.lines += 1
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def _failed(self, e: OSError) -> PredictionsWriteError:
+        return PredictionsWriteError(
+            f"Could not write --predictions {str(self.path)!r} ({e.strerror or e}) after {self.lines:,} lines; it "
+            "is incomplete. Free space (or pick another --predictions) and run the evaluation again.")
 
 
 def evaluate(
@@ -388,7 +432,7 @@ def evaluate(
     tally = _Tally()
     rows = itertools.islice(iter(data.rows), limit) if limit else iter(data.rows)
     bar = tqdm(desc="scoring", unit="movie", file=sys.stderr) if progress else None
-    pred_file = open(predictions_path, "w", encoding="utf-8") if predictions_path else None
+    pred_file = PredictionLines(predictions_path) if predictions_path else None
     try:
         for chunk in batched(rows, batch_size):
             _score_chunk(model, chunk, plan, data, mapper, tally, pred_file)
@@ -413,6 +457,9 @@ def _base_report(plan: _Plan, data: EvalData, mapper: GenreMapper, tally: _Tally
     counts["skipped"] = len(skipped)
     counts["bad_posters"] = len(tally.bad_posters)
     counts["without_model_genre"] = len(tally.without_model_genre)
+    repeated = [i for i, n in Counter(tally.ids).items() if n > 1]
+    if repeated:
+        counts["duplicate_ids"] = len(repeated)
     counts.update(data.notes)
     labels = plan.labels
     return {
@@ -429,6 +476,8 @@ def _base_report(plan: _Plan, data: EvalData, mapper: GenreMapper, tally: _Tally
         "bad_posters": tally.bad_posters,
         # Scored as all-negative rows: the right answer for them is "none of the model's genres".
         "rows_without_model_genre": tally.without_model_genre,
+        # Ids scored on more than one row (each row counts as a movie of its own), the first MAX_NAMED_DUPLICATES.
+        "duplicate_ids": repeated[:MAX_NAMED_DUPLICATES],
         "metrics": None,
     }
 
@@ -523,6 +572,10 @@ def _summary(result: dict) -> str:
     if result["unknown_genres"]:
         shown = ", ".join(f"{g} ({n})" for g, n in result["unknown_genres"].items())
         lines.append(f"data genres the model does not know (ignored; map with --rename-genre): {shown}")
+    if c.get("duplicate_ids"):
+        named = ", ".join(map(repr, result["duplicate_ids"]))
+        lines.append(f"ids scored on more than one row (each row counts as a movie): {c['duplicate_ids']} ({named}"
+                     + (", …)" if c["duplicate_ids"] > len(result["duplicate_ids"]) else ")"))
     if result["rows_without_model_genre"]:
         lines.append(f"movies with none of the model's genres (scored as all-negative): {len(result['rows_without_model_genre'])}")
     if result["skipped"]:
@@ -572,9 +625,28 @@ def _print_metrics(result: dict) -> None:
                   + ("–" if mm["mAP"] is None else f"{mm['mAP']:.3f}"))
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--out and --predictions writable, checked before any work (SystemExit naming the reason)."""
+    for option, value in (("--out", args.out), ("--predictions", args.predictions)):
+        problem = unwritable_file(Path(value)) if value else None
+        if problem:
+            raise SystemExit(f"{option} {value!r}: {problem}")
+
+
+def _write_report(result: dict, out: str) -> None:
+    try:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    except OSError as e:
+        raise SystemExit(f"Could not write the report to --out {out!r} ({e.strerror or e}); the summary above is "
+                         "complete. Free space (or pick another --out) and run the evaluation again.") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     renames = _checked_renames(args)
+    _check_outputs(args)
     try:
         # The data first: a wrong path fails in a second instead of after loading the model.
         data = read_data(args.data, args.split, args.format)
@@ -590,6 +662,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         ))
     except (FileNotFoundError, ValueError) as e:  # bad options or data, each message naming the remedy
         raise SystemExit(str(e)) from e
+    except PredictionsWriteError as e:
+        raise SystemExit(str(e)) from None
     result["split"] = data.split  # known once the rows are read (a raw source's official split)
     print(_summary(result))
     if result["metrics"] is not None:
@@ -597,9 +671,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         print("No movie could be scored: see the skipped rows (reasons above).")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+        _write_report(result, args.out)
     return result
 
 
