@@ -194,3 +194,35 @@ def test_a_huge_jpeg_is_decoded_at_a_reduced_scale_and_a_poster_exactly():
     poster = load_image(poster_bytes)
     assert poster.size == (500, 750)
     assert np.array_equal(np.asarray(poster), np.asarray(Image.open(io.BytesIO(poster_bytes)).convert("RGB")))
+
+
+def test_a_ycbcr_tiff_is_named_unsupported_not_truncated():
+    buf = io.BytesIO()
+    PIL.Image.open(io.BytesIO(image_bytes("PNG"))).convert("YCbCr").save(buf, format="TIFF")  # uncompressed YCbCr
+    data = buf.getvalue()
+    with pytest.raises(InvalidImageError) as raised:
+        load_image(data)
+    message = str(raised.value)
+    assert "unsupported image: a YCbCr TIFF, uncompressed" in message and "not truncated" in message
+    assert "Re-save it as an RGB JPEG or PNG" in message
+    with pytest.raises(InvalidImageError, match="truncated"):  # cut short, it is truncated after all
+        load_image(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("chunk", ["zTXt", "iCCP"])
+def test_a_png_with_an_oversized_metadata_chunk_names_it(chunk):
+    import PIL.PngImagePlugin
+
+    img, buf = PIL.Image.open(io.BytesIO(image_bytes("PNG"))), io.BytesIO()
+    big = 2 * PIL.PngImagePlugin.MAX_TEXT_CHUNK  # compresses to a few KB, decompresses over PIL's limit
+    if chunk == "zTXt":
+        info = PIL.PngImagePlugin.PngInfo()
+        info.add_text("comment", "a" * big, zip=True)
+        img.save(buf, format="PNG", pnginfo=info)
+    else:
+        img.save(buf, format="PNG", icc_profile=b"\0" * big)
+    with pytest.raises(InvalidImageError) as raised:
+        load_image(buf.getvalue())
+    message = str(raised.value)
+    assert "metadata (an iCCP colour profile or a zTXt/iTXt text chunk) is over the decoder's safety limit" in message
+    assert "corrupt" not in message and "Re-save it without its metadata" in message

@@ -1,8 +1,8 @@
 """One safe way to turn a poster (path, bytes, PIL image, array or datasets Image dict) into an RGB image.
 
 Every stream goes through `load_image`: the dataset builder, the model's `preprocess`, the Space. It refuses
-decompression bombs and corrupt or truncated files with `InvalidImageError`, whose message names the problem
-and the remedy, and it normalizes every colour mode (CMYK, RGBA, LA, P, L, I;16, animated frames) to RGB.
+decompression bombs, corrupt or truncated files, TIFF encodings the decoder cannot read and PNG metadata over
+PIL's limits with `InvalidImageError`, whose message names the problem (each apart) and the remedy, and it normalizes every colour mode (CMYK, RGBA, LA, P, L, I;16, animated frames) to RGB.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageFile
 import PIL.ImageOps
+import PIL.PngImagePlugin
 
 # 40 megapixels: a 6,000 x 6,600 scan still loads, while a 20,000 x 20,000 "poster" (400 MP, 1.2 GB decoded)
 # is refused before any pixel is decoded. Real posters are far smaller (TMDb w500 is 500 x 750).
@@ -190,6 +191,8 @@ def _open_bytes(data: bytes, max_pixels: int, name: str, draft: bool = False) ->
             f"{name}: not a recognised image{hint} ({len(data):,} bytes). Provide a JPEG, PNG, WebP or GIF file."
         ) from None
     except Exception as e:  # PIL raises assorted errors on garbage headers
+        if _METADATA_TOO_LARGE in str(e):
+            raise _metadata_too_large(name) from None
         reason = "truncated" if "truncat" in str(e).lower() else "corrupt (unreadable header)"
         raise InvalidImageError(
             f"{name}: the image data is {reason} ({type(e).__name__}). Re-download or re-export the file."
@@ -198,7 +201,7 @@ def _open_bytes(data: bytes, max_pixels: int, name: str, draft: bool = False) ->
     if draft and img.format == "JPEG" and min(img.size) >= 2 * DRAFT_MIN_SIDE:
         scale = min(img.size) // DRAFT_MIN_SIDE  # draft keeps at least the requested size
         img.draft(img.mode, (img.width // scale, img.height // scale))
-    return _ensure_loaded(img, name)
+    return _ensure_loaded(img, name, len(data))
 
 
 def image_size(data: bytes, name: str = "The poster") -> tuple[int, int]:
@@ -215,8 +218,9 @@ def image_size(data: bytes, name: str = "The poster") -> tuple[int, int]:
         return _open_bytes(data, MAX_IMAGE_PIXELS, name).size
 
 
-def _ensure_loaded(img: PIL.Image.Image, name: str) -> PIL.Image.Image:
-    """Decode every pixel now, so truncated or corrupt data fails here and not deep inside a DataLoader."""
+def _ensure_loaded(img: PIL.Image.Image, name: str, size: int | None = None) -> PIL.Image.Image:
+    """Decode every pixel now, so truncated or corrupt data fails here and not deep inside a DataLoader. `size`:
+    the encoded bytes' length, which tells a complete TIFF the decoder cannot read from a truncated one."""
     try:
         with _strict_truncation():
             img.load()
@@ -225,11 +229,58 @@ def _ensure_loaded(img: PIL.Image.Image, name: str) -> PIL.Image.Image:
     except PIL.Image.DecompressionBombError as e:
         raise InvalidImageError(f"{name}: refused as a possible decompression bomb ({e}). Resize the image.") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if _METADATA_TOO_LARGE in str(e):  # a text chunk after the pixels, read at the end of the decode
+            raise _metadata_too_large(name) from None
+        unsupported = _unsupported_tiff(img, size)
+        if unsupported:
+            raise InvalidImageError(
+                f"{name}: unsupported image: {unsupported}, which the image decoder cannot read (the file is "
+                "complete, not truncated). Re-save it as an RGB JPEG or PNG."
+            ) from None
         reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
         raise InvalidImageError(
             f"{name}: the image data is {reason} ({type(e).__name__}). Re-download or re-export the file."
         ) from None
     return img
+
+
+# What PIL's PNG reader says of a text or colour-profile chunk over its decompression limits (MAX_TEXT_CHUNK, a
+# single chunk; MAX_TEXT_MEMORY, all of them).
+_METADATA_TOO_LARGE = "MAX_TEXT_"
+
+# TIFF tag numbers and the names of their values, for naming what a TIFF uses.
+_TIFF_PHOTOMETRIC, _TIFF_COMPRESSION = 262, 259
+_TIFF_DATA = ((273, 279), (324, 325))  # (StripOffsets, StripByteCounts), (TileOffsets, TileByteCounts)
+_TIFF_COLOURS = {0: "grayscale", 1: "grayscale", 2: "RGB", 3: "palette", 4: "mask", 5: "CMYK", 6: "YCbCr",
+                 8: "CIELab", 9: "ICCLab", 10: "ITULab", 32844: "LogL", 32845: "LogLuv"}
+_TIFF_COMPRESSIONS = {1: "uncompressed", 5: "LZW-compressed", 6: "old-style-JPEG-compressed", 7: "JPEG-compressed",
+                      8: "Deflate-compressed", 32773: "PackBits-compressed", 32946: "Deflate-compressed"}
+
+
+def _metadata_too_large(name: str) -> InvalidImageError:
+    return InvalidImageError(
+        f"{name}: the image's metadata (an iCCP colour profile or a zTXt/iTXt text chunk) is over the decoder's "
+        f"safety limit ({PIL.PngImagePlugin.MAX_TEXT_CHUNK // 2**20} MB a chunk, "
+        f"{PIL.PngImagePlugin.MAX_TEXT_MEMORY // 2**20} MB in all), so the image is refused unread. Re-save it "
+        "without its metadata, e.g. as an RGB JPEG or PNG."
+    )
+
+
+def _unsupported_tiff(img: PIL.Image.Image, size: int | None) -> str | None:
+    """What a TIFF that failed to decode uses ("a YCbCr TIFF, uncompressed"), when its header places all its
+    pixel data inside the `size` bytes there are: then the failure is the decoder's, not a truncated file."""
+    tags = getattr(img, "tag_v2", None)
+    if img.format != "TIFF" or tags is None or size is None:
+        return None
+    for offsets_tag, counts_tag in _TIFF_DATA:
+        offsets, counts = tags.get(offsets_tag), tags.get(counts_tag)
+        if offsets and counts:
+            if max(o + c for o, c in zip(offsets, counts)) > size:
+                return None  # the data runs past the end: truncated after all
+            photometric, compression = tags.get(_TIFF_PHOTOMETRIC), tags.get(_TIFF_COMPRESSION, 1)
+            colour = _TIFF_COLOURS.get(photometric, f"photometric-{photometric}")
+            return f"a {colour} TIFF, {_TIFF_COMPRESSIONS.get(compression, f'compression {compression}')}"
+    return None
 
 
 _strict_lock = threading.Lock()
