@@ -310,3 +310,26 @@ def test_predict_reads_the_real_tmdb_source_format(bundle, shared_data, tmp_path
     assert [r["id"] for r in rows] == [str(json.loads(line)["id"]) for line in lines]
     assert all(r["error"] == "" and all(r[g] != "" for g in GENRES) for r in rows)
     assert sum(r["poster_only.Action"] != "" for r in rows) == sum('"poster_file"' in line for line in lines) > 0
+
+
+def test_one_deeply_nested_line_stops_none_of_predict_build_and_evaluate(bundle, tmp_path):
+    """Issue 18's reproduction through the command: a JSONL line nested 100,000 deep among good rows."""
+    source = tmp_path / "src"
+    source.mkdir()
+    rows = [json.dumps({"id": i, "title": f"M{i}", "plot": f"a detective and a ghost, movie {i}",
+                        "genres": [GENRES[i % len(GENRES)]]}) for i in range(30)]
+    rows.insert(1, '{"id": 999, "plot": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    (source / "movies.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "p.csv"
+    run = mmgcs("predict", "--model", bundle, "--input", source, "--out", out)  # the default batch of 32
+    assert run.returncode == 0, run.stderr
+    predicted = read_csv(out)
+    assert len(predicted) == 31 and sum(bool(r["error"]) for r in predicted) == 1
+    assert predicted[1]["id"] == "999" and "nests too deeply" in predicted[1]["error"]
+    built = mmgcs("data", "build", "--source", source, "--out", tmp_path / "ds", "--min-genre-count", "1",
+                  "--no-progress")
+    assert built.returncode == 0 and "Traceback" not in built.stderr, built.stderr
+    assert "malformed_line 1" in built.stdout and "30 movies kept of 31 read" in built.stdout
+    scored = mmgcs("evaluate", "--model", bundle, "--data", source, "--bootstrap", "0")
+    assert scored.returncode == 0 and "Traceback" not in scored.stderr, scored.stderr
+    assert "scored: 30, skipped: 1" in scored.stdout
