@@ -86,8 +86,8 @@ class EpochPermutation(torch.utils.data.Sampler):
 class LengthGroupedBatches(torch.utils.data.Sampler):
     """Training batches of rows of similar length (the Hugging Face Trainer's group_by_length): the epoch's random
     order is cut into groups of `GROUP_BATCHES` batches, each group sorted by length and cut into batches, and the
-    batches are shuffled. A batch then pads little (plots of 5 to 128 tokens, 65 on average). `sampler` is the
-    epoch's order (accelerate calls its set_epoch)."""
+    full batches are shuffled (the short one stays last). A batch then pads little (plots of 5 to 128 tokens, 65 on
+    average). `sampler` is the epoch's order (accelerate calls its set_epoch)."""
 
     GROUP_BATCHES = 50
 
@@ -103,8 +103,10 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
             rows = order[start : start + group]
             rows = rows[torch.argsort(self.lengths[rows], descending=True, stable=True)]
             batches.extend(rows[b : b + self.batch_size].tolist() for b in range(0, len(rows), self.batch_size))
-        shuffle = torch.randperm(len(batches), generator=self.sampler.generator()).tolist()
-        return iter([batches[i] for i in shuffle])
+        # The one short batch stays last, where accelerate's sharding of batches across processes expects it.
+        full = [b for b in batches if len(b) == self.batch_size]
+        shuffle = torch.randperm(len(full), generator=self.sampler.generator()).tolist()
+        return iter([full[i] for i in shuffle] + [b for b in batches if len(b) < self.batch_size])
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
