@@ -12,6 +12,8 @@ import argparse
 import logging
 import math
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,7 +26,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from mmgcs import calibrate, loaders, runs, runtime
+from mmgcs import calibrate, interrupts, loaders, runs, runtime
 from mmgcs.calibrate import LEXICAL_WEIGHTS  # noqa: F401  (importable from here, as before)
 from mmgcs.config import ConfigError, RunConfig, load_config, validate_config
 from mmgcs.hub import PushError  # one class for model and dataset uploads
@@ -62,20 +64,45 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str | Path] = None) -> dict:
-    """Entry point of the training scripts. Returns the run's metrics (see ``run``)."""
+    """Entry point of the training scripts. Returns the run's metrics (see ``run``). Ctrl-C or SIGTERM ends it with
+    one line naming the last checkpoint and the command that resumes (exit code 130 / 143)."""
     runtime.configure_cpu_policy()  # in time only when torch is not loaded yet; the workers get it either way
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     runtime.setup_logging()
     overrides = [*args.overrides, *(["train.resume=true"] if args.resume else []),
                  *([f"train.push_to_hub={args.push_to_hub}"] if args.push_to_hub else [])]
-    try:
-        return run(load_config(([default_config] if default_config else []) + list(args.config), overrides,
-                               fast=args.fast))
-    except (ConfigError, TrainingError) as e:
-        parser.exit(2, f"error: {e}\n")
-    except PushError as e:
-        parser.exit(1, f"error: {e}\n")
+    # Read now: a launcher stopped by the same signal may be gone by the time the line is printed.
+    resume = interrupts.rerun_command("--resume", argv)
+    with interrupts.stop_on_signals():
+        try:
+            return run(load_config(([default_config] if default_config else []) + list(args.config), overrides,
+                                   fast=args.fast))
+        except (ConfigError, TrainingError) as e:
+            parser.exit(2, f"error: {e}\n")
+        except PushError as e:
+            parser.exit(1, f"error: {e}\n")
+        except KeyboardInterrupt as e:
+            stopped = e if isinstance(e, TrainingInterrupted) else TrainingInterrupted(
+                getattr(e, "signum", signal.SIGINT), "interrupted before training started", _main_rank())
+            if stopped.is_main:  # the other processes of a launch stop quietly
+                print(f"{stopped.where}; rerun with --resume: {resume}", file=sys.stderr, flush=True)
+            sys.exit(stopped.exit_code)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM; ``where``: how far it got ("interrupted during epoch 3; the last
+    checkpoint is epoch 2"); ``exit_code``: 128 + the signal's number."""
+
+    def __init__(self, signum: int, where: str, is_main: bool):
+        super().__init__(where)
+        self.signum, self.where, self.is_main = int(signum), where, is_main
+        self.exit_code = 128 + self.signum
+
+
+def _main_rank() -> bool:
+    """Whether this is the main process of a launch, read from the launcher's environment (no accelerator needed)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)) or 0) == 0
 
 
 # ------------------------------------------------------------------------------------------- accelerator
@@ -127,6 +154,8 @@ def run(cfg: RunConfig) -> dict:
     trainer = Trainer(cfg)
     try:
         return trainer.fit()
+    except KeyboardInterrupt as e:
+        raise TrainingInterrupted(getattr(e, "signum", signal.SIGINT), trainer.progress(), trainer.is_main) from None
     finally:
         trainer.close()
 
@@ -147,6 +176,7 @@ class Trainer:
         _set_threads(runtime.launched_threads(acc.device.type, acc.num_processes, self._caller_threads))
         self.threads, self.is_main = torch.get_num_threads(), acc.is_main_process
         self.state, self.start_epoch, self.loader_kind = runs.LoopState(), 0, "raw"
+        self.epoch_running, self.finishing = None, False  # how far the run got (``progress``)
         self.metric_mode = "min" if self.tcfg.metric_for_best == "loss" else "max"
         self.data = self.loaders = self.model = self.optimizer = self.schedule = self.threshold = self._resume_from = None
 
@@ -192,8 +222,8 @@ class Trainer:
         # runs under its own RNG). A resumed run then restores the checkpoint's RNG states.
         set_seed(self.tcfg.seed)
         self._resume()  # nothing to do without --resume: no checkpoint was picked
-        if self.is_main:
-            runs.start_run_folder(self.out, self.cfg)
+        runs.collective(self.accelerator, lambda: runs.start_run_folder(self.out, self.cfg) if self.is_main else None,
+                        runs.save_failed("the run's settings (config.yaml)", self.out))
         if self.accelerator.log_with:
             self.accelerator.init_trackers(self.out.name or "mmgcs", config=tracker_config(self.cfg))
             self._trackers_started = True
@@ -205,6 +235,7 @@ class Trainer:
     def _run_epoch(self, epoch: int) -> bool:
         """Train and validate one epoch, keep the best model and a checkpoint; True when the run should stop."""
         acc, tcfg, state, t_epoch = self.accelerator, self.tcfg, self.state, time.time()
+        self.epoch_running = epoch + 1
         apply_stage(acc.unwrap_model(self.model), tcfg, epoch)
         prepared = self._loaders_for(epoch)
         train_loss, _ = self._train_epoch(prepared["train"], epoch)
@@ -237,31 +268,31 @@ class Trainer:
         self.model.train()
         loader.set_epoch(epoch)
         total, count, steps = torch.zeros((), device=acc.device), 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", disable=not acc.is_local_main_process,
-                   dynamic_ncols=True, leave=False)
-        for batch in bar:
-            batch = self.loaders.take(batch)
-            with acc.accumulate(self.model):
-                loss = self.model(**batch)["loss"]
-                acc.backward(loss)
-                if acc.sync_gradients and tcfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), tcfg.max_grad_norm)
-                self.optimizer.step()
-                if acc.sync_gradients and self.schedule.interval == "step" and not acc.optimizer_step_was_skipped:
-                    self.schedule.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            total += loss.detach().float()
-            count += 1
-            if acc.sync_gradients:
-                state.global_step += 1
-                steps += 1
-                if state.global_step % tcfg.log_every == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                    if self._trackers_started:
-                        acc.log({"train/loss": loss.item(), **{f"train/{k}": v for k, v in self._lrs().items()}},
-                                step=state.global_step)
-                if tcfg.max_steps and state.global_step >= tcfg.max_steps:
-                    break
+        with tqdm(loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", disable=not acc.is_local_main_process,
+                  dynamic_ncols=True, leave=False) as bar:  # closed, its line cleared, when Ctrl-C stops the loop
+            for batch in bar:
+                batch = self.loaders.take(batch)
+                with acc.accumulate(self.model):
+                    loss = self.model(**batch)["loss"]
+                    acc.backward(loss)
+                    if acc.sync_gradients and tcfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.model.parameters(), tcfg.max_grad_norm)
+                    self.optimizer.step()
+                    if acc.sync_gradients and self.schedule.interval == "step" and not acc.optimizer_step_was_skipped:
+                        self.schedule.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                total += loss.detach().float()
+                count += 1
+                if acc.sync_gradients:
+                    state.global_step += 1
+                    steps += 1
+                    if state.global_step % tcfg.log_every == 0:
+                        bar.set_postfix(loss=f"{loss.item():.4f}")
+                        if self._trackers_started:
+                            acc.log({"train/loss": loss.item(), **{f"train/{k}": v for k, v in self._lrs().items()}},
+                                    step=state.global_step)
+                    if tcfg.max_steps and state.global_step >= tcfg.max_steps:
+                        break
         return float(acc.reduce(total / max(count, 1), reduction="mean").item()), steps
 
     def _lrs(self) -> dict:
@@ -328,6 +359,7 @@ class Trainer:
 
     def _finish(self, train_time: float) -> dict:
         acc, state, data = self.accelerator, self.state, self.data
+        self.finishing = True
         acc.wait_for_everyone()
         runs.load_bundle_weights(acc.unwrap_model(self.model), self.out / BUNDLE)
         # The inputs of the last epoch run: its cached towers were frozen up to then, so their features hold for
@@ -360,6 +392,20 @@ class Trainer:
         test = self.data.splits["test"]
         save_finished_run(self.out, BUNDLE, self.accelerator.unwrap_model(self.model), self.cfg.data.path, metrics,
                           self.state.history, test_pred, hidden, test["id"] if "id" in test.column_names else None)
+
+    def progress(self) -> str:
+        """How far the run got, for the line an interrupted run ends with: the epoch it was in and the last
+        checkpoint on disk (what --resume continues from)."""
+        last = runs.latest_checkpoint(self.out)
+        saved = runs.checkpoint_epoch(last) if last is not None else None
+        since = f"the last checkpoint is epoch {saved}" if saved else "no checkpoint yet"
+        if self.finishing:
+            return f"interrupted after epoch {len(self.state.history)}, the last, during the final evaluation"
+        if self.epoch_running is None:
+            return f"interrupted before epoch {(saved or 0) + 1} started; {since}"
+        if saved == self.epoch_running:
+            return f"interrupted after epoch {saved}"
+        return f"interrupted during epoch {self.epoch_running}; {since}"
 
     def close(self) -> None:
         try:

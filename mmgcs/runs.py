@@ -40,8 +40,10 @@ import torch
 import yaml
 from accelerate.utils import broadcast_object_list, gather_object
 from accelerate.utils import load as load_pickled_state  # how accelerate restores RNG states (weights_only=True)
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from mmgcs import interrupts
 from mmgcs.config import RunConfig, config_to_dict, save_config
 from mmgcs.hub import PushError
 from mmgcs.hub.push import push_bundle
@@ -83,11 +85,15 @@ def _remove_file(path: Path) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write-then-rename with fsync: the file is either the old one or the complete new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_file(tmp)  # a full disk leaves no partial file behind
+        raise
 
 
 def _json_default(o: Any) -> Any:
@@ -250,25 +256,65 @@ def _gather(accelerator, value) -> list:
 def collective(accelerator, fn: Callable[[], T], failed: Optional[Callable[[OSError], str]] = None) -> T:
     """Run ``fn`` on every process (it checks ``is_main_process`` itself when only the main one writes), then
     raise one ``TrainingError`` on every process if it failed on any: a process that failed alone would leave
-    the others waiting forever at the next barrier. ``failed`` turns an OSError into the message."""
+    the others waiting forever at the next barrier. ``failed`` turns a failed write (``write_failure``) into the
+    message. A signal arriving meanwhile stops the run only once the step is done (``interrupts.saving``)."""
     error, value = None, None
-    try:
-        value = fn()
-    except TrainingError as e:
-        error = str(e)
-    except OSError as e:
-        error = failed(e) if failed else str(e)
-    errors = [e for e in _gather(accelerator, error) if e]
+    with interrupts.saving():
+        try:
+            value = fn()
+        except TrainingError as e:
+            error = str(e)
+        except Exception as e:  # noqa: BLE001 — only write failures are turned into a message; the rest re-raised
+            write_error = write_failure(e)
+            if write_error is None:
+                raise
+            error = failed(write_error) if failed else str(write_error)
+        errors = [e for e in _gather(accelerator, error) if e]
     if errors:
         raise TrainingError(errors[0])
     return value
+
+
+# What each writer raises when a write fails, seen on a full tmpfs: OSError from Python's files and matplotlib;
+# SafetensorError "Error while serializing: I/O error: No space left on device (os error 28)" from safetensors
+# (bundles, accelerate's model file); RuntimeError "[enforce fail at inline_container.cc:672] . unexpected pos 60800
+# vs 60688" or "basic_ios::clear: iostream error" from torch.save (accelerate's optimizer, scheduler, RNG files).
+_OS_ERROR_CODE = re.compile(r"(?:os error|code:)\s*(\d+)")
+_TORCH_WRITE_FAILED = ("inline_container.cc", "PytorchStreamWriter", "iostream error", "file write failed")
+_UNKNOWN_WRITE_ERROR = -1  # errno of a failed torch write: torch does not say why
+
+
+def write_failure(e: BaseException) -> Optional[OSError]:
+    """``e`` as an OSError when it is a failed write (errno from the message where the writer gives one), else None."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, SafetensorError):
+        code = _OS_ERROR_CODE.search(str(e))
+        if code:
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+        return OSError(errno.EIO, f"SafetensorError: {str(e)[:200]}")
+    if isinstance(e, RuntimeError) and any(sign in str(e) for sign in _TORCH_WRITE_FAILED):
+        return OSError(_UNKNOWN_WRITE_ERROR, f"the write failed ({str(e).splitlines()[0][:200]})")
+    return None
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Less than 1 MiB left for this user where ``folder`` (or its nearest existing parent) lives."""
+    for path in (Path(folder), *Path(folder).parents):
+        if path.exists():
+            try:
+                return shutil.disk_usage(path).free < (1 << 20)
+            except OSError:
+                return False
+    return False
 
 
 def save_failed(what: str, folder: Path) -> Callable[[OSError], str]:
     """The message of a write that failed while saving ``what`` into ``folder`` (full disk, read-only)."""
 
     def message(e: OSError) -> str:
-        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        full = e.errno == errno.ENOSPC or (e.errno == _UNKNOWN_WRITE_ERROR and _nearly_full(folder))
+        why = "the disk is full" if full else (e.strerror or type(e).__name__)
         return (f"Could not save {what} in {folder}: {why}. Free some space (or fix the folder's permissions) and "
                 "run again with --resume: the last checkpoint and the best model saved so far are kept")
 
@@ -573,6 +619,11 @@ def check_resumed_config(output_dir: Path, cfg: RunConfig) -> None:
         logger.warning("Resuming with changed training settings: %s", ", ".join(changed))
 
 
+def checkpoint_epoch(folder: Path) -> int:
+    """The epoch a checkpoint folder (``epoch_NNN``) was saved after."""
+    return int(_CHECKPOINT_NAME.match(Path(folder).name).group(1))
+
+
 def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
     """The newest complete checkpoint of ``output_dir`` (a folder is renamed into place only once fully written)."""
     found = [p for p in checkpoint_dirs(Path(output_dir) / "checkpoints") if (p / STATE_FILE).is_file()]
@@ -603,9 +654,15 @@ def save_checkpoint(accelerator, root: Path, epoch: int, state: dict, keep: set,
             if old.name not in keep | {final.name}:
                 shutil.rmtree(old, ignore_errors=True)
 
-    collective(accelerator, start, failed)
-    collective(accelerator, lambda: _save_state(accelerator, tmp), failed)
-    collective(accelerator, lambda: publish() if main else None, failed)
+    with interrupts.saving():  # the three steps are one save: a signal waits for all of them
+        try:
+            collective(accelerator, start, failed)
+            collective(accelerator, lambda: _save_state(accelerator, tmp), failed)
+            collective(accelerator, lambda: publish() if main else None, failed)
+        except TrainingError:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed checkpoint gives its space back at once
+            raise
 
 
 # ------------------------------------------------------------------------- checkpoints without frozen towers
