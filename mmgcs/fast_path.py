@@ -14,6 +14,8 @@ eager tower runs and the server log gets one line saying why: a missing backend 
 The encoder is a snapshot of the tower's weights when it is built: use a FastPath only over a frozen model
 (serving, evaluation), never one that is still being trained.
 
+ONNX Runtime's telemetry stays off: it is loaded only through `import_onnxruntime` (issue 18).
+
 Measured and not kept (benchmarks/bench_predict.py, issue 12): torch.compile of the text tower (31 s to build,
 no faster at batch 1), TorchScript freezing of it (~5 %). Tokenization already pads a batch to its longest plot.
 """
@@ -133,8 +135,7 @@ class OnnxTextEncoder:
     kind = "onnxruntime"
 
     def __init__(self, tower, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        import onnxruntime  # the optional extra mmgcs[fast]; without it the eager tower serves
-
+        onnxruntime = import_onnxruntime()
         options = onnxruntime.SessionOptions()
         # As many threads as torch uses here; one pool (inter-op parallelism only helps branchy graphs).
         options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
@@ -168,6 +169,23 @@ class OnnxTextTower(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_ids, attention_mask)
+
+
+def import_onnxruntime():
+    """onnxruntime (the optional extra mmgcs[fast]; ImportError without it) with its telemetry off.
+
+    Since 1.32, ONNX Runtime records a telemetry event (a device id, the interpreter's path, the OS) in
+    ~/.cache/Microsoft/DeveloperTools/.onnxruntime/onnxruntime.db, queued for upload, when it is imported: measured
+    with HOME on an empty folder, `import onnxruntime` alone wrote that database (one row in `events`) and a
+    `deviceid` file, also when `disable_telemetry_events()` was called right after the import. Only
+    ORT_DISABLE_TELEMETRY=1, set before the import, leaves no file; the call then also stops any later event.
+    Forked workers (featurization) inherit the variable.
+    """
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # nothing MMGCS starts phones home
+    import onnxruntime
+
+    onnxruntime.disable_telemetry_events()
+    return onnxruntime
 
 
 def _export(tower, input_ids: torch.Tensor, attention_mask: torch.Tensor, path: str) -> None:
@@ -211,4 +229,4 @@ def _agrees(encoder, model, sample: torch.Tensor) -> bool:
         return outputs_agree(encoder(sample), model.encode_image(sample.contiguous()), FEATURE_RTOL)
 
 
-__all__ = ["FEATURE_RTOL", "FastPath", "OnnxTextEncoder", "OnnxTextTower", "fast_path_setting"]
+__all__ = ["FEATURE_RTOL", "FastPath", "OnnxTextEncoder", "OnnxTextTower", "fast_path_setting", "import_onnxruntime"]
