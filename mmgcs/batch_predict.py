@@ -3,8 +3,8 @@
 The input is a raw source the data builder reads (a CSV or JSONL with id, title, plot, poster_file / poster_path /
 poster_url; MM-IMDb), a folder of poster images (id = file stem) or a built dataset (folder or Hub id, one split).
 Rows go through the one predict path (`Predictor.predict_batch`) and are appended to the output batch by batch,
-so memory does not grow with the number of rows (only the set of ids met, which finds an id given to several rows,
-and the ids already written, kept for `--resume`). Each output row says in `input_row` which input row it is
+so memory does not grow with the number of rows (only the ids met, as 8-byte hashes, which find an id given to
+several rows, and the ids already written, kept for `--resume`). Each output row says in `input_row` which input row it is
 (two rows of one id are both predicted, and told apart there; the run warns of them). The output is checked to be
 writable before the model loads; a write that fails later says what was kept and how to resume.
 
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -400,22 +401,47 @@ class RunStats:
         return self.written / self.seconds if self.seconds else 0.0
 
 
+class SeenIds:
+    """The ids a run has met, in about 8 bytes each (a set of the id strings took ~130 bytes an id: 130 MB over a
+    million rows): their 64-bit hashes, the latest few thousand in a set, the others in a sorted array. Two ids
+    share a hash with odds of about n²/2^65, which would only name as repeated an id that is not."""
+
+    RECENT = 1 << 13  # hashes kept in the set before they move to the array
+
+    def __init__(self):
+        self.recent: set[int] = set()
+        self.older = np.empty(0, dtype=np.uint64)
+
+    def add(self, key: str) -> bool:
+        """Note `key`; True when it was met before."""
+        h = hash(key) & 0xFFFF_FFFF_FFFF_FFFF
+        if h in self.recent:
+            return True
+        if self.older.size:
+            i = int(self.older.searchsorted(np.uint64(h)))  # a plain int would cast the whole array
+            if i < self.older.size and int(self.older[i]) == h:
+                return True
+        self.recent.add(h)
+        if len(self.recent) >= self.RECENT:
+            new = np.sort(np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
+            self.older = np.insert(self.older, np.searchsorted(self.older, new), new)
+            self.recent.clear()
+        return False
+
+
 def _batches(movies: Iterator[Movie], size: int, done: Counter, stats: RunStats) -> Iterator[list[Movie]]:
     """The movies not yet in the output, in batches of `size`. `done` counts each id's rows already written: an
     id's first occurrences are the ones written (the input is read in the same order), so they are skipped (and
     counted) and its later ones predicted. Ids met twice are counted in `stats`."""
-    seen: set[str] = set()
-    repeated: set[str] = set()
+    seen, repeated = SeenIds(), SeenIds()
 
     def pending() -> Iterator[Movie]:
         for movie in movies:
-            if movie.id in seen and movie.id not in repeated:
-                repeated.add(movie.id)
+            # a row without an id (the reader refused it) repeats nothing
+            if movie.id and seen.add(movie.id) and not repeated.add(movie.id):
                 stats.duplicate_ids += 1
                 if len(stats.named_duplicates) < MAX_NAMED_DUPLICATES:
                     stats.named_duplicates.append(movie.id)
-            elif movie.id:  # a row without an id (the reader refused it) repeats nothing
-                seen.add(movie.id)
             if done[movie.id] > 0:
                 done[movie.id] -= 1
                 stats.skipped += 1

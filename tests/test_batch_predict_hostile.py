@@ -103,6 +103,16 @@ def test_duplicate_ids_are_told_apart_warned_of_and_resumed_exactly(predictor, t
     assert _rows(part) == rows
 
 
+def test_seen_ids_finds_every_repeat_in_its_set_and_its_sorted_array():
+    seen = batch_predict.SeenIds()
+    seen.RECENT = 64  # many moves from the set to the array
+    ids = [f"tt{i:07d}" for i in range(1000)] + [str(i) for i in range(1000)]
+    assert not any(seen.add(i) for i in ids)
+    assert seen.older.size > 1900 and bool((seen.older[1:] > seen.older[:-1]).all())
+    assert all(seen.add(i) for i in reversed(ids))
+    assert not seen.add("never met")
+
+
 def test_the_duplicate_warning_names_a_bounded_list():
     stats = batch_predict.RunStats(duplicate_ids=25, named_duplicates=[str(i) for i in range(10)])
     warning = batch_predict.duplicates_warning(stats)
