@@ -110,17 +110,19 @@ def saving() -> Iterator[None]:
         raise Interrupted(signum)
 
 
-def rerun_command(extra: str, argv: Optional[Sequence[str]] = None) -> str:
+def rerun_command(extra: Optional[str] = None, argv: Optional[Sequence[str]] = None) -> str:
     """The shell command that started this process with ``extra`` appended (once), for a user to paste.
 
     ``argv``: the arguments a caller handed to its ``main`` instead of the command line's (shown as that call)."""
+    def with_extra(args: list[str]) -> list[str]:
+        return args if extra is None or extra in args else [*args, extra]
+
     if argv is not None and list(argv) != sys.argv[1:]:
-        args = list(argv) if extra in argv else [*argv, extra]
-        return f"main({args!r})"
+        return f"main({with_extra(list(argv))!r})"
     launched = any(marker in os.environ for marker in LAUNCHER_MARKERS)
     parent = _parent_command() if launched else None
     command = launcher_command(parent, sys.argv[0]) or list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    return shlex.join(command if extra in command else [*command, extra])
+    return shlex.join(with_extra(command))
 
 
 def launcher_command(parent: Optional[Sequence[str]], script: str) -> Optional[list[str]]:

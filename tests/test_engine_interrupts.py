@@ -91,6 +91,8 @@ def test_the_rerun_command_is_the_launchers_as_typed():
     assert launcher_command(["/bin/bash"], script) is None and launcher_command(None, script) is None
     assert rerun_command("--resume", ["x=1"]) == "main(['x=1', '--resume'])"  # called from Python, not a shell
     assert rerun_command("--resume", ["--resume", "x=1"]) == "main(['--resume', 'x=1'])"
+    assert rerun_command(None, ["x=1"]) == "main(['x=1'])"  # the sweep: the same command continues
+    assert rerun_command().endswith(shlex.join(sys.argv[1:]))  # this process's own command line
 
 
 # ------------------------------------------------------------------------------------------ a real run
