@@ -184,7 +184,9 @@ def import_onnxruntime():
     os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # nothing MMGCS starts phones home
     import onnxruntime
 
-    onnxruntime.disable_telemetry_events()
+    disable = getattr(onnxruntime, "disable_telemetry_events", None)  # in the Python API since 1.x; absent: no-op
+    if disable is not None:
+        disable()
     return onnxruntime
 
 
