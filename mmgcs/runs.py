@@ -338,7 +338,39 @@ def take_run_folder(accelerator, folder: Path, bundle: Path) -> Optional[RunLock
         box[0] = lock
 
     collective(accelerator, take, failed=lambda e: str(not_writable(folder, e)))
+    _check_folder_shared(accelerator, folder)
     return box[0]
+
+
+def _check_folder_shared(accelerator, folder: Path) -> None:
+    """Every process must see the folder the main process locked: at the end each reads the best model from it, and
+    checkpoints hold every process's random states. A folder on each machine's own disk would fail only after
+    training ("the best model bundle ... is missing"); say so now, on every process."""
+    if accelerator.num_processes == 1:
+        return
+    holder = [_read_holder(folder / LOCK_FILE) if accelerator.is_main_process else None]
+    broadcast_object_list(holder)
+
+    def check():
+        if not accelerator.is_main_process and _read_holder(folder / LOCK_FILE) != holder[0]:
+            raise TrainingError(
+                f"train.output_dir {folder} on {_hostname()} is not the folder the main process locked on "
+                f"{holder[0].get('host', 'its host')}: on several machines it must be one folder every machine sees "
+                "at the same path (e.g. on NFS), since every process reads the best model at the end and "
+                "checkpoints hold every process's random states. Mount a shared folder and pass it as "
+                "train.output_dir (the feature cache, train.cache_dir, may stay on each machine's own disk)"
+            )
+
+    collective(accelerator, check)
+
+
+def _read_holder(path: Path) -> dict:
+    """The JSON a RunLock wrote (pid, host, since), or {} when the file is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read(4096).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
 
 
 # ------------------------------------------------------------------------------------------ bundle swap

@@ -67,9 +67,10 @@ def _launch_env(node: Path) -> dict:
     return env
 
 
-def run_two_machines(root: Path, dataset: Path, out: Path, cache_of, processes: int) -> list[str]:
+def run_two_machines(root: Path, dataset: Path, out, cache_of, processes: int, expect_ok: bool = True) -> list[str]:
     """Both machines' launchers at once, each from its own working folder holding a copy of ``dataset``;
-    ``cache_of(node)``: the machine's train.cache_dir. Returns each machine's output (rank 0's first)."""
+    ``cache_of(node)``: the machine's train.cache_dir; ``out`` relative: a run folder on each machine's own disk.
+    Returns each machine's output (rank 0's first); with ``expect_ok`` both must have succeeded."""
     port, launchers = _free_port(), []
     for rank in (0, 1):
         node = root / f"machine{rank}"
@@ -88,8 +89,9 @@ def run_two_machines(root: Path, dataset: Path, out: Path, cache_of, processes: 
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     for rank, (p, log) in enumerate(zip(launchers, logs)):
-        assert p.returncode == 0, f"machine {rank} failed:\n{log[-4000:]}"
-        assert "Traceback" not in log, log[-4000:]
+        assert (p.returncode == 0) == expect_ok, f"machine {rank} exited {p.returncode}:\n{log[-4000:]}"
+        if expect_ok:
+            assert "Traceback" not in log, log[-4000:]
     return logs
 
 
@@ -173,3 +175,15 @@ def test_two_machines_sharing_one_cache_folder_compute_each_entry_once(tmp_path,
     assert sum(computed for *_, computed, _ in report) == ENTRIES  # each entry computed once, on either machine
     assert sum(read for *_, read in report) == ENTRIES
     assert_same_run(out, reference, processes=2)
+
+
+def test_a_run_folder_on_each_machines_own_disk_is_refused_before_training(tmp_path, one_process):
+    """train.output_dir must be one folder every machine sees: a relative one (each machine's own working folder)
+    is refused on every process before any featurizing, not after training when the best model is missing."""
+    dataset, _ = one_process
+    logs = run_two_machines(tmp_path, dataset, "run", cache_of=lambda node: node / "cache", processes=2,
+                            expect_ok=False)
+    assert "is not the folder the main process locked" in logs[1], logs[1][-4000:]
+    assert "must be one folder every machine sees" in logs[1]
+    for rank in (0, 1):
+        assert not list((tmp_path / f"machine{rank}" / "cache").glob("*.safetensors"))  # stopped before featurizing
