@@ -8,8 +8,12 @@ Run `python app.py` (a Hugging Face Space runs this file as is). Settings come f
   the examples (default `data/movies`; no examples when it is absent — posters are never shipped with the app).
 - `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`: the address (default 127.0.0.1:7860).
 - Limits: `MMGCS_MAX_PLOT_CHARS`, `MMGCS_MAX_IMAGE_PIXELS`, `MMGCS_MAX_FILE_MB`, `MMGCS_CONCURRENCY`,
-  `MMGCS_QUEUE_SIZE`, `MMGCS_MAX_BATCH`, `MMGCS_MAX_DECODED_PIXELS` (defaults in `mmgcs.serving.Limits`); `MMGCS_PRECISION` (see
-  `mmgcs.serving.choose_precision`).
+  `MMGCS_QUEUE_SIZE`, `MMGCS_MAX_BATCH`, `MMGCS_MAX_DECODED_PIXELS`, `MMGCS_EXPLAIN_CONCURRENCY`,
+  `MMGCS_MAX_JOBS_PER_SESSION`, `MMGCS_MAX_JOBS_PER_IP`, `MMGCS_MAX_UPLOAD_AGE_S`, `MMGCS_MAX_UPLOAD_FOLDER_MB`
+  (defaults in `mmgcs.serving.Limits`); `MMGCS_PRECISION` (see `mmgcs.serving.choose_precision`).
+- Uploads go to `GRADIO_TEMP_DIR`, or when unset to a folder of this process's own, removed at exit. Behind a
+  reverse proxy, `FORWARDED_ALLOW_IPS` names it so that the per-client caps see each client's own address (set for
+  a Hugging Face Space, see `mmgcs.quotas.trust_proxies`).
 
 The serving logic (model loading, limits, precision, request batching) lives in `mmgcs.serving`; this file is
 the page, the input checks and the wiring.
@@ -34,11 +38,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mmgcs.runtime import configure_cpu_policy, refuse_imports, skip_triton_without_gpu
+from mmgcs.runtime import configure_cpu_policy, refuse_imports, release_freed_memory, skip_triton_without_gpu
+from mmgcs.uploads import own_upload_folder
 
-# The Space must not phone home; set before gradio is imported (it reads this at import time). Idle OpenMP workers
-# sleep instead of spinning: set before anything loads torch (see mmgcs.runtime).
+# The Space must not phone home; set before gradio is imported (it reads this at import time), and so is the upload
+# folder. Idle OpenMP workers sleep instead of spinning: set before anything loads torch (see mmgcs.runtime).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+UPLOAD_FOLDER, OWN_UPLOAD_FOLDER = own_upload_folder()
 configure_cpu_policy()
 skip_triton_without_gpu()  # before torchvision loads: 125 MB the Space's CPU-only serving never uses
 
@@ -51,6 +57,8 @@ from starlette.middleware import Middleware  # noqa: E402
 
 from mmgcs.data import load_movies  # noqa: E402
 from mmgcs.data.images import InvalidImageError, image_size, load_image  # noqa: E402
+from mmgcs.page_checks import PageInputError, checked_explanation, checked_genre, checked_result  # noqa: E402
+from mmgcs.quotas import JobGuard, JobQuota, Reroute, client_address, trust_proxies  # noqa: E402
 from mmgcs.serving import (  # noqa: E402
     BatchingPredictor,
     Limits,
@@ -63,11 +71,16 @@ from mmgcs.serving import (  # noqa: E402
 from mmgcs.uploads import (  # noqa: E402
     BodySizeLimit,
     PixelBudget,
+    Thumbnails,
     UPLOAD_REMEDY,
     UploadedPoster,
     UploadError,
+    UploadFolder,
+    UploadGuard,
     check_size,
+    clean_up_at_exit,
     decode_data_url,
+    inline_image,
     read_upload,
 )
 
@@ -78,6 +91,7 @@ DEFAULT_EXAMPLES = "data/movies"
 N_EXAMPLES = 4
 MAX_TITLE_CHARS = 300  # the longest real titles are ~200 characters
 EXAMPLE_FOLDERS: list[str] = []  # where load_examples put the example posters
+THUMBNAILS = Thumbnails()  # the posters explained lately, small: the page's heat map is drawn on these
 
 try:
     LIMITS = Limits.from_env()
@@ -314,7 +328,10 @@ def predict(plot: str | None = None, poster: str | None = None, title: str | Non
     try:
         # The decoded poster is held until its answer is ready: the budget bounds what all requests hold at once.
         with SPACE.pixel_budget.reserve(poster_pixels(encoded)):
-            result = _run_model(plot_text, decode_poster(encoded), title_text, explain)
+            image = decode_poster(encoded)
+            if explain and image is not None:
+                THUMBNAILS.put(encoded.data, image)
+            result = _run_model(plot_text, image, title_text, explain)
     except UploadError as e:
         raise _user_error(str(e)) from None
     if notes:
@@ -390,10 +407,22 @@ def _pct(p: float | None) -> str:
     return "—" if p is None else f"{p:.0%}"
 
 
+def _page_input(check, *args):
+    """What a page handler was sent, through its check (`mmgcs.page_checks`); None, logged as one line, when it
+    does not have /predict's shape (raw HTTP can send these handlers anything)."""
+    try:
+        return check(*args)
+    except PageInputError as e:
+        log.warning("a page handler was sent a malformed result (%s)", e)
+        return None
+
+
 def render(result: dict | None, title: str | None):
     """The /predict JSON → (verdict Markdown, Label scores, per-modality table)."""
+    result = _page_input(checked_result, result, SPACE.labels)
     if not result:
         return "", None, None
+    title = title if isinstance(title, str) and len(title) <= MAX_TITLE_CHARS else None
     scores: dict = result["scores"]
     genres: list = result["genres"]
     by_mod: dict = result.get("by_modality") or {}
@@ -455,16 +484,29 @@ def heat_map(poster: PIL.Image.Image | None, grid: list | None) -> PIL.Image.Ima
 
 
 def explanation_view(result: dict | None, genre: str | None, poster: UploadedPoster | None):
-    """(genre dropdown, highlighted plot, poster heat map) for `genre` (default: the first explained one)."""
-    explanation = (result or {}).get("explanation")
-    if not explanation or not explanation.get("genres"):
+    """(genre dropdown, highlighted plot, poster heat map) for `genre` (default: the first explained one). The heat
+    map is drawn on the poster's thumbnail, kept when it was explained (decoded again only when it is not)."""
+    explanation = _page_input(checked_explanation, result, SPACE.labels, LIMITS.max_plot_chars + MAX_TITLE_CHARS + 2)
+    if not explanation or not explanation["genres"]:
         return gr.Dropdown(choices=[], value=None), None, None
     genres = list(explanation["genres"])
-    genre = genre if genre in genres else genres[0]
+    genre = checked_genre(genre, genres)
     entry = explanation["genres"][genre]
-    image = decode_poster(poster) if entry.get("occlusion") else None
-    return (gr.Dropdown(choices=genres, value=genre), highlighted(explanation.get("text"), entry["words"]),
-            heat_map(image, entry.get("occlusion")))
+    image = poster_thumbnail(poster) if entry["occlusion"] else None
+    return (gr.Dropdown(choices=genres, value=genre), highlighted(explanation["text"], entry["words"]),
+            heat_map(image, entry["occlusion"]))
+
+
+def poster_thumbnail(poster: UploadedPoster | None) -> PIL.Image.Image | None:
+    """The poster's thumbnail: kept from its explained prediction, else decoded within the pixel budget."""
+    if poster is None:
+        return None
+    thumbnail = THUMBNAILS.get(poster.data)
+    if thumbnail is None:
+        with SPACE.pixel_budget.reserve(poster_pixels(poster)):
+            thumbnail = THUMBNAILS.put(poster.data, decode_poster(poster))
+        release_freed_memory()  # the full poster's pages
+    return thumbnail
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -574,6 +616,7 @@ def _explanation_outputs() -> tuple[gr.Dropdown, gr.HighlightedText, gr.Image]:
         )
         heat = gr.Image(label="Poster regions (red raised the genre's score, purple lowered it)", type="pil",
                         interactive=False, height=360, elem_id="explain-poster")
+        heat.postprocess = inline_image  # sent inline: no file written per call
     return genre, words, heat
 
 
@@ -597,7 +640,9 @@ def _outputs() -> tuple[gr.Markdown, gr.Label, gr.Dataframe, gr.JSON]:
 
 def build_demo(space: Space, examples: list[list]) -> gr.Blocks:
     """The page and its two API endpoints (/predict, /model_info) for the model `space` serves."""
-    with gr.Blocks(title="MMGCS — movie genre classifier") as demo:
+    # Uploads older than max_upload_age_s are deleted (checked 6 times in that span), and all of them at exit.
+    age = LIMITS.max_upload_age_s
+    with gr.Blocks(title="MMGCS — movie genre classifier", delete_cache=(max(1, age // 6), age)) as demo:
         gr.Markdown(DESCRIPTION)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
@@ -628,13 +673,19 @@ def build_demo(space: Space, examples: list[list]) -> gr.Blocks:
             concurrency_id="model",
         ).success(render, inputs=[raw, title], outputs=[verdict, top, table], api_visibility="private", queue=False
         ).then(explanation_view, inputs=[raw, genre, poster], outputs=[genre, words, heat], api_visibility="private",
-               queue=False)
+               concurrency_limit=2, concurrency_id="explanation-view")
         genre.input(explanation_view, inputs=[raw, genre, poster], outputs=[genre, words, heat],
-                    api_visibility="private", queue=False)
+                    api_visibility="private", concurrency_limit=2, concurrency_id="explanation-view")
+        # An explained /predict joins this twin instead (see guard_jobs): its own queue share and worker.
+        gr.Button(visible=False).click(
+            predict, inputs=[plot, poster, title, explain], outputs=raw, api_name=EXPLAINED, api_visibility="private",
+            concurrency_limit=LIMITS.explain_concurrency, concurrency_id="explain",
+        )
         demo.load(lambda: True, outputs=explain, api_visibility="private", queue=False)
         clear.add([title, plot, poster, verdict, top, table, raw, words, heat])
         gr.api(model_info, api_name="model_info", concurrency_limit=None)
-    demo.queue(default_concurrency_limit=LIMITS.concurrency, max_size=LIMITS.queue_size)
+    # api_open=False: an event of the queue cannot be run directly (POST /run/<name>), around the queue's limits.
+    demo.queue(default_concurrency_limit=LIMITS.concurrency, max_size=LIMITS.queue_size, api_open=False)
     guard_requests(demo)
     return demo
 
@@ -643,6 +694,7 @@ def build_demo(space: Space, examples: list[list]) -> gr.Blocks:
 # Raw HTTP: the same checks as the page, and a message for every refusal.
 
 PREDICT_INPUTS = ("plot", "poster", "title")  # then `explain`, optional (a caller from before it sends three)
+EXPLAINED = "predict_explained"  # the event an explained /predict runs as
 FILE_DATA = {"_type": "gradio.FileData"}
 POSTER_SHAPE = (
     '`poster` must be a file: {"path": <the path /gradio_api/upload returned>, "meta": {"_type": "gradio.FileData"}} '
@@ -680,12 +732,15 @@ def guard_requests(demo: gr.Blocks) -> None:
     preprocess = demo.preprocess_data
 
     async def checked_preprocess(block_fn, inputs, state, explicit_call=False):
-        if block_fn.api_name == "predict":
+        if block_fn.api_name in ("predict", EXPLAINED):
             inputs = check_predict_request(list(inputs))
         try:
             return await preprocess(block_fn, inputs, state, explicit_call)
-        except gr.Error:
-            raise
+        except gr.Error as e:
+            if not e.print_exception:  # ours: already a message
+                raise
+            log.warning("refused a request to %s (%s)", block_fn.api_name or "an event", e.message)
+            raise _user_error(e.message) from None  # Gradio's own (e.g. a value not among a dropdown's choices)
         except Exception as e:
             log.warning("refused a request to %s (%s)", block_fn.api_name or "an event", type(e).__name__)
             raise _user_error(
@@ -694,6 +749,26 @@ def guard_requests(demo: gr.Blocks) -> None:
             ) from None
 
     demo.preprocess_data = checked_preprocess
+
+
+def guard_jobs(demo: gr.Blocks) -> Middleware:
+    """The per-client job caps, checked when a job joins the queue, and the explained /predict sent to its twin."""
+    ids = {fn.api_name: fn._id for fn in demo.fns.values()}
+
+    def open_jobs() -> list[tuple[str | None, str | None]]:
+        """(session hash, client address) of each job in the queue, waiting or running (Gradio 6.31's `Queue`)."""
+        queue = demo._queue
+        events = [e for q in list(queue.event_queue_per_concurrency_id.values()) for e in list(q.queue)]
+        events += [e for job in list(queue.active_jobs) if job for e in job]
+        return [(e.session_hash, client_address(e.request.scope) if e.request is not None else None) for e in events]
+
+    def explained(data) -> bool:
+        return isinstance(data, list) and len(data) == len(PREDICT_INPUTS) + 1 and data[-1] is True
+
+    quota = JobQuota(LIMITS.max_jobs_per_session, LIMITS.max_jobs_per_ip, open_jobs)
+    reroute = Reroute(ids["predict"], ids[EXPLAINED], "predict", EXPLAINED, (*PREDICT_INPUTS, "explain"), explained)
+    unserved = [key for fn in demo.fns.values() if fn.fn is None for key in (fn._id, fn.api_name)]
+    return Middleware(JobGuard, quota=quota, reroutes=[reroute], unserved=unserved)
 
 
 def max_request_bytes() -> int:
@@ -709,14 +784,23 @@ def main() -> None:
     # every call; this page draws no plots, and without matplotlib Gradio skips the switch. (Here, not at import:
     # a process that imports the app, e.g. a notebook, keeps its matplotlib.)
     refuse_imports("matplotlib")
+    trust_proxies()
+    clean_up_at_exit(UPLOAD_FOLDER, OWN_UPLOAD_FOLDER)
     warm_up(SPACE)
     # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by launch(); show_error stays off so that unexpected
     # exceptions reach users as a generic message, never as a traceback.
     demo.launch(
         max_file_size=LIMITS.max_file_mb * 2**20,
         show_error=False,
-        app_kwargs={"middleware": [Middleware(BodySizeLimit, max_bytes=max_request_bytes())]},
+        app_kwargs={"middleware": [
+            Middleware(BodySizeLimit, max_bytes=max_request_bytes()),
+            Middleware(UploadGuard, folder=UploadFolder(UPLOAD_FOLDER, LIMITS.max_upload_folder_mb * 2**20)),
+            guard_jobs(demo),
+        ]},
     )
+    # Stopped (Ctrl-C or SIGTERM): no model call may still run while the interpreter exits (a native thread pool
+    # torn down under a running call aborts the process), so what waits is cancelled and the running call finishes.
+    SPACE.predictor.close(timeout=60, cancel_pending=True)
 
 
 # Loaded once, when the Space starts; `demo` at module level, where Spaces and `gradio app.py` look for it.

@@ -11,6 +11,13 @@ p50/p95/p99 round-trip latency, server CPU ms a movie and the server's peak memo
 --model, also the compute ceiling (one movie's counted FLOPs at the all-core fp32 matmul rate) and the share of it
 reached; with --paths eager,fast, one app per serving path, one after the other (issue 12). Loopback only: it refuses
 any other host, and the callers run on the same machine as the server, so they share its CPU.
+
+Abuse (issue 18): --explain-callers K runs K more callers asking for explanations (plot + poster, explain=true)
+during each level, and reports their count and latency beside the plain callers' (--callers 1 --explain-callers 16:
+a plain caller's p50 with 16 explain callers running); --join-flood N first sends N `queue/join` explain requests
+from one client (one session, then N more from new sessions) without reading any result, reports how many were
+accepted and refused, and a plain request's latency right after each. The callers send no telemetry (gradio_client's
+is on unless `analytics_enabled=False`, whatever GRADIO_ANALYTICS_ENABLED says; huggingface_hub's is off too).
 """
 
 from __future__ import annotations
@@ -30,9 +37,15 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+# Before gradio_client is imported: nothing here may phone home (gradio_client's own switch is `analytics_enabled`
+# on each Client below; huggingface_hub reads this one when it is imported).
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MMGCS_SHARED_DATA", REPO.parent / "shared" / "data"))
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+FLOOD_ADDRESS = "127.0.0.2"  # --join-flood's client (Linux answers all of 127.0.0.0/8 on loopback)
 
 
 def free_port() -> int:
@@ -122,9 +135,15 @@ def bad_requests(workdir: Path) -> list[dict]:
             {"plot": None, "poster": None}]
 
 
+def new_client(url: str, verify_ssl: bool = False):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, ssl_verify=verify_ssl, analytics_enabled=False)
+
+
 def run_level(url: str, callers: int, seconds: float, items: list, mode: str, server_pid: int | None = None,
-              verify_ssl: bool = False, bad: list | None = None, bad_every: int = 0) -> dict:
-    from gradio_client import Client, handle_file
+              verify_ssl: bool = False, bad: list | None = None, bad_every: int = 0, explain_callers: int = 0) -> dict:
+    from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
     latencies: list[float] = []
@@ -134,9 +153,29 @@ def run_level(url: str, callers: int, seconds: float, items: list, mode: str, se
     # gradio_client opens a new httpx client for each HTTP call; with certificate checks on, each one loads the CA
     # bundle (~28 ms of CPU, 3 per predict). Over plain-HTTP loopback there is no TLS to verify, and the callers
     # share the server's CPU, so they skip that cost (--verify-ssl restores it).
-    clients = [Client(url, verbose=False, ssl_verify=verify_ssl) for _ in range(callers)]  # before the clock
-    start_line = threading.Barrier(callers + 1)
+    clients = [new_client(url, verify_ssl) for _ in range(callers + explain_callers)]  # before the clock
+    start_line = threading.Barrier(callers + explain_callers + 1)
     deadline = [0.0]
+    explained: list[float] = []
+    explain_errors: list[str] = []
+
+    def explainer(k: int) -> None:
+        client, i = clients[callers + k], k
+        start_line.wait()
+        while time.perf_counter() < deadline[0]:
+            plot, poster = items[i % len(items)]
+            i += explain_callers
+            t0 = time.perf_counter()
+            try:
+                result = client.predict(plot=plot, poster=handle_file(poster), explain=True, api_name="/predict")
+                ok, msg = "explanation" in result, "an answer without an explanation"
+            except Exception as e:  # noqa: BLE001 — counted, reported
+                ok, msg = False, f"{type(e).__name__}: {e}"
+            with lock:
+                if ok:
+                    explained.append(time.perf_counter() - t0)
+                else:
+                    explain_errors.append(msg)
 
     def caller(k: int) -> None:
         client = clients[k]
@@ -178,16 +217,19 @@ def run_level(url: str, callers: int, seconds: float, items: list, mode: str, se
                     errors.append(msg)
 
     threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(callers)]
+    threads += [threading.Thread(target=explainer, args=(k,), daemon=True) for k in range(explain_callers)]
     for t in threads:
         t.start()
     server_cpu0, client_cpu0 = cpu_seconds(server_pid), time.process_time()
     t_start = time.perf_counter()
     deadline[0] = t_start + seconds
     start_line.wait()
-    for t in threads:
+    for t in threads[:callers]:
         t.join()
-    elapsed = time.perf_counter() - t_start
+    elapsed = time.perf_counter() - t_start  # the plain callers' span (explain callers may still wait for answers)
     server_cpu1, client_cpu1 = cpu_seconds(server_pid), time.process_time()
+    for t in threads[callers:]:
+        t.join()
     for c in clients:
         c.close()
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) >= 2 else [float("nan")] * 99
@@ -196,7 +238,72 @@ def run_level(url: str, callers: int, seconds: float, items: list, mode: str, se
     return {"callers": callers, "ok": len(latencies), "errors": len(errors), "rps": len(latencies) / elapsed,
             "server_ms": server_ms, "client_ms": (client_cpu1 - client_cpu0) * 1000 / done,
             "p50": q[49] * 1000, "p95": q[94] * 1000, "p99": q[98] * 1000, "first_error": errors[0] if errors else "",
-            "bad_refused": refused[0], "bad_wrong": refused[1]}
+            "bad_refused": refused[0], "bad_wrong": refused[1], "explain_callers": explain_callers,
+            "explained": len(explained), "explain_errors": len(explain_errors),
+            "explain_p50": statistics.median(explained) * 1000 if explained else float("nan"),
+            "first_explain_error": explain_errors[0] if explain_errors else ""}
+
+
+def drained(url: str, timeout: float = 300) -> bool:
+    """Wait until the app's queue is empty (a join flood's jobs done), at most `timeout` seconds."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if httpx.get(f"{url}/gradio_api/queue/status", timeout=10).json().get("queue_size") == 0:
+            return True
+        time.sleep(1)
+    return False
+
+
+def join_flood(url: str, n: int, items: list, verify_ssl: bool = False) -> list[dict]:
+    """The queue-flood reproduction: `n` explain `queue/join` requests (plot + poster) sent from one client by 8
+    threads, results never read; first all from one session, then each from a new session. Each round: accepted,
+    refused (and the first refusal's message), seconds taken, and a plain /predict's latency right after it."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from gradio_client import handle_file
+
+    client = new_client(url, verify_ssl)
+    fn = client._infer_fn_index("/predict", None)
+    plot, poster = items[0]
+    uploaded = client.endpoints[fn]._upload_file(handle_file(poster), 1)  # one upload, reused by every join
+    rounds = []
+    for sessions in ("one session", "a new session each"):
+        shared = uuid.uuid4().hex[:12]
+
+        def join(_):
+            session = shared if sessions == "one session" else uuid.uuid4().hex[:12]
+            r = flooder.post(f"{url}/gradio_api/queue/join", timeout=120, json={
+                "fn_index": fn, "session_hash": session, "data": [plot, uploaded, None, True]})
+            return r.status_code, r.text
+
+        t0 = time.perf_counter()
+        # from another loopback address than the plain request's: on a real server they are two clients
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=FLOOD_ADDRESS)) as flooder, \
+                ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(join, range(n)))
+        took = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        normal = "answered"
+        try:  # bounded: against an app without the caps it can wait minutes behind the flood
+            client.submit(plot=items[1 % len(items)][0], api_name="/predict").result(timeout=300)
+        except TimeoutError:
+            normal = "no answer yet"
+        except Exception as e:  # noqa: BLE001 — e.g. the queue full: the plain caller refused
+            normal = f"refused ({type(e).__name__}: {e})"
+        rounds.append({"sessions": sessions, "sent": n, "seconds": took,
+                       "accepted": sum(code == 200 for code, _ in answers),
+                       "refused": sum(code != 200 for code, _ in answers),
+                       "codes": sorted({code for code, _ in answers}),
+                       "message": next((text[:200] for code, text in answers if code != 200), ""),
+                       "normal_after_ms": (time.perf_counter() - t1) * 1000, "normal": normal})
+        print_flood(rounds[-1])
+        time.sleep(2)
+    client.close()
+    return rounds
 
 
 def compute_ceiling(model_path: str) -> tuple[float, float, float]:
@@ -230,6 +337,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bad-every", type=int, default=0, metavar="N",
                     help="each caller sends a bad request (non-image poster, over-long plot, nothing) every N-th call;"
                          " each must be refused with a message")
+    ap.add_argument("--explain-callers", type=int, default=0, metavar="K",
+                    help="K more callers asking for explanations during each level (issue 18's explain flood)")
+    ap.add_argument("--join-flood", type=int, default=0, metavar="N",
+                    help="first send N queue/join explain requests from one client, never reading the results")
     ap.add_argument("--paths", default="",
                     help="eager,fast: start one app per serving path (MMGCS_FAST_PATH=0 / 1) and report each, in one run")
     args = ap.parse_args(argv)
@@ -259,23 +370,30 @@ def measure(args, env: dict) -> dict:
     else:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        # every caller runs from this one address: room for all of them under the per-address job cap
+        most = max(int(x) for x in args.callers.split(",")) + args.explain_callers
+        env.setdefault("MMGCS_MAX_JOBS_PER_IP", str(max(32, 2 * most)))
         proc = start_app(args.model, port, env)
         pid = proc.pid
     try:
         t0 = time.time()
         wait_until_up(url, proc)
         startup = time.time() - t0 if proc is not None else None
-        from gradio_client import Client
-
-        info = Client(url, verbose=False).predict(api_name="/model_info")
+        info = new_client(url).predict(api_name="/model_info")
         with tempfile.TemporaryDirectory() as tmp:
             items, what = movies(args.movies, Path(tmp))
             bad = bad_requests(Path(tmp))
+            flood = join_flood(url, args.join_flood, items, args.verify_ssl) if args.join_flood else []
             rows = []
+            if flood:
+                drained(url)
             for n in [int(x) for x in args.callers.split(",")]:
                 if args.warmup > 0:
                     run_level(url, n, args.warmup, items, args.mode, verify_ssl=args.verify_ssl)
-                rows.append(run_level(url, n, args.seconds, items, args.mode, pid, args.verify_ssl, bad, args.bad_every))
+                # with explain callers, each level runs first without them: the unloaded figures on the same app
+                for explainers in sorted({0, args.explain_callers}):
+                    rows.append(run_level(url, n, args.seconds, items, args.mode, pid, args.verify_ssl, bad,
+                                          args.bad_every, explainers))
         peak = peak_rss_mb(pid) if pid else None
     finally:
         if proc is not None:
@@ -284,7 +402,13 @@ def measure(args, env: dict) -> dict:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    return {"url": url, "info": info, "what": what, "rows": rows, "peak": peak, "startup": startup}
+    return {"url": url, "info": info, "what": what, "rows": rows, "peak": peak, "startup": startup, "flood": flood}
+
+
+def print_flood(f: dict) -> None:
+    print(f"\njoin flood ({f['sessions']}): {f['sent']} explain joins in {f['seconds']:.1f} s: {f['accepted']} "
+          f"accepted, {f['refused']} refused (HTTP {f['codes']}); a plain request right after: {f['normal']} after "
+          f"{f['normal_after_ms']:.0f} ms" + (f"\n  refusal: {f['message']}" if f["message"] else ""), flush=True)
 
 
 def report(args, result: dict, load_before: float, ceiling) -> None:
@@ -307,10 +431,20 @@ def report(args, result: dict, load_before: float, ceiling) -> None:
     for r in rows:
         print(f"| {r['callers']} | {r['ok']} | {r['rps']:.1f} | {r['errors']} | {r['p50']:.0f} | {r['p95']:.0f} "
               f"| {r['p99']:.0f} | {r['server_ms']:.0f} | {r['client_ms']:.0f} | {r['bad_refused']} | {r['bad_wrong']} |")
+    if any(r["explain_callers"] for r in rows):
+        print("\n| callers | explain callers | explanations | explain errors | explain p50 ms |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['callers']} | {r['explain_callers']} | {r['explained']} | {r['explain_errors']} "
+                  f"| {r['explain_p50']:.0f} |")
+    for f in result.get("flood", []):
+        print_flood(f)
     print(f"\nserver peak memory (VmHWM): {peak:.0f} MB" if peak else "\nserver peak memory: unknown (pass --server-pid)")
     for r in rows:
         if r["first_error"]:
             print(f"first error at {r['callers']} callers: {r['first_error'][:300]}")
+        if r["first_explain_error"]:
+            print(f"first explain error at {r['callers']} callers: {r['first_explain_error'][:300]}")
 
 
 if __name__ == "__main__":

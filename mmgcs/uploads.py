@@ -1,5 +1,6 @@
 """What a server may do with a client's poster: read it only from its own upload folder, with a hard byte limit,
-decode it only within a memory budget, and refuse request bodies larger than any valid request.
+decode it only within a memory budget, and refuse request bodies larger than any valid request; and what the upload
+folder may hold: this process's own folder, bounded in bytes, one file per upload request, removed at exit.
 
 Nothing here needs Gradio: `app.py` passes Gradio's upload folder in. Every refusal is an `UploadError` whose
 message names the problem and the remedy and never quotes the file's content or the server's paths.
@@ -7,16 +8,30 @@ message names the problem and the remedy and never quotes the file's content or 
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import base64
 import binascii
+import hashlib
+import io
+import json
 import os
+import re
+import shutil
+import signal
+import stat
+import logging
+import tempfile
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
 from mmgcs.data.confine import inside, read_confined
+
+log = logging.getLogger("mmgcs.uploads")
 
 UPLOAD_REMEDY = "Upload the poster file itself (gradio_client.handle_file(path) does that)."
 
@@ -164,3 +179,255 @@ class BodySizeLimit:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The upload folder: this process's own, bounded in bytes, one file per upload request, removed at exit.
+
+UPLOAD_FOLDER_PREFIX = "mmgcs-uploads-"
+
+
+def own_upload_folder(environ=os.environ, parent: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """The folder Gradio puts this server's uploads in: `GRADIO_TEMP_DIR` when set, else a new folder of this
+    process's own (`mmgcs-uploads-<pid>-*` in the temp folder), set as `GRADIO_TEMP_DIR` so Gradio uses it. Returns
+    (folder, whether it is this process's own: `clean_up_at_exit` then deletes all of it). Call before Gradio
+    builds the page. Own folders left by processes that are gone (killed) are removed first."""
+    if environ.get("GRADIO_TEMP_DIR"):
+        return Path(environ["GRADIO_TEMP_DIR"]), False
+    parent = Path(parent or tempfile.gettempdir())
+    remove_stale_folders(parent)
+    folder = Path(tempfile.mkdtemp(prefix=f"{UPLOAD_FOLDER_PREFIX}{os.getpid()}-", dir=parent))
+    environ["GRADIO_TEMP_DIR"] = str(folder)
+    return folder, True
+
+
+def remove_stale_folders(parent: Path) -> list[Path]:
+    """Remove the own upload folders under `parent` whose process is no longer running; returns them."""
+    removed = []
+    for folder in parent.glob(UPLOAD_FOLDER_PREFIX + "*"):
+        pid = folder.name[len(UPLOAD_FOLDER_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)) and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        return True
+    return True
+
+
+def clean_up_at_exit(folder: Path, own: bool) -> None:
+    """Make a stop by SIGTERM (how a host stops a server) the KeyboardInterrupt that Gradio's `launch()` stops on,
+    so that Gradio's shutdown deletes the uploads it knows of (`delete_cache`); and delete `folder` itself at exit
+    when it is this process's `own` (with what Gradio did not track: interrupted uploads). Call from the main
+    thread, before launching."""
+    if own:
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """The bytes of the regular files under `folder` (symlinks not followed)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue  # deleted meanwhile
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+class UploadFolder:
+    """How full the upload folder is, against `max_bytes`. The folder is measured at most every `rescan_s` seconds;
+    in between, the uploads accepted are added to the last measure (a burst cannot pass one stale measure)."""
+
+    def __init__(self, path: str | os.PathLike, max_bytes: int, rescan_s: float = 1.0):
+        self.path, self.max_bytes, self.rescan_s = Path(path), max_bytes, rescan_s
+        self._measured, self._added, self._at = 0, 0, -float("inf")
+
+    def used(self) -> int:
+        if time.monotonic() - self._at >= self.rescan_s:
+            self._measured, self._added, self._at = folder_bytes(self.path), 0, time.monotonic()
+        return self._measured + self._added
+
+    def add(self, n_bytes: int) -> None:
+        self._added += n_bytes
+
+    def full_message(self, used: int) -> str:
+        return (
+            f"The server's upload space is full ({used / 2**20:,.0f} MB of {self.max_bytes / 2**20:,.0f} MB; "
+            "uploads are deleted after a while). Try again in a few minutes."
+        )
+
+
+ONE_FILE = "This app takes one file per upload request: upload each poster in its own request."
+
+
+class UploadGuard:
+    """ASGI middleware for Gradio's upload route (a POST to a path ending in `/upload`): refuses an upload while
+    the folder is over its cap (HTTP 507) or when it grows past it, and a multipart body with more than
+    `max_files` parts (HTTP 413) as soon as the extra part begins. The extra part is cut off with an invalid header
+    line, so that Gradio's own parser fails and deletes what it had written of the request; its answer is then
+    replaced by this refusal."""
+
+    def __init__(self, app, folder: UploadFolder, max_files: int = 1):
+        self.app, self.folder, self.max_files = app, folder, max_files
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "").rstrip("/")
+        if scope["type"] != "http" or scope.get("method") != "POST" or not path.endswith("/upload"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"")
+        declared = int(declared) if declared.isdigit() else 0
+        used = await asyncio.to_thread(self.folder.used)
+        room = self.folder.max_bytes - used  # what this request may add (concurrent ones each see it: bounded by
+        if declared > room:                  # their number times the file size limit)
+            return await json_refusal(send, 507, self.folder.full_message(used))
+        boundary = _boundary(headers.get(b"content-type", b""))
+        if boundary is None:  # not multipart: Gradio refuses it
+            return await self.app(scope, receive, send)
+        parts = _PartCounter(boundary)
+        state = {"refusal": None, "done": False, "bytes": 0}
+
+        async def counted_receive():
+            if state["done"]:
+                return await receive()
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            body = message.get("body", b"")
+            state["bytes"] += len(body)
+            cut = parts.feed(body, self.max_files)
+            if cut is not None:
+                body = body[:cut] + b"\x00:\r\n\r\n"
+                state["refusal"], state["done"] = (413, ONE_FILE), True
+            elif state["bytes"] > room:  # more than it declared: the folder would pass its cap
+                body = b"\r\n--" + boundary + b"\r\n\x00:\r\n\r\n"
+                state["refusal"], state["done"] = (507, self.folder.full_message(used + state["bytes"])), True
+            else:
+                state["done"] = not message.get("more_body", False)
+                return message
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def guarded_send(message):
+            if state["refusal"] is None:
+                return await send(message)
+            if message["type"] == "http.response.start":  # Gradio's answer to the cut-off body is replaced
+                await json_refusal(send, *state["refusal"])
+
+        await self.app(scope, counted_receive, guarded_send)
+        if state["refusal"] is None:
+            self.folder.add(state["bytes"])
+        else:
+            log.warning("refused an upload (%s)", "more than one file" if state["refusal"][0] == 413 else "folder full")
+
+
+def _boundary(content_type: bytes) -> bytes | None:
+    match = re.search(rb'boundary="?([^";\s]+)"?', content_type)
+    return match.group(1) if match and content_type.lower().startswith(b"multipart/") else None
+
+
+class _PartCounter:
+    """Counts the parts of a multipart body as it streams in (a delimiter `--boundary` not followed by `--`)."""
+
+    def __init__(self, boundary: bytes):
+        self.delimiter = b"--" + boundary
+        self.parts = 0
+        self._tail = b""
+        self._seen = 0  # bytes fed so far
+        self._last = -1  # where the last delimiter counted starts
+
+    def feed(self, data: bytes, max_parts: int) -> int | None:
+        """Feed the next chunk; when a part past `max_parts` begins, the index in `data` just after its
+        delimiter line (what may still be passed on), else None."""
+        window = self._tail + data
+        base = self._seen - len(self._tail)
+        size = len(self.delimiter)
+        i = window.find(self.delimiter)
+        while 0 <= i and i + size + 2 <= len(window):
+            if base + i > self._last:
+                self._last = base + i
+                if window[i + size:i + size + 2] != b"--":
+                    self.parts += 1
+                    if self.parts > max_parts:
+                        return max(0, i + size + 2 - len(self._tail))
+            i = window.find(self.delimiter, i + 1)
+        self._seen += len(data)
+        self._tail = window[-(size + 1):]
+        return None
+
+
+async def json_refusal(send, status: int, message: str) -> None:
+    """A JSON refusal that Gradio's page shows (`detail`) and raw clients read (`error`)."""
+    body = json.dumps({"detail": message, "error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Posters shown back: small, kept in memory, sent inline.
+
+class Thumbnails:
+    """Small copies of the posters decoded lately, found by their encoded bytes (a digest of them), at most
+    `capacity` (least recently used dropped first; 64 x 360 px RGB is ~25 MB). A page that shows a poster again
+    (its explanation heat map) reads one of these instead of decoding the upload a second time."""
+
+    def __init__(self, size: int = 360, capacity: int = 64):
+        self.size, self.capacity = size, capacity
+        self._images: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, data: bytes):
+        key = hashlib.sha256(data).digest()
+        with self._lock:
+            image = self._images.get(key)
+            if image is not None:
+                self._images.move_to_end(key)
+            return image
+
+    def put(self, data: bytes, image):
+        """Keep (and return) a thumbnail of `image`, a decoded PIL image of the poster whose bytes are `data`."""
+        if image is None:
+            return None
+        if max(image.size) <= self.size:
+            small = image.copy()
+        else:  # reducing_gap: a box reduction first, then the filter on a small image (~20x faster for 40 MP)
+            small = image.resize(_fit(image.size, self.size), reducing_gap=2.0)
+        with self._lock:
+            self._images[hashlib.sha256(data).digest()] = small
+            while len(self._images) > self.capacity:
+                self._images.popitem(last=False)
+        return small
+
+
+def _fit(size: tuple[int, int], longest: int) -> tuple[int, int]:
+    scale = longest / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def inline_image(image, quality: int = 85) -> dict | None:
+    """A PIL image as the value of an image output that carries it inline (a WebP `data:` URL) rather than as a file
+    written to the server's cache for every answer (a replacement for `gr.Image.postprocess`)."""
+    if image is None:
+        return None
+    encoded = io.BytesIO()
+    image.save(encoded, format="WEBP", quality=quality)
+    url = "data:image/webp;base64," + base64.b64encode(encoded.getvalue()).decode("ascii")
+    return {"path": None, "url": url, "size": len(encoded.getvalue()), "orig_name": "heat-map.webp",
+            "mime_type": "image/webp", "is_stream": False, "meta": {"_type": "gradio.FileData"}}

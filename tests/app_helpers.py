@@ -70,6 +70,7 @@ class AppServer:
     url: str
     log: Path
     model_dir: Path
+    uploads: Path  # the server's upload folder (GRADIO_TEMP_DIR)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -87,17 +88,19 @@ class AppServer:
 
 
 def start_app(model_dir: Path, workdir: Path, **extra_env: str) -> AppServer:
-    """`python app.py` in a subprocess on a free 127.0.0.1 port; returns once the app answers."""
+    """`python app.py` in a subprocess on a free 127.0.0.1 port, its uploads in `workdir/uploads` unless
+    GRADIO_TEMP_DIR is given; returns once the app answers."""
     import httpx
 
     port = free_port()
     log = workdir / "app.log"
+    extra_env.setdefault("GRADIO_TEMP_DIR", str(workdir / "uploads"))
     with log.open("w") as out:  # a file, not a pipe: a full pipe would block the server
         proc = subprocess.Popen(
             [sys.executable, "app.py"], cwd=REPO, env=app_env(model_dir, GRADIO_SERVER_PORT=str(port), **extra_env),
             stdout=out, stderr=subprocess.STDOUT,
         )
-    server = AppServer(proc, f"http://127.0.0.1:{port}", log, model_dir)
+    server = AppServer(proc, f"http://127.0.0.1:{port}", log, model_dir, Path(extra_env["GRADIO_TEMP_DIR"]))
     deadline = time.time() + START_TIMEOUT
     while time.time() < deadline:
         if not server.alive():
@@ -110,6 +113,14 @@ def start_app(model_dir: Path, workdir: Path, **extra_env: str) -> AppServer:
         time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"app.py did not answer within {START_TIMEOUT} s:\n{server.log_text()[-4000:]}")
+
+
+def api_client(url: str):
+    """A gradio_client Client for the app at `url` that sends no telemetry (its `analytics_enabled` default is on
+    whatever GRADIO_ANALYTICS_ENABLED says)."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, analytics_enabled=False)
 
 
 _shared: dict[str, AppServer] = {}

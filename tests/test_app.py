@@ -14,11 +14,13 @@ import pytest
 import torch
 
 pytest.importorskip("gradio")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from app_helpers import LABELS, REPO, TEST_LIMITS, THRESHOLDS, save_tiny_bundle, shared_app_server  # noqa: E402
+from app_helpers import (  # noqa: E402
+    LABELS, REPO, TEST_LIMITS, THRESHOLDS, api_client, save_tiny_bundle, shared_app_server,
+)
 
 PLOTS = [
     "A retired detective hunts a serial killer through the rainy streets of the city.",
@@ -35,7 +37,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    c = Client(server.url, verbose=False)
+    c = api_client(server.url)
     yield c
     c.close()
 
@@ -189,7 +191,7 @@ def test_concurrent_calls_are_batched_without_mixing_answers(server, reference, 
     """Good and bad requests at once: each good one gets its own movie's scores, each bad one its own error."""
 
     def call(i: int):
-        c = Client(server.url, verbose=False)
+        c = api_client(server.url)
         try:
             if i % 3 == 2:
                 return c.predict(plot=PLOTS[i % 4], poster=handle_file(files["text"]), api_name="/predict")
@@ -251,7 +253,11 @@ def test_server_is_healthy_after_the_bad_inputs(client, server):
 
 def import_app(bundle: Path, name: str, **extra_env: str):
     """app.py imported as a fresh module serving `bundle` (the environment is restored afterwards)."""
-    env = {"MMGCS_MODEL": str(bundle), "MMGCS_EXAMPLES": "", "MMGCS_PRECISION": "fp32", **TEST_LIMITS, **extra_env}
+    import gradio.utils
+
+    # GRADIO_TEMP_DIR as this process has it: the app would otherwise make (and set) a folder of its own
+    env = {"MMGCS_MODEL": str(bundle), "MMGCS_EXAMPLES": "", "MMGCS_PRECISION": "fp32",
+           "GRADIO_TEMP_DIR": gradio.utils.get_upload_folder(), **TEST_LIMITS, **extra_env}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -366,15 +372,32 @@ def test_starting_the_space_warms_the_model_up_then_serves_with_the_body_limit(a
     calls = []
     monkeypatch.setattr(app_module, "warm_up", lambda space: calls.append(("warm_up", space)))
     monkeypatch.setattr(app_module.demo, "launch", lambda **kwargs: calls.append(("launch", kwargs)))
-    # recorded, not run: refusing matplotlib here would refuse it to the rest of this test process
+    # recorded, not run: refusing matplotlib here would refuse it to the rest of this test process, and a SIGTERM
+    # handler would be this test process's
     monkeypatch.setattr(app_module, "refuse_imports", lambda *names: calls.append(("refuse_imports", names)))
+    monkeypatch.setattr(app_module, "clean_up_at_exit", lambda *args: calls.append(("clean_up_at_exit", args)))
+
+    class Predictor:
+        def close(self, **kwargs):
+            calls.append(("close", kwargs))
+
+    monkeypatch.setattr(app_module.SPACE, "predictor", Predictor())
     app_module.main()
-    assert [c[0] for c in calls] == ["refuse_imports", "warm_up", "launch"] and calls[1][1] is app_module.SPACE
-    assert calls[0][1] == ("matplotlib",)
-    launch = calls[2][1]
+    assert [c[0] for c in calls] == ["refuse_imports", "clean_up_at_exit", "warm_up", "launch", "close"]
+    assert calls[4][1]["cancel_pending"]  # once stopped, no model call waits: the process exits cleanly
+    assert calls[0][1] == ("matplotlib",) and calls[2][1] is app_module.SPACE
+    assert calls[1][1] == (app_module.UPLOAD_FOLDER, False)  # GRADIO_TEMP_DIR was set: not the app's own folder
+    launch = calls[3][1]
     assert launch["show_error"] is False and launch["max_file_size"] == app_module.LIMITS.max_file_mb * 2**20
-    (middleware,) = launch["app_kwargs"]["middleware"]
-    assert middleware.kwargs["max_bytes"] == app_module.max_request_bytes()
+    body, uploads, jobs = launch["app_kwargs"]["middleware"]
+    assert body.kwargs["max_bytes"] == app_module.max_request_bytes()
+    assert uploads.kwargs["folder"].max_bytes == app_module.LIMITS.max_upload_folder_mb * 2**20
+    assert jobs.kwargs["quota"].max_per_ip == app_module.LIMITS.max_jobs_per_ip
+    (reroute,) = jobs.kwargs["reroutes"]
+    fns = app_module.demo.fns
+    assert fns[reroute.source].api_name == "predict" and fns[reroute.target].api_name == "predict_explained"
+    assert fns[reroute.target].concurrency_id == "explain" != fns[reroute.source].concurrency_id
+    assert fns[reroute.target].concurrency_limit == app_module.LIMITS.explain_concurrency
 
 
 def test_the_warm_up_predicts_once_with_what_the_model_reads(app_module, monkeypatch):

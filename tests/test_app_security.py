@@ -14,10 +14,9 @@ import pytest
 
 pytest.importorskip("gradio")
 import httpx  # noqa: E402
-from gradio_client import Client  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from app_helpers import shared_app_server  # noqa: E402
+from app_helpers import api_client, shared_app_server  # noqa: E402
 
 SECRET = "MMGCS-SECRET-MARKER-7f3a"
 FILE_DATA = {"_type": "gradio.FileData"}
@@ -83,9 +82,7 @@ def test_a_server_file_is_never_read_nor_echoed(server, secret_file, with_meta):
 
 
 def test_a_symlink_in_the_upload_folder_pointing_out_is_refused(server, secret_file):
-    import gradio.utils
-
-    folder = Path(gradio.utils.get_upload_folder()) / "mmgcs-test-link"
+    folder = server.uploads / "mmgcs-test-link"
     folder.mkdir(parents=True, exist_ok=True)
     link = folder / "poster.png"
     link.unlink(missing_ok=True)
@@ -166,7 +163,7 @@ def test_a_thin_image_small_as_a_file_is_refused(server):
     Image.new("RGB", (1, 900_000)).save(image, format="PNG")
     path = Path(server.log.parent) / "thin.png"
     path.write_bytes(image.getvalue())
-    client = Client(server.url, verbose=False)
+    client = api_client(server.url)
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 

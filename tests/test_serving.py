@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -215,3 +216,81 @@ def test_load_model(model, tmp_path):
     loaded = load_model(str(tmp_path / "bundle"))
     assert not loaded.training and loaded.config.labels == LABELS
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Explanations apart (issue 18): their own worker, at a lower CPU priority, never holding up the plain batches.
+
+
+def test_an_explanation_never_holds_up_plain_predictions(model):
+    predictor = BatchingPredictor(model, max_batch=8)
+    explaining, release = threading.Event(), threading.Event()
+    plain_predict = predictor.predictor.predict
+
+    def slow_explain(*args, explain=False, **kwargs):
+        if explain:
+            explaining.set()
+            release.wait(WAIT)
+        return plain_predict(*args, explain=explain, **kwargs)
+
+    predictor.predictor.predict = slow_explain
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            explained = pool.submit(predictor, PLOTS[2], _poster((20, 20, 20)), None, True)
+            assert explaining.wait(WAIT)
+            start = time.perf_counter()
+            plain = predictor(PLOTS[0], None)  # served while the explanation is still running
+            assert time.perf_counter() - start < WAIT / 3 and not explained.done()
+            assert plain["scores"] == pytest.approx(model.predict(plot=PLOTS[0])["scores"], abs=1e-5)
+            release.set()
+            assert set(explained.result(WAIT)["explanation"]["genres"]) == set(explained.result()["genres"])
+    finally:
+        release.set()
+        predictor.close(timeout=WAIT)
+    assert not predictor.explainer._worker.is_alive() and not predictor._worker.is_alive()
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread priorities are a Linux feature here")
+def test_the_explainer_runs_at_a_lower_priority():
+    from mmgcs.serving import EXPLAIN_NICE, lower_thread_priority
+
+    seen = {}
+
+    def run():
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        seen["took"] = lower_thread_priority(EXPLAIN_NICE)
+        seen["delta"] = os.getpriority(os.PRIO_PROCESS, tid) - before
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(WAIT)
+    assert seen["took"] and seen["delta"] == min(EXPLAIN_NICE, 19 - os.getpriority(os.PRIO_PROCESS, 0))
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) <= os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def test_the_guard_limits_from_the_environment():
+    limits = Limits.from_env({"MMGCS_EXPLAIN_CONCURRENCY": "2", "MMGCS_MAX_JOBS_PER_SESSION": "3",
+                              "MMGCS_MAX_JOBS_PER_IP": "9", "MMGCS_MAX_UPLOAD_FOLDER_MB": "64",
+                              "MMGCS_MAX_UPLOAD_AGE_S": "600"})
+    assert (limits.explain_concurrency, limits.max_jobs_per_session, limits.max_jobs_per_ip,
+            limits.max_upload_folder_mb, limits.max_upload_age_s) == (2, 3, 9, 64, 600)
+    defaults = Limits()
+    assert defaults.explain_concurrency == 1 < defaults.max_jobs_per_session <= defaults.max_jobs_per_ip
+    with pytest.raises(ServingConfigError, match="MMGCS_MAX_JOBS_PER_IP=0 must be positive"):
+        Limits.from_env({"MMGCS_MAX_JOBS_PER_IP": "0"})
+
+
+def test_closing_for_a_shutdown_cancels_what_waits_and_lets_the_running_call_finish(gated):
+    fn, batcher = gated
+    running = batcher.submit(1)
+    assert fn.started.wait(WAIT)
+    waiting = [batcher.submit(x) for x in (2, 3)]
+    wait_for(lambda: batcher.pending() == 2, "2 queued requests")
+    closer = threading.Thread(target=batcher.close, kwargs={"timeout": WAIT, "cancel_pending": True})
+    closer.start()  # while the worker still runs its call
+    wait_for(lambda: all(f.cancelled() for f in waiting), "the waiting requests cancelled")
+    fn.release.set()
+    closer.join(WAIT)
+    assert running.result(WAIT) == 1
+    assert not batcher._worker.is_alive() and fn.batches == [[1]]
