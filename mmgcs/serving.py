@@ -24,7 +24,9 @@ from typing import Any, Optional
 import torch
 
 from mmgcs.data.images import MAX_IMAGE_PIXELS
+from mmgcs.data.records import MAX_PLOT_CHARS
 from mmgcs.fast_path import fast_path_setting
+from mmgcs.hub.errors import BundleMemoryError
 from mmgcs.hub.ids import is_hub_id
 from mmgcs.inference import Predictor
 from mmgcs.models.classifier import GenreClassifier
@@ -78,7 +80,7 @@ class Limits:
 
     # TMDb overviews are under 1,000 characters and Wikipedia plots a few thousand. The text tower reads only its
     # first `max_text_length` tokens; far longer text is refused, as it is not a plot summary.
-    max_plot_chars: int = 10_000
+    max_plot_chars: int = MAX_PLOT_CHARS  # the cap of every entry point (mmgcs.data.records)
     max_image_pixels: int = MAX_IMAGE_PIXELS
     # Decoded poster pixels all requests may hold at once (a 78 KB PNG can decode to 40 MP, 120 MB of RGB);
     # 4 of the largest posters, ~0.5 GB. A request beyond it waits for others (see mmgcs.uploads.PixelBudget).
@@ -151,6 +153,9 @@ def load_model(source: str):
         raise ModelNotFoundError(f"No model at {source!r}. {MODEL_REMEDY}")
     try:
         model = GenreClassifier.from_pretrained(str(local) if local.exists() else source)
+    except BundleMemoryError as e:
+        # the bundle is fine: the remedy is memory, not training another model
+        raise ModelNotFoundError(f"Could not load the model {source!r}: {e}") from e
     except Exception as e:
         raise ModelNotFoundError(f"Could not load the model {source!r} ({type(e).__name__}: {e}). {MODEL_REMEDY}") from e
     if torch.cuda.is_available():

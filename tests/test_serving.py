@@ -217,6 +217,22 @@ def test_load_model(model, tmp_path):
     assert not loaded.training and loaded.config.labels == LABELS
 
 
+def test_load_model_out_of_memory_names_memory_not_training(model, tmp_path, monkeypatch):
+    """A bundle that does not fit in memory is fine: the server says memory, never "train one"."""
+    from mmgcs.hub.errors import BundleMemoryError
+    from mmgcs.models.classifier import GenreClassifier
+
+    model.save_pretrained(tmp_path / "bundle")
+
+    def no_memory(*args, **kwargs):
+        raise BundleMemoryError("Out of memory while loading the model: it needs about 160 MB; free memory")
+
+    monkeypatch.setattr(GenreClassifier, "from_pretrained", no_memory)
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model(str(tmp_path / "bundle"))
+    assert "Out of memory" in str(info.value) and "train_fusion.py" not in str(info.value)
+
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Explanations apart (issue 18): their own worker, at a lower CPU priority, never holding up the plain batches.
