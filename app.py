@@ -277,7 +277,7 @@ def open_space(source: str, limits: Limits, *, exit_if_missing: bool) -> Space:
             raise SystemExit(f"app.py: {e}") from None
         raise
     try:
-        precision = choose_precision(model.device.type)
+        precision = choose_precision(model.device.type, tuned=model.config.tuned_precision)
     except ServingConfigError as e:
         raise SystemExit(str(e)) from None
     labels = list(model.config.labels)

@@ -81,6 +81,9 @@ class ModelConfig:
     pos_weight: Optional[list] = None  # per-genre BCE pos_weight
     threshold: float = 0.5  # global decision threshold
     thresholds: Optional[list] = None  # per-genre thresholds tuned on validation; override `threshold`
+    # The precision the features were computed and the thresholds tuned at ("fp32" | "bf16"): serving's "auto"
+    # serves in it where the CPU runs it natively, else in fp32 (mmgcs.serving.choose_precision).
+    tuned_precision: str = "fp32"
     pretrained: bool = True  # load pretrained backbone weights when building a NEW model
     # Start a NEW model's towers from trained bundles (folder or Hub id; "" = no): the text tower (+ tokenizer) of
     # a plot model and the image tower of a poster model, and their heads into a "late" fusion's branches
@@ -254,6 +257,7 @@ def parse_overrides(items: list[str]) -> dict:
 # modes, the model's tasks) are held to these names by tests/test_config.py.
 CHOICES: dict[str, tuple] = {
     "model.task": ("multilabel", "singlelabel"),
+    "model.tuned_precision": ("fp32", "bf16"),
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.scheduler": ("cosine", "step", "plateau", "none"),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import threading
 import time
@@ -200,9 +202,39 @@ def test_precision_setting():
     assert choose_precision("cpu", {"MMGCS_PRECISION": "fp32"}) == "fp32"
     assert choose_precision("cpu", {"MMGCS_PRECISION": " BF16 "}) == "bf16"
     assert choose_precision("cuda", {"MMGCS_PRECISION": "auto"}) == "fp32"
-    assert choose_precision("cpu", {}) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert choose_precision("cpu", {}) == "fp32"  # a bundle tuned in fp32 (the default) serves in fp32
+    assert choose_precision("cpu", {}, tuned="bf16") == ("bf16" if cpu_has_native_bf16() else "fp32")
     with pytest.raises(ServingConfigError, match="fp32, bf16 or auto"):
         choose_precision("cpu", {"MMGCS_PRECISION": "fp8"})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_the_bundle_where_the_cpu_has_it(monkeypatch, native):
+    """One policy: a bundle tuned in bf16 serves in bf16 on a CPU with native bfloat16 and in fp32 on one without;
+    a bundle tuned in fp32 serves in fp32 everywhere; an explicit setting wins."""
+    import mmgcs.serving as serving
+
+    monkeypatch.setattr(serving, "cpu_has_native_bf16", lambda: native)
+    assert choose_precision("cpu", {}, tuned="bf16") == ("bf16" if native else "fp32")
+    assert choose_precision("cpu", {}, tuned="fp32") == "fp32"
+    assert choose_precision("cuda", {}, tuned="bf16") == "fp32"
+    assert choose_precision("cpu", {"MMGCS_PRECISION": "bf16"}, tuned="fp32") == "bf16"
+    assert choose_precision("cpu", {"MMGCS_PRECISION": "fp32"}, tuned="bf16") == "fp32"
+
+
+def test_a_bundle_records_its_tuned_precision(model, tmp_path):
+    from mmgcs.hub.errors import BundleError
+    from mmgcs.models.classifier import GenreClassifier
+
+    assert model.config.tuned_precision == "fp32"
+    model.config.tuned_precision = "bf16"
+    model.save_pretrained(tmp_path / "bf16")
+    assert GenreClassifier.from_pretrained(tmp_path / "bf16").config.tuned_precision == "bf16"
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    config["tuned_precision"] = "fp8"
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="tuned_precision"):
+        GenreClassifier.from_pretrained(tmp_path / "bf16")
 
 
 def test_load_model(model, tmp_path):

@@ -179,6 +179,7 @@ FIELD_RULES: dict[str, Rule] = {
     "pos_weight": numbers(_label_count, "labels", number(0.0, 1e4, open_low=True, why="(training weighs at most 10)")),
     "threshold": PROBABILITY,
     "thresholds": numbers(_label_count, "labels", PROBABILITY),
+    "tuned_precision": choice(lambda cfg: CHOICES["model.tuned_precision"]),
     "pretrained": anything,
     "init_text_from": text(MAX_NAME_CHARS),
     "init_image_from": text(MAX_NAME_CHARS),
