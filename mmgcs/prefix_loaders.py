@@ -9,6 +9,7 @@ and the head on it (``GenreClassifier.forward(text_hidden=...)``).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -17,7 +18,9 @@ from torch.utils.data import DataLoader
 from mmgcs.batching import targets
 from mmgcs.config import TrainConfig
 from mmgcs.features.prefix import CachedPrefix, PrefixCache
+from mmgcs.features.workers import _main_threads
 from mmgcs.optim import finetune_mode
+from mmgcs.runtime import available_cores
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +142,10 @@ def prefix_loaders(model, data, tcfg: TrainConfig, accelerator, image_features: 
     cache = PrefixCache(tcfg.cache_dir, tcfg.prefix_dtype)
     model.to(accelerator.device)
     prefixes = {}
-    with accelerator.local_main_process_first(), torch.random.fork_rng(devices=[]):
+    # Every core of this machine (its other processes wait meanwhile), whatever the stage before used (a first stage
+    # training the head alone runs on one thread); MMGCS_NUM_THREADS, when set, is the user's choice.
+    threads = torch.get_num_threads() if "MMGCS_NUM_THREADS" in os.environ else available_cores()
+    with accelerator.local_main_process_first(), torch.random.fork_rng(devices=[]), _main_threads(threads):
         for role, split in data.splits.items():
             prefixes[role] = cache.get_or_compute(model, split, batch_size=tcfg.eval_batch_size)
     if cache.misses:
