@@ -91,8 +91,20 @@ def run_two_machines(root: Path, dataset: Path, out, cache_of, processes: int, e
     for rank, (p, log) in enumerate(zip(launchers, logs)):
         assert (p.returncode == 0) == expect_ok, f"machine {rank} exited {p.returncode}:\n{log[-4000:]}"
         if expect_ok:
-            assert "Traceback" not in log, log[-4000:]
+            assert "Traceback" not in training_output(log), log[-4000:]
     return logs
+
+
+# torch's elastic agent of a machine that finishes after the machine hosting the rendezvous store may log the store's
+# disconnect at its exit barrier ("Error waiting on exit barrier", a C++ frame dump, a Traceback): after training,
+# with every process already exited 0. A race of the launchers' shutdown, not of the run; it is left out of the check.
+_EXIT_BARRIER = re.compile(r"torch/distributed/elastic/agent/server/api\.py:\d+\]|^\s*(Exception raised from |frame #\d+:|"
+                           r"<omitting python frames>)")
+
+
+def training_output(log: str) -> str:
+    """The launcher's output without the elastic agent's exit-barrier report."""
+    return "\n".join(line for line in log.splitlines() if not _EXIT_BARRIER.search(line))
 
 
 def cache_report(main_log: str) -> list[tuple[int, int, str, int, int]]:
