@@ -16,6 +16,7 @@ files and at most `MAX_IMAGE_BYTES` (`mmgcs.data.confine`, the builder's rule); 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import inspect
 import json
@@ -24,6 +25,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from itertools import groupby
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -45,6 +47,7 @@ from mmgcs.evaluate import batched
 from mmgcs.inference import Predictor
 from mmgcs.models.classifier import GenreClassifier
 from mmgcs.models.preprocessing import plot_present
+from mmgcs.shards import Shard
 
 POSTER_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 OUTPUT_SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -394,6 +397,7 @@ class RunStats:
     skipped: int = 0  # already in the output (--resume)
     seconds: float = 0.0
     duplicate_ids: int = 0  # ids met on more than one row of the input
+    input_rows: int = 0  # rows of the whole input (a part's process reads them all)
     named_duplicates: list[str] = field(default_factory=list)  # the first MAX_NAMED_DUPLICATES of them
 
     @property
@@ -429,42 +433,55 @@ class SeenIds:
         return False
 
 
-def _batches(movies: Iterator[Movie], size: int, done: Counter, stats: RunStats) -> Iterator[list[Movie]]:
-    """The movies not yet in the output, in batches of `size`. `done` counts each id's rows already written: an
-    id's first occurrences are the ones written (the input is read in the same order), so they are skipped (and
-    counted) and its later ones predicted. Ids met twice are counted in `stats`."""
+def _batches(movies: Iterator[Movie], size: int, done: Counter, stats: RunStats,
+             shard: Optional[Shard] = None) -> Iterator[list[Movie]]:
+    """The movies not yet in the output (of `shard`'s rows, when given), in batches of `size`. `done` counts each
+    id's rows already written: an id's first occurrences are the ones written (the input is read in the same
+    order), so they are skipped (and counted) and its later ones predicted. Ids met twice in the whole input are
+    counted in `stats`."""
     seen, repeated = SeenIds(), SeenIds()
 
     def pending() -> Iterator[Movie]:
-        for movie in movies:
+        for row, movie in enumerate(movies):
+            stats.input_rows = row + 1
             # a row without an id (the reader refused it) repeats nothing
             if movie.id and seen.add(movie.id) and not repeated.add(movie.id):
                 stats.duplicate_ids += 1
                 if len(stats.named_duplicates) < MAX_NAMED_DUPLICATES:
                     stats.named_duplicates.append(movie.id)
+            if shard is not None and not shard.owns(row):
+                continue
             if done[movie.id] > 0:
                 done[movie.id] -= 1
                 stats.skipped += 1
             else:
-                yield movie
+                yield row, movie
 
-    return batched(pending(), size)
+    if shard is None:
+        return batched((movie for _, movie in pending()), size)
+    # A part's batches are its blocks (what one process predicts together), also the rest of a block cut by a kill
+    return ([movie for _, movie in group] for _, group in groupby(pending(), key=lambda x: shard.block_of(x[0])))
 
 
 def predict_file(predictor: Predictor, source: str, out: Path, batch_size: int = 32, by_modality: bool = False,
-                 resume: bool = False, split: str = "test", explain: bool = False, progress: Optional[bool] = None) -> RunStats:
+                 resume: bool = False, split: str = "test", explain: bool = False, progress: Optional[bool] = None,
+                 shard: Optional[Shard] = None) -> RunStats:
     """Predict every movie of `source` into `out` (see the module docstring); returns the counts. A failure to
-    write raises `OutputWriteError` saying what was kept; a failed run leaves no output without rows."""
+    write raises `OutputWriteError` saying what was kept; a failed run leaves no output without rows. `shard`:
+    only that part's rows (`mmgcs.shards`), into `out` as the part file."""
     labels = predictor.labels
     columns = output_columns(labels, by_modality, explain)
     done = written_ids(out, columns) if resume else Counter()
     movies, total = read_input(source, split)
+    if total is not None and shard is not None:
+        total = shard.rows(total)
     stats, start = RunStats(), time.perf_counter()
     writer = OutputWriter(out, columns, resume)
-    bar = tqdm(total=None if total is None else total - sum(done.values()), unit="movie",
-               disable=progress is False or None, desc="predict", file=sys.stderr)
+    desc = "predict" if shard is None else f"predict (part {shard.index + 1} of {shard.count})"
+    bar = tqdm(total=None if total is None else max(total - sum(done.values()), 0), unit="movie",
+               disable=progress is False or None, desc=desc, file=sys.stderr)
     try:
-        for batch in _batches(movies, batch_size, done, stats):
+        for batch in _batches(movies, batch_size, done, stats, shard):
             results = predict_rows(predictor, batch, by_modality, explain)
             records = [output_record(m.id, r, columns, m.row) for m, r in zip(batch, results)]
             _write(writer, records)
@@ -529,13 +546,19 @@ def add_arguments(p) -> None:
                    help="the predictor's fast encoders (mmgcs.fast_path: scores within 1e-4 of the eager towers, "
                         "which serve whenever the fast one is unavailable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="predict in N processes started here, each on its share of the cores (or its own GPU) and "
+                        "writing its own part beside --out (resumable alone); the parts are merged into --out at the "
+                        "end. Under `accelerate launch -m mmgcs predict` the launcher's processes share the input "
+                        "the same way (default 1)")
+    p.add_argument("--part", default=None, metavar="K/N", help=argparse.SUPPRESS)  # one process of a sharded run
     if explain_supported():
         p.add_argument("--explain", action="store_true",
                        help="add why each prediction (column `explanation`: the plot words and word pairs behind each "
                             "predicted genre, the plot/poster share, the poster occlusion map; JSON; slower)")
 
 
-def _checked(args) -> Optional[str]:
+def options_problem(args) -> Optional[str]:
     """The problem with the options, or None."""
     out = Path(args.out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -553,25 +576,13 @@ def _checked(args) -> Optional[str]:
 
 
 def main(args) -> int:
-    problem = _checked(args)
+    problem = options_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    try:
-        model = GenreClassifier.from_pretrained(args.model)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: could not load the model from {args.model!r}: {e}", file=sys.stderr)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        stats = predict_file(Predictor(model, device=device, fast=args.fast), args.input, Path(args.out), args.batch_size,
-                             args.by_modality, args.resume, args.split, getattr(args, "explain", False),
-                             progress=False if args.no_progress else None)
-    except (OutputMismatch, OutputWriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: cannot read --input {args.input!r}: {e}", file=sys.stderr)
+    predictor = load_predictor(args)
+    stats = None if predictor is None else run_predict(predictor, args, Path(args.out), args.resume)
+    if stats is None:
         return 2
     print(f"{stats.written:,} movies written to {args.out} ({stats.errors:,} with an error"
           + (f", {stats.skipped:,} already there" if args.resume else "")
@@ -579,6 +590,32 @@ def main(args) -> int:
     if stats.duplicate_ids:
         print(duplicates_warning(stats), file=sys.stderr)
     return 0
+
+
+def load_predictor(args, device: Optional[str] = None) -> Optional[Predictor]:
+    """The predictor of --model on `device` (else --device, else cuda when available); None, with the error
+    printed, when the model cannot be loaded."""
+    try:
+        model = GenreClassifier.from_pretrained(args.model)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: could not load the model from {args.model!r}: {e}", file=sys.stderr)
+        return None
+    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Predictor(model, device=device, fast=args.fast)
+
+
+def run_predict(predictor: Predictor, args, out: Path, resume: bool, shard: Optional[Shard] = None,
+                progress: Optional[bool] = None) -> Optional[RunStats]:
+    """`predict_file` with the command's options into `out`; None, with the error printed, when it fails."""
+    try:
+        return predict_file(predictor, args.input, out, args.batch_size, args.by_modality, resume, args.split,
+                            getattr(args, "explain", False), progress=False if args.no_progress else progress,
+                            shard=shard)
+    except (OutputMismatch, OutputWriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: cannot read --input {args.input!r}: {e}", file=sys.stderr)
+    return None
 
 
 def duplicates_warning(stats: RunStats) -> str:
@@ -589,4 +626,5 @@ def duplicates_warning(stats: RunStats) -> str:
 
 
 __all__ = ["Movie", "OutputWriteError", "OutputWriter", "RunStats", "add_arguments", "duplicates_warning",
-           "explain_supported", "main", "output_columns", "predict_file", "predict_rows", "read_input", "written_ids"]
+           "explain_supported", "load_predictor", "main", "output_columns", "predict_file", "predict_rows",
+           "read_input", "run_predict", "written_ids"]

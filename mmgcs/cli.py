@@ -1,6 +1,7 @@
 """The `mmgcs` command (`python -m mmgcs` the same): one entry point over what the project already has.
 
-`predict` (mmgcs.batch_predict) and `doctor` (mmgcs.doctor) live here; `evaluate`, `data`, `sweep` hand their
+`predict` (mmgcs.batch_predict; in several processes, `--num-processes N` or under `accelerate launch -m mmgcs
+predict`: mmgcs.sharded_predict) and `doctor` (mmgcs.doctor) live here; `evaluate`, `data`, `sweep` hand their
 arguments to the existing module's own `main`, so each command has one parser and one behaviour; `serve` runs the
 Space's app.py. Training stays `accelerate launch training/train_*.py`, because accelerate must start the processes.
 """
@@ -18,7 +19,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
-from mmgcs import batch_predict, doctor, evaluate, sweep  # noqa: E402
+from mmgcs import batch_predict, doctor, evaluate, sharded_predict, sweep  # noqa: E402
 from mmgcs.data import __main__ as data_cli  # noqa: E402
 
 TRAINING = """training (accelerate starts the processes, so it is not an mmgcs subcommand):
@@ -88,6 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return DELEGATED[argv[0]][1](argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "predict":
+        if sharded_predict.sharded(args):  # --num-processes N, or a process of `accelerate launch -m mmgcs predict`
+            return sharded_predict.main(args, argv)
         return batch_predict.main(args)
     if args.command == "serve":
         return serve(args)
