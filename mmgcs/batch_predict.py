@@ -547,9 +547,9 @@ def add_arguments(p) -> None:
                         "which serve whenever the fast one is unavailable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--num-processes", type=int, default=1, metavar="N",
-                   help="predict in N processes started here, each on its share of the cores (or its own GPU) and "
-                        "writing its own part beside --out (resumable alone); the parts are merged into --out at the "
-                        "end. Under `accelerate launch -m mmgcs predict` the launcher's processes share the input "
+                   help="predict in N processes (this one and N-1 it starts), each on its share of the cores (or "
+                        "its own GPU) and writing its own part beside --out (resumable alone); the parts are merged "
+                        "into --out at the end, in input order. Under `accelerate launch -m mmgcs predict` the launcher's processes share the input "
                         "the same way (default 1)")
     p.add_argument("--part", default=None, metavar="K/N", help=argparse.SUPPRESS)  # one process of a sharded run
     if explain_supported():
