@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ from safetensors.torch import load_file
 
 from mmgcs import interrupts
 from mmgcs.config import RunConfig, config_to_dict, save_config
+from mmgcs.digest import file_sha256, tensors_digest
 from mmgcs.hub import PushError
 from mmgcs.hub.push import push_bundle
 
@@ -430,14 +430,6 @@ def recover_folder(folder: Path) -> Optional[str]:
 
 
 # -------------------------------------------------------------------------------------------- manifest
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -445,7 +437,7 @@ def _files(folder: Path) -> list[Path]:
 def write_manifest(folder: Path) -> None:
     """The sha256 and size of every file in ``folder``, written last and atomically: a checkpoint is verifiable
     only once all of it is on disk."""
-    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in _files(folder)}
     write_json_atomic(folder / MANIFEST, {"format": MANIFEST_FORMAT, "files": files})
 
@@ -471,7 +463,7 @@ def manifest_problem(folder: Path) -> Optional[str]:
         recorded = entry.get("bytes") if isinstance(entry, dict) else None
         if path.stat().st_size != recorded:
             return f"{name} has {path.stat().st_size} bytes, not the {recorded} recorded"
-        if _sha256(path) != entry.get("sha256"):
+        if file_sha256(path) != entry.get("sha256"):
             return f"{name} does not match its recorded sha256 (the file was changed or damaged)"
     unknown = [n for n in (p.relative_to(folder).as_posix() for p in _files(folder)) if n not in files]
     if unknown:
@@ -717,17 +709,6 @@ def frozen_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over each tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{t.dtype}|{tuple(tensors[name].shape)}|".encode())
-        if t.numel():
-            digest.update(t.view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def _leave_out_frozen(accelerator) -> Callable:
     """accelerate's save_state pre-hook: the model's weights without ``frozen_names`` (unwrapped names, so DDP's
     ``module.`` prefix never reaches the file) and, from the main process, their names and digest in FROZEN_FILE."""
@@ -916,11 +897,7 @@ def load_bundle_weights(model: torch.nn.Module, bundle: Path) -> None:
 def replicas_in_sync(accelerator, model: torch.nn.Module) -> bool:
     """Every process must hold the same weights after an epoch; a launch that silently trains independent
     copies (e.g. `--multi_gpu` without a GPU and without cpu=True) is stopped here rather than reported."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    digests = gather_object([digest.hexdigest()])
+    digests = gather_object([tensors_digest(model.state_dict())])
     if len(set(digests)) != 1:
         raise TrainingError(
             f"The {len(digests)} processes hold different weights after an epoch: they are not training one "

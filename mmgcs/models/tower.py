@@ -1,6 +1,7 @@
 """What every text and image tower shares: `out_dim`, `set_finetune(mode, n)`, and `cache_key(cfg)`: what its
 features depend on, so that the feature cache can store them without knowing the tower."""
 
+import functools
 import hashlib
 from typing import Any, Collection, Optional
 
@@ -8,8 +9,11 @@ import torch
 from torch import nn
 
 from mmgcs.config import ModelConfig
+from mmgcs.digest import tensors_digest
 
 FINETUNE_MODES = ("frozen", "partial", "full")
+# 32 hex digits: the weights part of every feature-cache key (and so of its file names) already on disk.
+_KEY_HASH = functools.partial(hashlib.blake2b, digest_size=16)
 
 
 def weights_hash(module: nn.Module, exclude: Collection[str] = ()) -> str:
@@ -18,15 +22,9 @@ def weights_hash(module: nn.Module, exclude: Collection[str] = ()) -> str:
 
     Exact rather than clever: hashing MiniLM's 90 MB takes about 0.1 s, far less than one featurization pass.
     """
-    h = hashlib.blake2b(digest_size=16)
     skip = set(exclude)
-    for name, tensor in sorted(module.state_dict().items()):
-        if name in skip:
-            continue
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    kept = {name: tensor for name, tensor in module.state_dict().items() if name not in skip}
+    return tensors_digest(kept, _KEY_HASH)
 
 
 def outputs_agree(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-3) -> bool:
