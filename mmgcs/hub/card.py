@@ -16,13 +16,12 @@ from huggingface_hub.repocard_data import eval_results_to_model_index
 
 from mmgcs.config import ModelConfig
 from mmgcs.hub.bundle import CARD_NAME, CONFIG_NAME, read_config
+from mmgcs.resources import resource_path
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE_PATHS = (
-    Path(__file__).resolve().parents[1] / "model_card.md",  # when shipped as package data
-    Path(__file__).resolve().parents[2] / "model_card.md",  # the repository's template
-)
+# The repository's model_card.md, shipped in the package (mmgcs/resources/).
+TEMPLATE = resource_path("model_card.md")
 METRIC_NAMES = {  # compute_metrics key → (Hub metric type, display name, config)
     "micro_f1": ("f1", "Micro F1", "micro"),
     "macro_f1": ("f1", "Macro F1", "macro"),
@@ -167,10 +166,7 @@ def card_metadata(cfg: ModelConfig, metrics: Optional[dict] = None, dataset_id: 
 
 # ------------------------------------------------------------------------------------------ the card
 def _template() -> Optional[str]:
-    for path in TEMPLATE_PATHS:
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    return None
+    return TEMPLATE.read_text(encoding="utf-8") if TEMPLATE.is_file() else None
 
 
 def _card_values(cfg: ModelConfig, metrics: Optional[dict], dataset_id: Optional[str], repo_id: Optional[str]) -> dict:
