@@ -16,8 +16,10 @@ Abuse (issue 18): --explain-callers K runs K more callers asking for explanation
 during each level, and reports their count and latency beside the plain callers' (--callers 1 --explain-callers 16:
 a plain caller's p50 with 16 explain callers running); --join-flood N first sends N `queue/join` explain requests
 from one client (one session, then N more from new sessions) without reading any result, reports how many were
-accepted and refused, and a plain request's latency right after each. The callers send no telemetry (gradio_client's
-is on unless `analytics_enabled=False`, whatever GRADIO_ANALYTICS_ENABLED says; huggingface_hub's is off too).
+accepted and refused, and a plain request's latency right after each. --spy S records the server with py-spy for S
+seconds of the last level and prints its CPU samples per stage (towers, head, decode, Gradio; issue 12's profile).
+The callers send no telemetry (gradio_client's is on unless `analytics_enabled=False`, whatever
+GRADIO_ANALYTICS_ENABLED says; huggingface_hub's is off too).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -341,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="K more callers asking for explanations during each level (issue 18's explain flood)")
     ap.add_argument("--join-flood", type=int, default=0, metavar="N",
                     help="first send N queue/join explain requests from one client, never reading the results")
+    ap.add_argument("--spy", type=float, default=0, metavar="SECONDS",
+                    help="record the server with py-spy during the last level (at most its --seconds) and print its "
+                         "CPU samples per stage; needs py-spy (pip install py-spy) and the server's pid")
     ap.add_argument("--paths", default="",
                     help="eager,fast: start one app per serving path (MMGCS_FAST_PATH=0 / 1) and report each, in one run")
     args = ap.parse_args(argv)
@@ -384,16 +390,19 @@ def measure(args, env: dict) -> dict:
             items, what = movies(args.movies, Path(tmp))
             bad = bad_requests(Path(tmp))
             flood = join_flood(url, args.join_flood, items, args.verify_ssl) if args.join_flood else []
-            rows = []
+            rows, stages = [], None
             if flood:
                 drained(url)
-            for n in [int(x) for x in args.callers.split(",")]:
-                if args.warmup > 0:
+            levels = [(int(n), e) for n in args.callers.split(",") for e in sorted({0, args.explain_callers})]
+            for i, (n, explainers) in enumerate(levels):
+                if args.warmup > 0 and explainers == 0:
                     run_level(url, n, args.warmup, items, args.mode, verify_ssl=args.verify_ssl)
                 # with explain callers, each level runs first without them: the unloaded figures on the same app
-                for explainers in sorted({0, args.explain_callers}):
-                    rows.append(run_level(url, n, args.seconds, items, args.mode, pid, args.verify_ssl, bad,
-                                          args.bad_every, explainers))
+                last = args.spy and i == len(levels) - 1
+                spy = start_spy(pid, min(args.spy, args.seconds), Path(tmp)) if last else None
+                rows.append(run_level(url, n, args.seconds, items, args.mode, pid, args.verify_ssl, bad,
+                                      args.bad_every, explainers))
+                stages = finish_spy(spy, Path(tmp)) if spy else stages
         peak = peak_rss_mb(pid) if pid else None
     finally:
         if proc is not None:
@@ -402,7 +411,42 @@ def measure(args, env: dict) -> dict:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    return {"url": url, "info": info, "what": what, "rows": rows, "peak": peak, "startup": startup, "flood": flood}
+    return {"url": url, "info": info, "what": what, "rows": rows, "peak": peak, "startup": startup, "flood": flood,
+            "stages": stages}
+
+
+def start_spy(pid: int | None, seconds: float, folder: Path) -> subprocess.Popen:
+    """py-spy recording the server (its raw stacks into folder/spy.txt) while the level runs."""
+    spy = Path(sys.executable).with_name("py-spy")
+    spy = str(spy) if spy.is_file() else shutil.which("py-spy")
+    if not spy or not pid:
+        raise SystemExit("--spy needs py-spy (pip install py-spy) and the server's pid (--server-pid with --url)")
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate",
+                             "200", "--format", "raw", "--nonblocking", "-o", str(folder / "spy.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish_spy(spy: subprocess.Popen, folder: Path) -> dict:
+    """The stage table of what py-spy recorded (or why it recorded nothing, e.g. no ptrace permission)."""
+    _, err = spy.communicate(timeout=120)
+    raw = folder / "spy.txt"
+    if spy.returncode or not raw.is_file():
+        return {"error": f"py-spy exit {spy.returncode}: {err.strip()[-300:]}"}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_profile
+
+    counts, total = bench_profile.spy_stages(raw.read_text(encoding="utf-8").splitlines())
+    return {"counts": dict(counts.most_common()), "total": total}
+
+
+def print_stages(stages: dict) -> None:
+    if "error" in stages:
+        print(f"\npy-spy: {stages['error']}")
+        return
+    print("\n| stage (app server, py-spy, last level) | share of CPU samples |\n|---|---:|")
+    for stage, n in stages["counts"].items():
+        print(f"| {stage} | {n / max(stages['total'], 1):.0%} |")
+    print(f"| total samples | {stages['total']} |")
 
 
 def print_flood(f: dict) -> None:
@@ -439,6 +483,8 @@ def report(args, result: dict, load_before: float, ceiling) -> None:
                   f"| {r['explain_p50']:.0f} |")
     for f in result.get("flood", []):
         print_flood(f)
+    if result.get("stages"):
+        print_stages(result["stages"])
     print(f"\nserver peak memory (VmHWM): {peak:.0f} MB" if peak else "\nserver peak memory: unknown (pass --server-pid)")
     for r in rows:
         if r["first_error"]:

@@ -1,5 +1,6 @@
 """Helpers of the speed benchmarks (bench_predict.py, bench_app_load.py): this machine's fp32 matmul rate, the
-FLOPs of one predict call, a per-stage profile of one movie, and the fast path's exactness over a test split."""
+FLOPs of one predict call, a per-stage profile of one movie, the fast path's exactness over a test split, and the
+app server's CPU samples per stage from a py-spy record (bench_app_load.py --spy)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import functools
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 
 def matmul_rate(threads: int, n: int = 1024, repeats: int = 5) -> float:
@@ -149,3 +150,41 @@ def exactness(model, dataset: str, batch_size: int = 32) -> str:
     return (f"exactness over {len(test)} test movies of {dataset} (fused + plot-only + poster-only scores), fast towers: "
             f"{kind}: max |Δ score| = {worst:.2e} ({ok} 1e-4); {flips} of {decisions} fused genre decisions "
             f"flipped; torch {torch.__version__}")
+
+
+# Where a py-spy sample of the app server goes: the first rule matching a frame, from the leaf up (library frames
+# belong to their caller). Earlier rules are more specific than later ones ("mmgcs/" is whatever predict glue is left).
+SPY_STAGES = [
+    ("text tower (ONNX Runtime)", ("mmgcs/fast_path.py", "encode_text")),
+    ("image tower (TorchScript)", ("mmgcs/models/image_fast.py", "encode_image")),
+    ("fusion head ×3 + probabilities", ("mmgcs/models/fusion.py", "mmgcs/models/classifier.py",
+                                        "mmgcs/models/lexical.py:logits")),
+    ("tokenize", ("mmgcs/models/preprocessing.py",)),
+    ("lexical n-grams", ("mmgcs/models/lexical.py",)),
+    ("poster decode (upload checks + PIL)", ("mmgcs/data/images.py", "mmgcs/uploads.py")),
+    ("resize + to tensor + normalize", ("_images (",)),
+    ("predict glue (validate, batch dict, views, results, json)", ("mmgcs/",)),
+    ("app handler (app.py)", ("/app.py",)),
+    ("Gradio / HTTP (queue, files, JSON, uvicorn, asyncio)", ("gradio", "uvicorn", "starlette", "fastapi", "anyio",
+                                                             "httpx", "h11", "asyncio", "pydantic", "multipart",
+                                                             "safehttpx")),
+]
+
+
+def spy_stages(raw_lines) -> tuple[Counter, int]:
+    """CPU samples per stage of py-spy's raw (collapsed) stacks (`frame;frame;... count` lines), and their total.
+    py-spy samples running threads only, so time a thread spends waiting (epoll, locks) is not counted."""
+    counts, total = Counter(), 0
+    for line in raw_lines:
+        stack, _, n = line.rstrip().rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        total += int(n)
+        stage = "other (threading, GC, ...)"
+        for frame in reversed(stack.split(";")):
+            hit = next((name for name, keys in SPY_STAGES if any(k in frame for k in keys)), None)
+            if hit:
+                stage = hit
+                break
+        counts[stage] += int(n)
+    return counts, total
