@@ -20,6 +20,7 @@ from typing import Optional, Sequence  # noqa: E402
 
 from mmgcs import batch_predict, doctor, evaluate, resources, sharded_predict, sweep  # noqa: E402
 from mmgcs.data import __main__ as data_cli  # noqa: E402
+from mmgcs.progress import set_quiet  # noqa: E402
 
 TRAINING = """training (accelerate starts the processes, so it is not an mmgcs subcommand):
   accelerate launch training/train_fusion.py    plot + poster (configs/fusion.yaml)
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="run a trained model over a CSV / JSONL / poster folder / built dataset",
                              description=batch_predict.__doc__.split("\n\n")[0])
     batch_predict.add_arguments(predict)
+    add_quiet_flag(predict)
     for name, (summary, _) in DELEGATED.items():
         sub.add_parser(name, help=summary, add_help=False)
     serve = sub.add_parser("serve", help="serve the Space's page (app.py) locally",
@@ -60,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("doctor", help="check the environment: versions, devices, backbones, Hub, cache, browser")
     doctor.add_arguments(check)
     return p
+
+
+def add_quiet_flag(parser: argparse.ArgumentParser) -> None:
+    """`--quiet` on a command that runs long steps (unless its own arguments have it already)."""
+    if "--quiet" not in parser._option_string_actions:
+        parser.add_argument("--quiet", action="store_true",
+                            help="no progress bars, in this process and those it starts (sets MMGCS_QUIET=1)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -83,6 +92,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return DELEGATED[argv[0]][1](argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "predict":
+        if args.quiet:  # the policy of every bar (mmgcs.progress), inherited by the parts a sharded run starts
+            set_quiet()
+            args.no_progress = True
         if sharded_predict.sharded(args):  # --num-processes N, or a process of `accelerate launch -m mmgcs predict`
             return sharded_predict.main(args, argv)
         return batch_predict.main(args)

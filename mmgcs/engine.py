@@ -33,6 +33,7 @@ from mmgcs.hub import PushError  # one class for model and dataset uploads
 from mmgcs.inference import without_modality
 from mmgcs.models.choices import check_model_choices
 from mmgcs.optim import apply_stage, build_optimizer, build_schedule, two_stage
+from mmgcs.progress import progress_enabled, set_quiet
 from mmgcs.report import flatten_dict, resolve_trackers, run_metrics, save_finished_run, tracker_config
 from mmgcs.runs import TrainingError, latest_checkpoint  # noqa: F401  (importable from here, as before)
 
@@ -59,6 +60,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the best bundle when done")
     parser.add_argument("--fast", action="store_true", help="quick experiment: a slice of the data, 2 epochs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (featurizing, caches, epochs)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser
 
@@ -69,6 +71,8 @@ def main(argv: Optional[Sequence[str]] = None, default_config: Optional[str | Pa
     runtime.configure_cpu_policy()  # in time only when torch is not loaded yet; the workers get it either way
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
+    if args.quiet:
+        set_quiet()
     runtime.setup_logging()
     overrides = [*args.overrides, *(["train.resume=true"] if args.resume else []),
                  *([f"train.push_to_hub={args.push_to_hub}"] if args.push_to_hub else [])]
@@ -268,7 +272,8 @@ class Trainer:
         self.model.train()
         loader.set_epoch(epoch)
         total, count, steps = torch.zeros((), device=acc.device), 0, 0
-        with tqdm(loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", disable=not acc.is_local_main_process,
+        with tqdm(loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
+                  disable=not (acc.is_local_main_process and progress_enabled()),
                   dynamic_ncols=True, leave=False) as bar:  # closed, its line cleared, when Ctrl-C stops the loop
             for batch in bar:
                 batch = self.loaders.take(batch)

@@ -25,7 +25,6 @@ if __name__ == "__main__":  # `python -m mmgcs.evaluate`: the CPU policy, before
 import argparse
 import itertools
 import json
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,6 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import datasets
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mmgcs.data import load_movies
 from mmgcs.data.genres import canonical_genre, genre_key, parse_renames
@@ -46,6 +44,8 @@ from mmgcs.inference import Predictor
 from mmgcs.metrics import bootstrap_intervals, compute_metrics, decide, decision_thresholds, resolve_thresholds
 from mmgcs.models.classifier import GenreClassifier
 from mmgcs.models.preprocessing import plot_present
+from mmgcs.progress import progress as progress_bar
+from mmgcs.progress import set_quiet
 from mmgcs.report import format_metrics_table
 
 
@@ -68,6 +68,7 @@ class EvalData:
     split: Optional[str] = None  # the split scored: a built dataset's, or a raw source's official one (MM-IMDb)
     skipped: list[dict] = field(default_factory=list)  # rows the reader could not read
     notes: Counter = field(default_factory=Counter)
+    size: Optional[int] = None  # how many rows `rows` yields when known before reading (a built split): the ETA
 
 
 # Duplicate ids the report names (it counts them all).
@@ -157,7 +158,7 @@ def read_dataset(path: str, split: str) -> EvalData:
                     title=batch["title"][i] if "title" in batch else None,
                 )
 
-    return EvalData(rows=rows(), kind="dataset", vocabulary=list(names), split=split)
+    return EvalData(rows=rows(), kind="dataset", vocabulary=list(names), split=split, size=ds.num_rows)
 
 
 def read_source(path: str, fmt: Optional[str] = None, split: Optional[str] = None) -> EvalData:
@@ -423,26 +424,27 @@ def evaluate(
     renames: Optional[dict[str, str]] = None,
     limit: int = 0,
     predictions_path: Optional[str | Path] = None,
-    progress: bool = False,
+    progress: Optional[bool] = None,
     n_boot: int = 1000,
 ) -> dict:
-    """Score ``model`` on ``data``; returns the report (counts, skipped rows, unknown genres, metrics)."""
+    """Score ``model`` on ``data``; returns the report (counts, skipped rows, unknown genres, metrics).
+    ``progress``: a bar of the movies scored (mmgcs.progress); None follows the process's policy."""
     plan = _plan(model, data, threshold, modality, renames)
     mapper = plan.mapper
     tally = _Tally()
     rows = itertools.islice(iter(data.rows), limit) if limit else iter(data.rows)
-    bar = tqdm(desc="scoring", unit="movie", file=sys.stderr) if progress else None
+    size = data.size if data.size is not None else len(data.rows) if hasattr(data.rows, "__len__") else None
+    total = min(size, limit) if size is not None and limit else size
     pred_file = PredictionLines(predictions_path) if predictions_path else None
+    bar = progress_bar(total=total, desc="scoring", unit="movies", enabled=progress)  # closed below, whatever fails
     try:
         for chunk in batched(rows, batch_size):
             _score_chunk(model, chunk, plan, data, mapper, tally, pred_file)
-            if bar is not None:
-                bar.update(len(chunk))
+            bar.update(len(chunk))
     finally:
+        bar.close()  # first: closing a file on a full disk raises
         if pred_file:
             pred_file.close()
-        if bar is not None:
-            bar.close()
     report = _base_report(plan, data, mapper, tally)
     if tally.ids:
         _add_metrics(report, plan, tally, model, threshold, n_boot)
@@ -549,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap resamples for 95%% intervals of micro/macro/samples F1 (0 = off)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (in a log, without it: a line every 30 s)")
     return p
 
 
@@ -645,6 +648,8 @@ def _write_report(result: dict, out: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        set_quiet()
     renames = _checked_renames(args)
     _check_outputs(args)
     try:
@@ -657,7 +662,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     try:
         result.update(evaluate(
             model, data, batch_size=args.batch_size, threshold=args.threshold, modality=args.modality,
-            renames=renames, limit=args.limit, predictions_path=args.predictions, progress=sys.stderr.isatty(),
+            renames=renames, limit=args.limit, predictions_path=args.predictions,
             n_boot=args.bootstrap,
         ))
     except (FileNotFoundError, ValueError) as e:  # bad options or data, each message naming the remedy

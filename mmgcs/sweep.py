@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 
 from mmgcs import engine
 from mmgcs.config import CHOICES, ConfigError, load_config, parse_overrides, read_yaml_mapping
+from mmgcs.progress import set_quiet
 from mmgcs.runs import TrainingError, latest_checkpoint
 from mmgcs.runtime import setup_logging
 
@@ -225,8 +226,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     )
     parser.add_argument("--config", required=True, metavar="SWEEP_FILE", help="e.g. configs/sweep.yaml")
     parser.add_argument("--fast", action="store_true", help="the --fast profile for every point")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every point")
     args = parser.parse_intermixed_args(argv)
+    if args.quiet:
+        set_quiet()
     setup_logging()
     try:
         parse_overrides(args.overrides)
