@@ -3,7 +3,8 @@
 ``main(argv, default_config)`` parses the command line; ``run(cfg)`` trains, evaluates and saves in OUTPUT_DIR:
 model/ (the best bundle), metrics.json, history.json, config.yaml, plots, checkpoints/epoch_NNN/ (latest and best;
 --resume takes the newest intact one) and COMPLETE, written last. Loaders: ``mmgcs.loaders``; calibration:
-``mmgcs.calibrate``; the run report: ``mmgcs.report``; the folder lock, bundle swap and checkpoints: ``mmgcs.runs``.
+``mmgcs.calibrate``; the run report: ``mmgcs.report``; the folder lock, bundle swap and checkpoints: ``mmgcs.runs``;
+the loop's state and early stopping: ``mmgcs.loop_state``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from mmgcs import calibrate, interrupts, loaders, runs, runtime
 from mmgcs.calibrate import LEXICAL_WEIGHTS  # noqa: F401  (importable from here, as before)
 from mmgcs.config import ConfigError, RunConfig, load_config, validate_config
 from mmgcs.hub import PushError  # one class for model and dataset uploads
+from mmgcs.hub.push import push_run_bundle
 from mmgcs.inference import without_modality
+from mmgcs.loop_state import LoopState
 from mmgcs.models.choices import check_model_choices
 from mmgcs.optim import apply_stage, build_optimizer, build_schedule, two_stage
 from mmgcs.progress import progress_enabled, set_quiet
@@ -179,7 +182,7 @@ class Trainer:
         self._caller_threads = torch.get_num_threads()
         _set_threads(runtime.launched_threads(acc.device.type, acc.num_processes, self._caller_threads))
         self.threads, self.is_main = torch.get_num_threads(), acc.is_main_process
-        self.state, self.start_epoch, self.loader_kind = runs.LoopState(), 0, "raw"
+        self.state, self.start_epoch, self.loader_kind = LoopState(), 0, "raw"
         self.epoch_running, self.finishing = None, False  # how far the run got (``progress``)
         self.metric_mode = "min" if self.tcfg.metric_for_best == "loss" else "max"
         self.data = self.loaders = self.model = self.optimizer = self.schedule = self.threshold = self._resume_from = None
@@ -357,7 +360,7 @@ class Trainer:
         ckpt = self._resume_from  # verified in fit (runs.pick_checkpoint, which warns when there is none yet)
         if ckpt is None:
             return
-        self.state, done = runs.LoopState.from_checkpoint(ckpt)
+        self.state, done = LoopState.from_checkpoint(ckpt)
         apply_stage(self.accelerator.unwrap_model(self.model), self.tcfg, done)
         runs.load_checkpoint(self.accelerator, ckpt)  # without the frozen towers: checked against their digest
         self.start_epoch = self.state.resumed_at(done, self.tcfg.epochs, self.tcfg.early_stopping_patience, ckpt)
@@ -389,7 +392,7 @@ class Trainer:
         broadcast_object_list(result)
         acc.wait_for_everyone()
         if self.tcfg.push_to_hub and self.is_main:
-            logger.info("Pushed the bundle to %s", runs.push_run_bundle(self.out / BUNDLE, self.tcfg.push_to_hub, self.out))
+            logger.info("Pushed the bundle to %s", push_run_bundle(self.out / BUNDLE, self.tcfg.push_to_hub, self.out))
         return result[0]
 
     def _save_outputs(self, metrics: dict, thresholds, test_pred: dict, hidden: dict) -> None:

@@ -15,7 +15,8 @@ from accelerate import utils as accelerate_utils
 
 from mmgcs.config import ConfigError, RunConfig, config_to_dict
 from mmgcs.hub import card, is_hub_id
-from mmgcs.runs import flatten_dict, mark_complete, replace_folder, write_json_atomic
+from mmgcs.runs.folder import flatten_dict, mark_complete
+from mmgcs.runs.swap import replace_folder, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def save_finished_run(out: Path, bundle: str, model, data_path: str, metrics: Ma
         card.fill_model_card(folder, metrics["test"], model_name=f"mmgcs-{out.resolve().name}", dataset_name=dataset,
                              dataset_type=dataset, task_type=card.pipeline_tag(model.config))
 
-    replace_folder(out / bundle, write_bundle)  # recoverable from a kill at any step (see mmgcs.runs)
+    replace_folder(out / bundle, write_bundle)  # recoverable from a kill at any step (see mmgcs.runs.swap)
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "history.json", history)
     arrays = {"probs": test_pred["probs"], "labels": test_pred["labels"]}

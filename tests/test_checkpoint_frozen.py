@@ -15,8 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from engine_helpers import REPO_ROOT, build_dataset, tiny_overrides
 
-from mmgcs import runs
+from mmgcs.digest import tensors_digest
 from mmgcs.engine import main
+from mmgcs.runs import checkpoints, frozen
+from mmgcs.runs.failures import TrainingError
+from mmgcs.runs.manifest import MANIFEST
 from mmgcs.testing import tiny_model, tiny_text_backbone_dir
 
 FUSION = REPO_ROOT / "configs" / "fusion.yaml"  # both towers frozen, their features cached
@@ -86,7 +89,7 @@ def test_a_checkpoint_holds_neither_the_frozen_weights_nor_their_bytes(reference
     for epoch in (1, 2):
         folder = out / "checkpoints" / f"epoch_{epoch:03d}"
         saved = load_file(folder / "model.safetensors")
-        record = json.loads((folder / runs.FROZEN_FILE).read_text())
+        record = json.loads((folder / frozen.FROZEN_FILE).read_text())
         left_out = set(record["names"])
         assert set(saved) | left_out == set(bundle) and not set(saved) & left_out
         if kind == "frozen" or epoch == 1:
@@ -97,13 +100,13 @@ def test_a_checkpoint_holds_neither_the_frozen_weights_nor_their_bytes(reference
             assert {k for k in left_out if k.startswith("text_tower.")} == {
                 k for k in towers if k.startswith("text_tower.") and ".layer.1." not in k}
             assert {k for k in towers if k.startswith("image_tower.")} <= left_out
-        assert record["sha256"] == runs.tensors_digest({k: bundle[k] for k in left_out})
+        assert record["sha256"] == tensors_digest({k: bundle[k] for k in left_out})
         # The file is smaller by the left-out tensors' bytes (header aside).
         left_bytes = sum(bundle[k].numel() * bundle[k].element_size() for k in left_out)
         full = (out / "model" / "model.safetensors").stat().st_size
         assert (folder / "model.safetensors").stat().st_size < full - left_bytes + 64 * 1024
-        manifest = json.loads((folder / runs.MANIFEST).read_text())["files"]
-        assert runs.FROZEN_FILE in manifest and runs.checkpoint_problem(folder) is None
+        manifest = json.loads((folder / MANIFEST).read_text())["files"]
+        assert frozen.FROZEN_FILE in manifest and checkpoints.checkpoint_problem(folder) is None
 
 
 def test_resume_without_the_frozen_weights_ends_like_the_uninterrupted_run(reference, tmp_path, caplog):
@@ -122,11 +125,11 @@ def test_a_full_checkpoint_of_earlier_code_still_resumes(tmp_path, caplog):
     data = build_dataset(tmp_path, n=45, poster_every=1, plot_every=1)
     ref_out = tmp_path / "reference"
     with pytest.MonkeyPatch.context() as mp:  # how checkpoints were written before: accelerate's full state
-        mp.setattr(runs, "_save_state", lambda accelerator, folder: accelerator.save_state(str(folder)))
+        mp.setattr(checkpoints, "_save_state", lambda accelerator, folder: accelerator.save_state(str(folder)))
         expected = _train_keeping_epoch_1(_args(data, ref_out, tmp_path), FUSION, ref_out, tmp_path / "archive")
     out = tmp_path / "run"
     first = _as_if_killed_after_epoch_1(ref_out, out)
-    assert not (first / runs.FROZEN_FILE).exists()
+    assert not (first / frozen.FROZEN_FILE).exists()
     assert any(k.startswith("text_tower.") for k in load_file(first / "model.safetensors"))
     with caplog.at_level(logging.INFO):
         metrics = main([*_args(data, out, tmp_path), "--resume"], default_config=FUSION)
@@ -169,7 +172,7 @@ def _frozen_model():
 
 def test_frozen_names_are_the_towers_weights_that_do_not_train_never_the_head():
     model = _frozen_model()
-    names = set(runs.frozen_names(model))
+    names = set(frozen.frozen_names(model))
     state = model.state_dict()
     assert {k for k in state if k.startswith("text_tower.")} <= names  # a frozen tower: all of it
     image_params = dict(model.image_tower.named_parameters(prefix="image_tower", remove_duplicate=False))
@@ -179,7 +182,7 @@ def test_frozen_names_are_the_towers_weights_that_do_not_train_never_the_head():
     assert not any(k.startswith("lexical.") for k in names)  # fitted, never graded: kept
     model.text_tower.set_finetune("full")
     model.image_tower.set_finetune("full")
-    assert runs.frozen_names(model) == []
+    assert frozen.frozen_names(model) == []
 
 
 def _checkpoint_of(model, folder: Path, names, left_out=None) -> Path:
@@ -187,40 +190,40 @@ def _checkpoint_of(model, folder: Path, names, left_out=None) -> Path:
     folder.mkdir()
     state = model.state_dict()
     gone = set(names if left_out is None else left_out)
-    save_file({k: v.contiguous() for k, v in state.items() if k not in gone}, folder / runs.CHECKPOINT_WEIGHTS)
-    (folder / runs.FROZEN_FILE).write_text(json.dumps({
-        "format": runs.FROZEN_FORMAT, "weights": runs.CHECKPOINT_WEIGHTS, "names": sorted(names),
-        "sha256": runs.tensors_digest({n: state[n] for n in names})}))
+    save_file({k: v.contiguous() for k, v in state.items() if k not in gone}, folder / frozen.CHECKPOINT_WEIGHTS)
+    (folder / frozen.FROZEN_FILE).write_text(json.dumps({
+        "format": frozen.FROZEN_FORMAT, "weights": frozen.CHECKPOINT_WEIGHTS, "names": sorted(names),
+        "sha256": tensors_digest({n: state[n] for n in names})}))
     return folder
 
 
 def test_loading_is_strict_about_what_was_left_out(tmp_path):
     model = _frozen_model()
-    names = runs.frozen_names(model)
+    names = frozen.frozen_names(model)
     folder = _checkpoint_of(model, tmp_path / "ok", names)
     other = _frozen_model()
     with torch.no_grad():
         for p in other.fusion.parameters():
             p.add_(1.0)
-    runs.load_without_frozen(other, folder)
+    frozen.load_without_frozen(other, folder)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     # A checkpoint that also lacks a head weight, or records as frozen a weight it holds, or holds one the model
     # does not have: refused, naming the weight the model has and the checkpoint lacks.
     head = next(k for k in model.state_dict() if k.startswith("fusion."))
-    with pytest.raises(runs.TrainingError, match=f"does not fit this model.*lacks {head}, which is not frozen.*start a new run"):
-        runs.load_without_frozen(other, _checkpoint_of(model, tmp_path / "head", names, left_out=[*names, head]))
-    with pytest.raises(runs.TrainingError, match="does not fit this model"):
-        runs.load_without_frozen(other, _checkpoint_of(model, tmp_path / "held", [*names, head], left_out=names))
+    with pytest.raises(TrainingError, match=f"does not fit this model.*lacks {head}, which is not frozen.*start a new run"):
+        frozen.load_without_frozen(other, _checkpoint_of(model, tmp_path / "head", names, left_out=[*names, head]))
+    with pytest.raises(TrainingError, match="does not fit this model"):
+        frozen.load_without_frozen(other, _checkpoint_of(model, tmp_path / "held", [*names, head], left_out=names))
     folder = _checkpoint_of(model, tmp_path / "extra", names)
-    saved = load_file(folder / runs.CHECKPOINT_WEIGHTS)
-    save_file({**saved, "fusion.unknown": torch.zeros(2)}, folder / runs.CHECKPOINT_WEIGHTS)
-    with pytest.raises(runs.TrainingError, match="holds 1 the model does not have"):
-        runs.load_without_frozen(other, folder)
+    saved = load_file(folder / frozen.CHECKPOINT_WEIGHTS)
+    save_file({**saved, "fusion.unknown": torch.zeros(2)}, folder / frozen.CHECKPOINT_WEIGHTS)
+    with pytest.raises(TrainingError, match="holds 1 the model does not have"):
+        frozen.load_without_frozen(other, folder)
     # The same names over other values: the digest says so, naming both towers involved.
     with torch.no_grad():
         other.text_tower.backbone.embeddings.word_embeddings.weight[0, 0] += 1.0
-    with pytest.raises(runs.TrainingError, match="frozen image and text backbones differ from those the run"):
-        runs.load_without_frozen(other, _checkpoint_of(model, tmp_path / "changed", names))
+    with pytest.raises(TrainingError, match="frozen image and text backbones differ from those the run"):
+        frozen.load_without_frozen(other, _checkpoint_of(model, tmp_path / "changed", names))
 
 
 @pytest.mark.parametrize("record, reason", [
@@ -229,6 +232,6 @@ def test_loading_is_strict_about_what_was_left_out(tmp_path):
     ('["a"]', "is not a valid record"),
 ])
 def test_a_damaged_record_makes_the_checkpoint_untrusted(tmp_path, record, reason):
-    (tmp_path / runs.FROZEN_FILE).write_text(record)
-    assert reason in runs.frozen_problem(tmp_path)
-    assert runs.frozen_problem(tmp_path / "nothing-left-out") is None
+    (tmp_path / frozen.FROZEN_FILE).write_text(record)
+    assert reason in frozen.frozen_problem(tmp_path)
+    assert frozen.frozen_problem(tmp_path / "nothing-left-out") is None

@@ -66,7 +66,7 @@ def _zero_tail(path):
 
 def _redigest(folder):
     """What a checkpoint damaged *before* its digests were taken looks like (the semantic checks must catch it)."""
-    from mmgcs.runs import write_manifest
+    from mmgcs.runs.manifest import write_manifest
 
     write_manifest(folder)
 
@@ -134,7 +134,7 @@ def test_no_intact_checkpoint_is_a_clear_error_naming_each_and_the_remedy(runs_d
 
 
 def test_every_checkpoint_carries_digests_of_all_its_files(runs_dir):
-    from mmgcs.runs import checkpoint_problem
+    from mmgcs.runs.checkpoints import checkpoint_problem
 
     _, out, _, _ = runs_dir
     folder = out / "checkpoints" / "epoch_002"

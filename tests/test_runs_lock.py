@@ -84,7 +84,7 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path, data, capsys):
 
 @pytest.mark.slow
 def test_a_ddp_run_on_a_locked_folder_stops_on_every_process(tmp_path, data):
-    from mmgcs.runs import RunLock
+    from mmgcs.runs.lock import RunLock
     from mmgcs.testing import tiny_text_backbone_dir
 
     out = tmp_path / "run"

@@ -14,7 +14,8 @@ from safetensors import SafetensorError
 
 from engine_helpers import REPO_ROOT, build_dataset, tiny_overrides
 
-from mmgcs import runs
+from mmgcs.runs import failures
+from mmgcs.runs.replicas import collective
 from mmgcs.engine import main
 
 CONFIG = REPO_ROOT / "configs" / "fusion.yaml"
@@ -141,7 +142,7 @@ def test_every_checkpoint_writer_running_out_of_space_is_a_clear_error(tmp_path,
     else:
         monkeypatch.setattr(torch, "save", partial_then(disk_full_error("RuntimeError")))
     full = writer != "torch.save, space left"  # torch does not say why: the free space does
-    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: shutil_usage(free=0 if full else 10 << 30))
+    monkeypatch.setattr(failures.shutil, "disk_usage", lambda path: shutil_usage(free=0 if full else 10 << 30))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         main(tiny_overrides(data, out, train__epochs=1, train__cache_dir=shared_cache), default_config=CONFIG)
@@ -169,7 +170,7 @@ def shutil_usage(free: int):
     (RuntimeError("basic_ios::clear: iostream error"), -1),
 ])
 def test_write_failures_are_recognised_with_their_reason(error, expected):
-    found = runs.write_failure(error)
+    found = failures.write_failure(error)
     assert found is not None and found.errno == expected
 
 
@@ -181,6 +182,6 @@ def test_other_errors_in_a_collective_step_are_not_called_a_failed_save(error):
     def step():
         raise error
 
-    assert runs.write_failure(error) is None
+    assert failures.write_failure(error) is None
     with pytest.raises(type(error)):
-        runs.collective(OneProcess(), step, runs.save_failed("the model", Path("/nowhere")))
+        collective(OneProcess(), step, failures.save_failed("the model", Path("/nowhere")))

@@ -10,7 +10,7 @@ import pytest
 
 from engine_helpers import REPO_ROOT, build_dataset, tiny_overrides
 
-import mmgcs.runs as runs
+from mmgcs.runs import swap
 from mmgcs.engine import main
 
 
@@ -38,10 +38,10 @@ def _steps(monkeypatch, kill_at=None) -> list:
                 raise Killed(name)
             return fn(*args, **kwargs)
 
-        monkeypatch.setattr(runs, name, step)
+        monkeypatch.setattr(swap, name, step)
 
     for name in ("_rename", "_remove_tree", "_remove_file", "write_json_atomic"):
-        wrap(name, getattr(runs, name))
+        wrap(name, getattr(swap, name))
     return seen
 
 
@@ -55,10 +55,10 @@ def _state(folder: Path) -> str:
 def _count_steps(tmp_path) -> int:
     folder = tmp_path / "count" / "model"
     folder.parent.mkdir()
-    runs.replace_folder(folder, _write("old"))
+    swap.replace_folder(folder, _write("old"))
     with pytest.MonkeyPatch.context() as mp:
         seen = _steps(mp)
-        runs.replace_folder(folder, _write("new"))
+        swap.replace_folder(folder, _write("new"))
     return len(seen)
 
 
@@ -69,13 +69,13 @@ def test_a_kill_at_every_step_of_the_swap_leaves_the_old_or_the_new_bundle(tmp_p
     for kill_at in range(1, total + 1):
         folder = tmp_path / f"kill-{kill_at}" / "model"
         folder.parent.mkdir()
-        runs.replace_folder(folder, _write("old"))
+        swap.replace_folder(folder, _write("old"))
         with pytest.MonkeyPatch.context() as mp:
             seen = _steps(mp, kill_at)
             with pytest.raises(Killed):
-                runs.replace_folder(folder, _write("new"))
+                swap.replace_folder(folder, _write("new"))
         marked = "write_json_atomic" in seen[:-1]  # the completion marker was on disk before the kill
-        runs.recover_folder(folder)
+        swap.recover_folder(folder)
         got = _state(folder)
         assert got == ("new" if marked else "old"), (kill_at, seen)
         outcomes.append(got)
@@ -84,7 +84,7 @@ def test_a_kill_at_every_step_of_the_swap_leaves_the_old_or_the_new_bundle(tmp_p
 
 def test_a_kill_while_writing_the_new_bundle_keeps_the_old_one_and_leaves_no_tmp(tmp_path):
     folder = tmp_path / "model"
-    runs.replace_folder(folder, _write("old"))
+    swap.replace_folder(folder, _write("old"))
 
     def half(tmp: Path) -> None:
         tmp.mkdir()
@@ -92,7 +92,7 @@ def test_a_kill_while_writing_the_new_bundle_keeps_the_old_one_and_leaves_no_tmp
         raise Killed
 
     with pytest.raises(Killed):
-        runs.replace_folder(folder, half)
+        swap.replace_folder(folder, half)
     assert _state(folder) == "old"
 
 
@@ -100,13 +100,13 @@ def test_recovery_of_the_reported_case_promotes_the_complete_tmp(tmp_path):
     """model/ already moved aside, the complete .model.tmp not yet renamed: the kill of the issue."""
     folder = tmp_path / "model"
     _write("new")(tmp_path / ".model.tmp")
-    runs.write_json_atomic(tmp_path / ".model.complete", {"complete": ".model.tmp"})
+    swap.write_json_atomic(tmp_path / ".model.complete", {"complete": ".model.tmp"})
     _write("old")(tmp_path / ".model.old")
-    assert "finished saving" in runs.recover_folder(folder)
+    assert "finished saving" in swap.recover_folder(folder)
     assert _state(folder) == "new"
     # An incomplete tmp (no marker) is discarded, whatever it holds.
     _write("half")(tmp_path / ".model.tmp")
-    assert "discarded" in runs.recover_folder(folder)
+    assert "discarded" in swap.recover_folder(folder)
     assert _state(folder) == "new"
 
 

@@ -5,7 +5,7 @@
 - `weights.py`: model.safetensors' header checked against the model before any read, then the tensors copied in;
 - `memory.py`: running out of memory while loading, reported as memory (how much the bundle needs);
 - `ids.py`: the Hub-id rule (`owner/name` vs a local folder);
-- `push.py`: upload a saved bundle (offline: a clear error saying where it is);
+- `push.py`: upload a saved bundle, a model or a finished run's bundle (offline: a clear error saying where it is);
 - `card.py`: the model card, its model-index and the one metrics-table builder;
 - `errors.py`: BundleError (BundleMemoryError), HubUnavailableError, PushError.
 
@@ -22,7 +22,7 @@ _LAZY = {
                      "WEIGHTS_NAME", "check_buildable", "check_bundle_files", "config_dict", "load_bundle",
                      "read_config", "read_config_and_meta", "read_state_dict", "resolve_bundle", "save_bundle_files"),
                     "mmgcs.hub.bundle"),
-    **dict.fromkeys(("push_bundle", "push_model"), "mmgcs.hub.push"),
+    **dict.fromkeys(("push_bundle", "push_model", "push_run_bundle"), "mmgcs.hub.push"),
     **dict.fromkeys(("METRIC_NAMES", "card_metadata", "eval_results", "fill_model_card", "metrics_table",
                      "model_card", "model_index", "pipeline_tag", "render_model_card"), "mmgcs.hub.card"),
 }

@@ -1,4 +1,5 @@
-"""Uploading a saved bundle to a Hub model repo; offline, a clear error saying where the bundle is."""
+"""Uploading a saved bundle to a Hub model repo (a bundle folder, a model, a finished run's bundle); offline, a clear
+error saying where the bundle is."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any, Optional, Union
 from huggingface_hub import HfApi
 
 from mmgcs.hub.bundle import BUNDLE_PATTERNS, CONFIG_NAME, WEIGHTS_NAME, read_config
-from mmgcs.hub.errors import BundleError, HubUnavailableError
+from mmgcs.hub.errors import BundleError, HubUnavailableError, PushError
 from mmgcs.hub.ids import default_bundle_dir
 from mmgcs.hub.ids import hub_reachable
 
@@ -53,4 +54,16 @@ def push_model(model, repo_id: str, *, save_directory: Union[str, Path, None] = 
     return push_bundle(folder, repo_id, token=token, private=private, commit_message=commit_message, **kwargs)
 
 
-__all__ = ["default_bundle_dir", "push_bundle", "push_model"]
+def push_run_bundle(bundle: Path, repo_id: str, output_dir: Path) -> str:
+    """Upload a finished run's bundle; a failure says that everything is saved and how to push it later."""
+    try:
+        return push_bundle(bundle, repo_id)
+    except Exception as e:
+        raise PushError(
+            f"Could not push {bundle} to the Hub repo {repo_id!r}: {type(e).__name__}: {e}. "
+            f"Everything is saved in {output_dir}; push it later with "
+            f"`huggingface-cli upload {repo_id} {bundle} .` once the Hub is reachable and you are logged in"
+        ) from None
+
+
+__all__ = ["default_bundle_dir", "push_bundle", "push_model", "push_run_bundle"]
