@@ -7,16 +7,14 @@ from __future__ import annotations
 import errno
 import json
 import os
-from pathlib import Path
 
 import pytest
 from safetensors import SafetensorError
 
 from engine_helpers import REPO_ROOT, build_dataset, tiny_overrides
 
-from mmgcs.runs import failures
-from mmgcs.runs.replicas import collective
 from mmgcs.engine import main
+from mmgcs.runs import failures
 
 CONFIG = REPO_ROOT / "configs" / "fusion.yaml"
 # What each writer raises on a full disk, copied from a run on a full 2 MB tmpfs (safetensors 0.8, torch 2.14).
@@ -174,14 +172,16 @@ def test_write_failures_are_recognised_with_their_reason(error, expected):
     assert found is not None and found.errno == expected
 
 
-@pytest.mark.parametrize("error", [RuntimeError("size mismatch for head.weight"), ValueError("a bug"), KeyError("x")])
-def test_other_errors_in_a_collective_step_are_not_called_a_failed_save(error):
-    class OneProcess:
-        num_processes = 1
-
-    def step():
-        raise error
-
-    assert failures.write_failure(error) is None
-    with pytest.raises(type(error)):
-        collective(OneProcess(), step, failures.save_failed("the model", Path("/nowhere")))
+def test_the_message_of_a_failed_save_names_what_where_why_and_the_remedy(tmp_path, monkeypatch):
+    message = failures.save_failed("the best model", tmp_path)
+    full = message(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    assert full.startswith(f"Could not save the best model in {tmp_path}: the disk is full. Free some space")
+    assert "run again with --resume" in full
+    assert ": Permission denied." in message(OSError(errno.EACCES, "Permission denied"))
+    torch_failed = failures.write_failure(disk_full_error("RuntimeError"))  # torch does not say why: free space does
+    monkeypatch.setattr(failures.shutil, "disk_usage", lambda path: shutil_usage(free=10 << 30))
+    assert "the disk is full" not in message(torch_failed)
+    monkeypatch.setattr(failures.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
+    assert "the disk is full" in message(torch_failed)
+    refused = failures.not_writable(tmp_path, OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(refused, failures.TrainingError) and "the disk is full; free some space" in str(refused)
