@@ -90,26 +90,32 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
     """Training batches of rows of similar length (the Hugging Face Trainer's group_by_length): the epoch's random
     order is cut into groups of `GROUP_BATCHES` batches, each group sorted by length and cut into batches, and the
     full batches are shuffled (the short one stays last). A batch then pads little (plots of 5 to 128 tokens, 65 on
-    average). `sampler` is the epoch's order (accelerate calls its set_epoch)."""
+    average). `sampler` is the epoch's order (accelerate calls its set_epoch).
+
+    On `processes` data-parallel processes a step's batch is the `processes` batches accelerate deals in turn, so the
+    groups are cut into global batches of `batch_size * processes` rows, each then cut into consecutive per-process
+    batches: a step sees the rows one process sees with the global batch (the same model, as on the feature path)."""
 
     GROUP_BATCHES = 50
 
-    def __init__(self, lengths: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.lengths, self.batch_size = lengths, batch_size
+    def __init__(self, lengths: torch.Tensor, batch_size: int, seed: int, processes: int = 1) -> None:
+        self.lengths, self.batch_size, self.processes = lengths, batch_size, processes
         self.sampler = EpochPermutation(len(lengths), seed)
 
     def __iter__(self):
         order = torch.tensor(list(self.sampler), dtype=torch.long)
-        group = self.GROUP_BATCHES * self.batch_size
+        size = self.batch_size * self.processes
+        group = self.GROUP_BATCHES * size
         batches = []
         for start in range(0, len(order), group):
             rows = order[start : start + group]
             rows = rows[torch.argsort(self.lengths[rows], descending=True, stable=True)]
-            batches.extend(rows[b : b + self.batch_size].tolist() for b in range(0, len(rows), self.batch_size))
+            batches.extend(rows[b : b + size].tolist() for b in range(0, len(rows), size))
         # The one short batch stays last, where accelerate's sharding of batches across processes expects it.
-        full = [b for b in batches if len(b) == self.batch_size]
+        full = [b for b in batches if len(b) == size]
         shuffle = torch.randperm(len(full), generator=self.sampler.generator()).tolist()
-        return iter([full[i] for i in shuffle] + [b for b in batches if len(b) < self.batch_size])
+        steps = [full[i] for i in shuffle] + [b for b in batches if len(b) < size]
+        return iter([s[b : b + self.batch_size] for s in steps for b in range(0, len(s), self.batch_size)])
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
@@ -150,6 +156,7 @@ def prefix_loaders(model, data, tcfg: TrainConfig, accelerator, image_features: 
             prefixes[role] = cache.get_or_compute(model, split, batch_size=tcfg.eval_batch_size)
     if cache.misses:
         logger.info("Cached the text prefix of %d split(s) in %.1f s", cache.misses, cache.seconds)
+    cache.log_per_process(accelerator)
     loaders = {}
     for role, split in data.splits.items():
         extra = {"labels": targets(split["genres"], data.mapping, len(data.labels), data.task), **lexical_inputs(role)}
@@ -158,7 +165,7 @@ def prefix_loaders(model, data, tcfg: TrainConfig, accelerator, image_features: 
         rows = PrefixRows(prefixes[role], extra)
         if role == "train":
             lengths = prefixes[role].offsets.diff()
-            batches = LengthGroupedBatches(lengths, batch_size(role), tcfg.seed)
+            batches = LengthGroupedBatches(lengths, batch_size(role), tcfg.seed, accelerator.num_processes)
             loaders[role] = DataLoader(rows, batch_sampler=batches, collate_fn=collate_prefix)
         else:  # evaluation keeps the split's order (predictions are saved by row)
             loaders[role] = DataLoader(rows, batch_size=batch_size(role), collate_fn=collate_prefix)

@@ -67,10 +67,12 @@ def _launch_env(node: Path) -> dict:
     return env
 
 
-def run_two_machines(root: Path, dataset: Path, out, cache_of, processes: int, expect_ok: bool = True) -> list[str]:
+def run_two_machines(root: Path, dataset: Path, out, cache_of, processes: int, expect_ok: bool = True,
+                     extra: tuple = ()) -> list[str]:
     """Both machines' launchers at once, each from its own working folder holding a copy of ``dataset``;
     ``cache_of(node)``: the machine's train.cache_dir; ``out`` relative: a run folder on each machine's own disk.
-    Returns each machine's output (rank 0's first); with ``expect_ok`` both must have succeeded."""
+    ``extra``: more key=value settings (after the others: they win). Returns each machine's output (rank 0's first);
+    with ``expect_ok`` both must have succeeded."""
     port, launchers = _free_port(), []
     for rank in (0, 1):
         node = root / f"machine{rank}"
@@ -78,7 +80,7 @@ def run_two_machines(root: Path, dataset: Path, out, cache_of, processes: int, e
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
                "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
                "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no",
-               SCRIPT, *_settings("movies", out, cache_of(node), GLOBAL_BATCH // processes)]
+               SCRIPT, *_settings("movies", out, cache_of(node), GLOBAL_BATCH // processes), *extra]
         launchers.append(subprocess.Popen(cmd, cwd=node, env=_launch_env(node), stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True, start_new_session=True))
     try:
@@ -107,9 +109,10 @@ def training_output(log: str) -> str:
     return "\n".join(line for line in log.splitlines() if not _EXIT_BARRIER.search(line))
 
 
-def cache_report(main_log: str) -> list[tuple[int, int, str, int, int]]:
-    """(process, local process, cache folder, computed, read) of each process, from the main process's log."""
-    lines = [line for line in main_log.splitlines() if "Feature cache per process:" in line]
+def cache_report(main_log: str, cache: str = "Feature cache") -> list[tuple[int, int, str, int, int]]:
+    """(process, local process, cache folder, computed, read) of each process, from the main process's log
+    (``cache``: "Feature cache", or "Prefix cache" for the text prefix of partial fine-tuning)."""
+    lines = [line for line in main_log.splitlines() if f"{cache} per process:" in line]
     assert len(lines) == 1, main_log[-4000:]
     return [(int(p), int(local), folder, int(computed), int(read))
             for p, local, folder, computed, read in REPORT.findall(lines[0])]
@@ -119,13 +122,13 @@ def entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.safetensors"))
 
 
-def assert_same_run(out: Path, reference: Path, processes: int) -> None:
+def assert_same_run(out: Path, reference: Path, processes: int, inputs: str = "features") -> None:
     """``out`` trained one model on ``processes`` processes and ended where the one-process ``reference`` did."""
     history, expected = (json.loads((d / "history.json").read_text()) for d in (out, reference))
     assert len(history) == len(expected) == 2
     for record, ref in zip(history, expected):
         assert record["processes"] == processes and record["replicas_in_sync"] is True
-        assert record["inputs"] == ref["inputs"] == "features"
+        assert record["inputs"] == ref["inputs"] == inputs
         for key in ("train_loss", "val_loss", "val_micro_f1", "val_macro_f1", "val_mAP"):
             assert record[key] == pytest.approx(ref[key], abs=1e-6), key
     probs, ref_probs = (np.load(d / "test_predictions.npz") for d in (out, reference))

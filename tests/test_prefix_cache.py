@@ -312,7 +312,12 @@ def test_a_run_from_the_prefix_resumes_like_the_uninterrupted_run(tmp_path, movi
     args = tiny_overrides(movies, ref, train__epochs=2, train__cache_dir=tmp_path / "cache", **PARTIAL)
     expected = _train_keeping_epoch_1(args, FUSION, ref, tmp_path / "archive")
     out = tmp_path / "run"
-    _as_if_killed_after_epoch_1(ref, out)
+    first = _as_if_killed_after_epoch_1(ref, out)
+    # The checkpoint holds the tuned layer (the last of the tiny BERT's 2) and none of the frozen ones: resuming
+    # rebuilds those from the backbone and must take the tuned one from here.
+    bundle = load_file(ref / "model" / "model.safetensors")
+    assert {k for k in load_file(first / "model.safetensors") if k.startswith("text_tower.")} == {
+        k for k in bundle if k.startswith("text_tower.") and ".layer.1." in k} != set()
     with caplog.at_level(logging.INFO):
         metrics = main([*[a.replace(str(ref), str(out)) for a in args], "--resume"], default_config=FUSION)
     assert "Resumed from" in caplog.text and "Prefix cache hit" in caplog.text

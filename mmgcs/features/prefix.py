@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Optional
 import numpy as np
 import safetensors.torch
 import torch
+from accelerate.utils import gather_object
 from safetensors import SafetensorError, safe_open
 
 from mmgcs.features.keys import check_split, column_digest, file_name, key_digest, model_tower
@@ -139,6 +141,8 @@ class PrefixCache:
     mmgcs.features.locks); `seconds` the time computing took.
     """
 
+    what = "text prefix"  # what is cached, in messages
+
     def __init__(self, cache_dir=DEFAULT_CACHE_DIR, dtype: str = "float32", lock_wait_s: float = LOCK_WAIT_S):
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"Unknown prefix storage dtype {dtype!r}; available: {list(STORAGE_DTYPES)} (train.prefix_dtype)")
@@ -174,6 +178,20 @@ class PrefixCache:
             self.seconds += seconds
             self._store(path, prefix, key, digest, seconds)
         return prefix
+
+    def log_per_process(self, accelerator) -> None:
+        """On a multi-process run, the main process logs what each process's cache did (the others log warnings
+        only): which machine computed which prefixes, and which read them ("Text prefix cache per process: ...").
+        Every process must call it."""
+        if accelerator.num_processes == 1:
+            return
+        mine = (accelerator.process_index, accelerator.local_process_index, socket.gethostname(),
+                str(self.cache_dir.resolve()), self.misses, self.hits)
+        counts = gather_object([mine])
+        if accelerator.is_main_process:
+            logger.info("%s cache per process: %s", self.what[:1].upper() + self.what[1:], "; ".join(
+                f"process {p} (local {local}, host {host}, cache {folder}): computed {misses}, read {hits}"
+                for p, local, host, folder, misses, hits in sorted(counts)))
 
     def _hit(self, path: Path, digest: str, n: int, waited: bool = False) -> Optional[CachedPrefix]:
         """The stored prefix of `path` (counted as a hit), or None when there is no usable file."""
