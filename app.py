@@ -8,8 +8,9 @@ Run `python app.py` (a Hugging Face Space runs this file as is). Settings come f
   the examples (default `data/movies`; no examples when it is absent — posters are never shipped with the app).
 - `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`: the address (default 127.0.0.1:7860).
 - Limits: `MMGCS_MAX_PLOT_CHARS`, `MMGCS_MAX_IMAGE_PIXELS`, `MMGCS_MAX_FILE_MB`, `MMGCS_CONCURRENCY`,
-  `MMGCS_QUEUE_SIZE`, `MMGCS_MAX_BATCH`, `MMGCS_MAX_DECODED_PIXELS`, `MMGCS_EXPLAIN_CONCURRENCY`,
-  `MMGCS_MAX_JOBS_PER_SESSION`, `MMGCS_MAX_JOBS_PER_IP`, `MMGCS_MAX_UPLOAD_AGE_S`, `MMGCS_MAX_UPLOAD_FOLDER_MB`
+  `MMGCS_QUEUE_SIZE`, `MMGCS_MAX_BATCH`, `MMGCS_MAX_BATCH_MOVIES`, `MMGCS_MAX_DECODED_PIXELS`,
+  `MMGCS_EXPLAIN_CONCURRENCY`, `MMGCS_MAX_JOBS_PER_SESSION`, `MMGCS_MAX_JOBS_PER_IP`, `MMGCS_MAX_UPLOAD_AGE_S`,
+  `MMGCS_MAX_UPLOAD_FOLDER_MB`
   (defaults in `mmgcs.serving.Limits`); `MMGCS_PRECISION` (see `mmgcs.serving.choose_precision`).
 - Uploads go to `GRADIO_TEMP_DIR`, or when unset to a folder of this process's own, removed at exit. Behind a
   reverse proxy, `FORWARDED_ALLOW_IPS` names it so that the per-client caps see each client's own address (set for
@@ -20,7 +21,9 @@ the page, the input checks and the wiring.
 
 API (see the app's "Use via API" page): `/predict(plot, poster, title, explain) -> {"scores", "genres",
 "by_modality"}` (every parameter optional; the title is read only by a model trained with it, see
-`ModelConfig.text_template`; `explain=true` adds `"explanation"`, see `mmgcs.explain`) and
+`ModelConfig.text_template`; `explain=true` adds `"explanation"`, see `mmgcs.explain`),
+`/predict_batch(movies) -> [one /predict answer per movie]` (up to `MMGCS_MAX_BATCH_MOVIES` movies a call, each
+`{"plot", "poster", "title"}`; a movie that cannot be classified gets `{"index", "error"}`) and
 `/model_info() -> {"labels", "thresholds", ...}`.
 """
 
@@ -34,8 +37,10 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from mmgcs.runtime import configure_cpu_policy, refuse_imports, release_freed_memory, skip_triton_without_gpu
@@ -315,16 +320,7 @@ def predict(plot: str | None = None, poster: str | None = None, title: str | Non
         "explanation": {"text", "genres": {genre: {"lexical": {"up", "down"}, "plot_share", "occlusion", ...}}}}
     """
     explain = check_explain(explain)
-    plot_text, title_text = check_plot(plot), check_title(title)
-    encoded = poster_bytes(poster)
-    notes = []
-    if plot_text is not None and not SPACE.reads_plot:
-        plot_text, notes = None, notes + ["This model reads posters only; the plot was ignored."]
-    if encoded is not None and not SPACE.reads_poster:
-        encoded, notes = None, notes + ["This model reads plots only; the poster was ignored."]
-    if plot_text is None and encoded is None:
-        wanted = " and/or ".join(w for w, ok in (("a plot", SPACE.reads_plot), ("a poster", SPACE.reads_poster)) if ok)
-        raise _user_error(f"Nothing to classify: give {wanted}.")
+    plot_text, encoded, title_text, notes = movie_inputs(plot, poster_bytes(poster), title)
     try:
         # The decoded poster is held until its answer is ready: the budget bounds what all requests hold at once.
         with SPACE.pixel_budget.reserve(poster_pixels(encoded)):
@@ -339,6 +335,21 @@ def predict(plot: str | None = None, poster: str | None = None, title: str | Non
     return result
 
 
+def movie_inputs(plot: Any, encoded: UploadedPoster | None, title: Any) -> tuple:
+    """(plot, encoded poster, title, notes) of one movie, checked; what the model does not read is dropped with a
+    note; a `gr.Error` when nothing is left to classify."""
+    plot_text, title_text = check_plot(plot), check_title(title)
+    notes = []
+    if plot_text is not None and not SPACE.reads_plot:
+        plot_text, notes = None, notes + ["This model reads posters only; the plot was ignored."]
+    if encoded is not None and not SPACE.reads_poster:
+        encoded, notes = None, notes + ["This model reads plots only; the poster was ignored."]
+    if plot_text is None and encoded is None:
+        wanted = " and/or ".join(w for w, ok in (("a plot", SPACE.reads_plot), ("a poster", SPACE.reads_poster)) if ok)
+        raise _user_error(f"Nothing to classify: give {wanted}.")
+    return plot_text, encoded, title_text, notes
+
+
 def _run_model(plot: str | None, image: PIL.Image.Image | None, title: str | None, explain: bool = False) -> dict:
     try:
         # the default call as before explanations existed (anything standing in for the predictor still fits)
@@ -350,6 +361,90 @@ def _run_model(plot: str | None, image: PIL.Image.Image | None, title: str | Non
             title="Prediction failed",
             print_exception=False,
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several movies a call (/predict_batch): each checked and answered as /predict would, through the same batcher.
+
+BATCH = "predict_batch"
+BATCH_KEYS = ("plot", "poster", "title")
+MODEL_FAILED = "The model failed on this input. Try again; if it keeps failing, try another poster or plot."
+
+
+def predict_batch(movies: list[dict]) -> list[dict]:
+    """Predict the genres of several movies in one call, each as /predict would (the same checks, model and answer).
+
+    Args:
+        movies: a list of at most /model_info limits.max_batch_movies movies, each {"plot": text, "poster": an image
+            file (gradio_client.handle_file(path)), "title": text}, every key optional (give a plot, a poster or both)
+    Returns:
+        one answer per movie, in order: what /predict answers for it, or {"index": its position, "error": why} for a
+        movie that cannot be classified (the others are answered all the same)
+    """
+    movies = batch_movies(movies)  # a call over HTTP was checked whole before Gradio read it (check_batch_request)
+    answers: list = [None] * len(movies)
+    sent, group = [], []  # (index, future, notes) given to the model; (index, item, release, notes) not yet
+    try:
+        for i, movie in enumerate(movies):
+            try:
+                plot, encoded, title, notes = movie_inputs(movie.get("plot"), batch_poster(movie.get("poster")),
+                                                           movie.get("title"))
+                pixels = poster_pixels(encoded)
+                if group and SPACE.pixel_budget.in_use + pixels > SPACE.pixel_budget.max_pixels:
+                    sent += _send(group)  # this call's own posters must not wait for each other's budget
+                    group = []
+                group.append((i, *_decoded(plot, encoded, title, pixels), notes))
+            except gr.Error as e:
+                answers[i] = {"index": i, "error": e.message}
+        sent += _send(group)
+        group = []
+    finally:
+        for _, _, release, _ in group:  # an unexpected failure: what this call holds of the budget goes back
+            release()
+    for i, future, notes in sent:
+        try:
+            result = future.result()
+        except Exception as e:
+            log_failure(log, "prediction failed", e)  # the details stay in the server log
+            answers[i] = {"index": i, "error": MODEL_FAILED}
+        else:
+            answers[i] = {**result, "notes": notes} if notes else result
+    return answers
+
+
+def _decoded(plot: str | None, encoded: UploadedPoster | None, title: str | None, pixels: int) -> tuple:
+    """(the model's item, the call that gives its pixels back): the poster decoded within the pixel budget, held
+    until the model has answered for it (as /predict holds it)."""
+    held = ExitStack()
+    try:
+        held.enter_context(SPACE.pixel_budget.reserve(pixels))
+        image = decode_poster(encoded)
+    except UploadError as e:
+        held.close()
+        raise _user_error(str(e)) from None
+    except BaseException:
+        held.close()
+        raise
+    return (plot, image, title), held.close
+
+
+def _send(group: list) -> list:
+    """The decoded movies to the batcher as one group; each gives its pixels back once answered."""
+    if not group:
+        return []
+    futures = SPACE.predictor.submit_movies([item for _, item, _, _ in group])
+    for (_, _, release, _), future in zip(group, futures):
+        future.add_done_callback(lambda _, release=release: release())
+    return [(i, future, notes) for (i, _, _, notes), future in zip(group, futures)]
+
+
+def batch_poster(payload: Any) -> UploadedPoster | None:
+    """A /predict_batch movie's poster: a file (its shape checked by `check_batch_request`) read as /predict reads
+    its upload; an in-process caller may also give what /predict's `poster_bytes` takes."""
+    if isinstance(payload, dict):
+        return _undecoded_upload(SimpleNamespace(
+            url=payload.get("url"), path=payload.get("path"), orig_name=payload.get("orig_name")))
+    return poster_bytes(payload)
 
 
 def _backbone_name(name: str) -> str:
@@ -639,7 +734,7 @@ def _outputs() -> tuple[gr.Markdown, gr.Label, gr.Dataframe, gr.JSON]:
 
 
 def build_demo(space: Space, examples: list[list]) -> gr.Blocks:
-    """The page and its two API endpoints (/predict, /model_info) for the model `space` serves."""
+    """The page and its API endpoints (/predict, /predict_batch, /model_info) for the model `space` serves."""
     # Uploads older than max_upload_age_s are deleted (checked 6 times in that span), and all of them at exit.
     age = LIMITS.max_upload_age_s
     with gr.Blocks(title="MMGCS — movie genre classifier", delete_cache=(max(1, age // 6), age)) as demo:
@@ -683,6 +778,8 @@ def build_demo(space: Space, examples: list[list]) -> gr.Blocks:
         )
         demo.load(lambda: True, outputs=explain, api_visibility="private", queue=False)
         clear.add([title, plot, poster, verdict, top, table, raw, words, heat])
+        # Its movies join the same micro-batches as /predict's (one model, one batcher), in the same slots.
+        gr.api(predict_batch, api_name=BATCH, concurrency_limit=LIMITS.concurrency, concurrency_id="model")
         gr.api(model_info, api_name="model_info", concurrency_limit=None)
     # api_open=False: an event of the queue cannot be run directly (POST /run/<name>), around the queue's limits.
     demo.queue(default_concurrency_limit=LIMITS.concurrency, max_size=LIMITS.queue_size, api_open=False)
@@ -713,17 +810,56 @@ def check_predict_request(inputs: list) -> list:
     plot, poster, title, explain = (*inputs, False)[:4]
     check_explain(explain)
     inputs = [plot, poster, title, explain]
-    for field, value in (("plot", plot), ("title", title)):
+    check_movie_shape({"plot": plot, "poster": poster, "title": title})
+    return inputs
+
+
+def check_movie_shape(movie: dict, where: str = "") -> None:
+    """A movie's raw values have the types /predict documents (`where`: how a message names the movie)."""
+    for field in ("plot", "title"):
+        value = movie.get(field)
         if value is not None and not isinstance(value, str):
-            raise _user_error(f"`{field}` must be text or null, not {type(value).__name__}.")
+            raise _user_error(f"{where}`{field}` must be text or null, not {type(value).__name__}.")
+    poster = movie.get("poster")
     if poster is None:
-        return inputs
+        return
     # Without this meta key Gradio does not check that the path is an upload (see read_upload for the rest).
     if not isinstance(poster, dict) or poster.get("meta") != FILE_DATA:
-        raise _user_error(POSTER_SHAPE + f"; got {type(poster).__name__}" + ("" if isinstance(poster, dict) else "."))
+        got = f"; got {type(poster).__name__}" + ("" if isinstance(poster, dict) else ".")
+        raise _user_error(where + POSTER_SHAPE + got)
     if not isinstance(poster.get("path") or poster.get("url"), str):
-        raise _user_error(POSTER_SHAPE + "; the file has neither a path nor a url.")
+        raise _user_error(where + POSTER_SHAPE + "; the file has neither a path nor a url.")
+
+
+def check_batch_request(inputs: list) -> list:
+    """What a call to /predict_batch must send, checked before Gradio touches a file in it: one list of at most
+    `max_batch_movies` objects with plot, poster and title only, of /predict's types. A refusal names the movie by
+    its index and refuses the whole call (a malformed request); a movie that is only unusable (an undecodable
+    poster, an over-long plot) is answered by its own error instead (`predict_batch`)."""
+    for i, movie in enumerate(batch_movies(inputs[0] if len(inputs) == 1 else None)):
+        check_movie_shape(movie, f"movies[{i}]: ")
     return inputs
+
+
+def batch_movies(movies: Any) -> list[dict]:
+    """The movies of a /predict_batch call: a list of 1 to `max_batch_movies` objects with no key but plot,
+    poster and title (else a `gr.Error` naming the first wrong one by its index)."""
+    limit = LIMITS.max_batch_movies
+    if not isinstance(movies, list) or not movies:
+        raise _user_error(f"/predict_batch takes one value, `movies`: a list of 1 to {limit} objects "
+                          '{"plot", "poster", "title"} (each key optional).')
+    if len(movies) > limit:
+        raise _user_error(f"/predict_batch takes at most {limit} movies a call; the request sent {len(movies)}. "
+                          f"Send them in calls of {limit} or fewer.")
+    for i, movie in enumerate(movies):
+        if not isinstance(movie, dict):
+            raise _user_error(f'movies[{i}] must be an object {{"plot", "poster", "title"}}, not '
+                              f"{type(movie).__name__}.")
+        unknown = sorted(set(movie) - set(BATCH_KEYS))
+        if unknown:
+            raise _user_error(f"movies[{i}] has unknown keys {unknown}: a movie has plot, poster and title (each "
+                              "optional).")
+    return movies
 
 
 def guard_requests(demo: gr.Blocks) -> None:
@@ -734,6 +870,8 @@ def guard_requests(demo: gr.Blocks) -> None:
     async def checked_preprocess(block_fn, inputs, state, explicit_call=False):
         if block_fn.api_name in ("predict", EXPLAINED):
             inputs = check_predict_request(list(inputs))
+        elif block_fn.api_name == BATCH:
+            inputs = check_batch_request(list(inputs))
         try:
             return await preprocess(block_fn, inputs, state, explicit_call)
         except gr.Error as e:
@@ -760,7 +898,8 @@ def guard_jobs(demo: gr.Blocks) -> Middleware:
         queue = demo._queue
         events = [e for q in list(queue.event_queue_per_concurrency_id.values()) for e in list(q.queue)]
         events += [e for job in list(queue.active_jobs) if job for e in job]
-        return [(e.session_hash, client_address(e.request.scope) if e.request is not None else None) for e in events]
+        return [(e.session_hash, client_address(e.request.scope) if e.request is not None else None)
+                for e in events for _ in range(job_weight(e))]
 
     def explained(data) -> bool:
         return isinstance(data, list) and len(data) == len(PREDICT_INPUTS) + 1 and data[-1] is True
@@ -771,10 +910,22 @@ def guard_jobs(demo: gr.Blocks) -> Middleware:
     return Middleware(JobGuard, quota=quota, reroutes=[reroute], unserved=unserved)
 
 
+def job_weight(event) -> int:
+    """What a job counts against the per-client caps: a /predict_batch call its movies (at most the cap of a call:
+    more is refused before it runs), any other call one. A client's share of the queue is counted in movies."""
+    if getattr(event.fn, "api_name", None) != BATCH:
+        return 1
+    data = getattr(event.data, "data", None)
+    movies = data[0] if isinstance(data, list) and data else None
+    return min(max(len(movies), 1), LIMITS.max_batch_movies) if isinstance(movies, list) else 1
+
+
 def max_request_bytes() -> int:
-    """The largest body a valid request can have: an inline poster at the file limit (base64), the longest plot
-    and title with every character escaped, and room for the JSON around them."""
-    return LIMITS.max_file_mb * 2**20 * 4 // 3 + (LIMITS.max_plot_chars + MAX_TITLE_CHARS) * 12 + 2**16
+    """The largest body a valid request can have: an inline poster at the file limit (base64), the longest plots
+    and titles of a full /predict_batch call with every character escaped, and room for the JSON around them. (A
+    batch's posters are uploads, `gradio_client.handle_file`: inline ones fit only as far as this allows.)"""
+    text = (LIMITS.max_plot_chars + MAX_TITLE_CHARS) * 12 * LIMITS.max_batch_movies
+    return LIMITS.max_file_mb * 2**20 * 4 // 3 + text + 2**16
 
 
 def main() -> None:

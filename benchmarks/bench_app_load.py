@@ -4,13 +4,16 @@
     python benchmarks/bench_app_load.py --callers 1,4,16 --seconds 20 --model runs/fusion/model
     python benchmarks/bench_app_load.py --url http://127.0.0.1:7860 --server-pid 1234   # an app already running
     python benchmarks/bench_app_load.py --model runs/fusion/model --env MMGCS_PRECISION=fp32 --paths eager,fast
+    python benchmarks/bench_app_load.py --model runs/fusion/model --callers 1,16 --batch 1,8,16   # /predict_batch
 
 Each caller sends real movies (plot + poster from ../shared/data/tmdb5000 when present, otherwise generated ones)
 through `/predict`, as a user's script would: a poster upload, then the queued call. Prints requests/s, errors,
 p50/p95/p99 round-trip latency, server CPU ms a movie and the server's peak memory (VmHWM of its process); with
 --model, also the compute ceiling (one movie's counted FLOPs at the all-core fp32 matmul rate) and the share of it
-reached; with --paths eager,fast, one app per serving path, one after the other (issue 12). Loopback only: it refuses
-any other host, and the callers run on the same machine as the server, so they share its CPU.
+reached; with --paths eager,fast, one app per serving path, one after the other (issue 12). With --batch 1,8,16 each
+level runs once per size: 1 is `/predict`, N > 1 sends N movies per `/predict_batch` call (issue 20), and the table
+counts movies (movies/s, server CPU a movie) beside calls (latency of a call). Loopback only: it refuses any other
+host, and the callers run on the same machine as the server, so they share its CPU.
 
 Abuse (issue 18): --explain-callers K runs K more callers asking for explanations (plot + poster, explain=true)
 during each level, and reports their count and latency beside the plain callers' (--callers 1 --explain-callers 16:
@@ -144,13 +147,35 @@ def new_client(url: str, verify_ssl: bool = False):
     return Client(url, verbose=False, ssl_verify=verify_ssl, analytics_enabled=False)
 
 
+def call_app(client, movies: list, mode: str) -> int:
+    """One call for `movies`: `/predict` for one, `/predict_batch` for several; the movies answered (raises when any
+    movie of the call is not answered with scores)."""
+    from gradio_client import handle_file
+
+    def fields(plot, poster):
+        return {"plot": plot if mode in ("both", "plot") else None,
+                "poster": handle_file(poster) if mode in ("both", "poster") else None}
+
+    if len(movies) == 1:
+        if not client.predict(**fields(*movies[0]), api_name="/predict").get("scores"):
+            raise ValueError("empty scores")
+        return 1
+    answers = client.predict(movies=[fields(*m) for m in movies], api_name="/predict_batch")
+    missing = [a for a in answers if not a.get("scores")]
+    if len(answers) != len(movies) or missing:
+        raise ValueError(f"{len(missing)} of {len(movies)} movies without scores (first: {missing[:1]})")
+    return len(movies)
+
+
 def run_level(url: str, callers: int, seconds: float, items: list, mode: str, server_pid: int | None = None,
-              verify_ssl: bool = False, bad: list | None = None, bad_every: int = 0, explain_callers: int = 0) -> dict:
+              verify_ssl: bool = False, bad: list | None = None, bad_every: int = 0, explain_callers: int = 0,
+              batch: int = 1) -> dict:
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
     latencies: list[float] = []
     errors: list[str] = []
+    answered = [0]  # movies answered (a /predict_batch call answers several)
     refused = [0, 0]  # bad requests refused with a message, and bad requests answered or refused without one
     lock = threading.Lock()
     # gradio_client opens a new httpx client for each HTTP call; with certificate checks on, each one loads the CA
@@ -200,22 +225,18 @@ def run_level(url: str, callers: int, seconds: float, items: list, mode: str, se
                 with lock:
                     refused[0 if good else 1] += 1
                 continue
-            plot, poster = items[i % len(items)]
-            i += callers
-            kwargs = {"plot": plot if mode in ("both", "plot") else None,
-                      "poster": handle_file(poster) if mode in ("both", "poster") else None}
+            chosen = [items[(i + j * callers) % len(items)] for j in range(batch)]
+            i += callers * batch
             t0 = time.perf_counter()
             try:
-                result = client.predict(**kwargs, api_name="/predict")
-                if not result.get("scores"):
-                    raise ValueError("empty scores")
-                ok = True
+                n, ok = call_app(client, chosen, mode), True
             except Exception as e:  # noqa: BLE001 — every failure counts as an error of the run
                 ok, msg = False, f"{type(e).__name__}: {e}"
             dt = time.perf_counter() - t0
             with lock:
                 if ok:
                     latencies.append(dt)
+                    answered[0] += n
                 else:
                     errors.append(msg)
 
@@ -236,9 +257,10 @@ def run_level(url: str, callers: int, seconds: float, items: list, mode: str, se
     for c in clients:
         c.close()
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) >= 2 else [float("nan")] * 99
-    done = max(len(latencies) + len(errors), 1)
+    done = max(answered[0] + len(errors) * batch, 1)  # movies sent (a failed call's count as tried)
     server_ms = (server_cpu1 - server_cpu0) * 1000 / done if server_cpu0 is not None else float("nan")
-    return {"callers": callers, "ok": len(latencies), "errors": len(errors), "rps": len(latencies) / elapsed,
+    return {"callers": callers, "batch": batch, "ok": len(latencies), "errors": len(errors),
+            "rps": answered[0] / elapsed, "calls_per_s": len(latencies) / elapsed,
             "server_ms": server_ms, "client_ms": (client_cpu1 - client_cpu0) * 1000 / done,
             "p50": q[49] * 1000, "p95": q[94] * 1000, "p99": q[98] * 1000, "first_error": errors[0] if errors else "",
             "bad_refused": refused[0], "bad_wrong": refused[1], "explain_callers": explain_callers,
@@ -333,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="duration of each level")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of untimed calls before each level")
     ap.add_argument("--mode", choices=["both", "plot", "poster"], default="both", help="what each call sends")
+    ap.add_argument("--batch", default="1", help="comma-separated movies per call: 1 = /predict, N > 1 = N movies "
+                    "per /predict_batch call (each callers level runs once per size)")
     ap.add_argument("--movies", type=int, default=256, help="distinct movies to cycle through")
     ap.add_argument("--verify-ssl", action="store_true",
                     help="let the callers load the CA bundle on every HTTP call, as gradio_client does by default")
@@ -377,7 +401,8 @@ def measure(args, env: dict) -> dict:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         # every caller runs from this one address: room for all of them under the per-address job cap
-        most = max(int(x) for x in args.callers.split(",")) + args.explain_callers
+        # (a /predict_batch call counts as its movies)
+        most = max(int(x) for x in args.callers.split(",")) * max(sizes(args)) + args.explain_callers
         env.setdefault("MMGCS_MAX_JOBS_PER_IP", str(max(32, 2 * most)))
         proc = start_app(args.model, port, env)
         pid = proc.pid
@@ -393,15 +418,16 @@ def measure(args, env: dict) -> dict:
             rows, stages = [], None
             if flood:
                 drained(url)
-            levels = [(int(n), e) for n in args.callers.split(",") for e in sorted({0, args.explain_callers})]
-            for i, (n, explainers) in enumerate(levels):
+            levels = [(int(n), size, e) for n in args.callers.split(",") for size in sizes(args)
+                      for e in sorted({0, args.explain_callers})]
+            for i, (n, size, explainers) in enumerate(levels):
                 if args.warmup > 0 and explainers == 0:
-                    run_level(url, n, args.warmup, items, args.mode, verify_ssl=args.verify_ssl)
+                    run_level(url, n, args.warmup, items, args.mode, verify_ssl=args.verify_ssl, batch=size)
                 # with explain callers, each level runs first without them: the unloaded figures on the same app
                 last = args.spy and i == len(levels) - 1
                 spy = start_spy(pid, min(args.spy, args.seconds), Path(tmp)) if last else None
                 rows.append(run_level(url, n, args.seconds, items, args.mode, pid, args.verify_ssl, bad,
-                                      args.bad_every, explainers))
+                                      args.bad_every, explainers, batch=size))
                 stages = finish_spy(spy, Path(tmp)) if spy else stages
         peak = peak_rss_mb(pid) if pid else None
     finally:
@@ -413,6 +439,14 @@ def measure(args, env: dict) -> dict:
                 proc.kill()
     return {"url": url, "info": info, "what": what, "rows": rows, "peak": peak, "startup": startup, "flood": flood,
             "stages": stages}
+
+
+def sizes(args) -> list[int]:
+    """--batch's sizes (movies per call), each at least 1."""
+    out = [int(x) for x in str(args.batch).split(",") if x.strip()]
+    if not out or min(out) < 1:
+        raise SystemExit(f"--batch {args.batch}: give movies per call, e.g. 1,8,16")
+    return out
 
 
 def start_spy(pid: int | None, seconds: float, folder: Path) -> subprocess.Popen:
@@ -467,14 +501,16 @@ def report(args, result: dict, load_before: float, ceiling) -> None:
     # machine at (cores x 1000) / (server + caller CPU ms) movies/s when the callers share it, as here.
     if ceiling:
         print(f"compute ceiling: {ceiling[0]:.1f} movies/s ({ceiling[1]:.2f} GFLOP a movie at {ceiling[2]:.0f} GFLOP/s, "
-              f"fp32 2048³ matmul on {os.cpu_count()} threads); at {rows[-1]['callers']} callers the app reaches "
+              f"fp32 2048³ matmul on {os.cpu_count()} threads); at {rows[-1]['callers']} callers of "
+              f"{rows[-1]['batch']} movies a call the app reaches "
               f"{rows[-1]['rps'] / ceiling[0]:.2f} of it")
-    print("\n| callers | requests | movies/s | errors | p50 ms | p95 ms | p99 ms | server CPU ms/req | callers CPU ms/req "
-          "| bad refused with a message | bad answered or unexplained |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| callers | movies a call | calls | movies/s | errors | p50 ms a call | p95 ms | p99 ms | server CPU ms/movie "
+          "| callers CPU ms/movie | bad refused with a message | bad answered or unexplained |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['callers']} | {r['ok']} | {r['rps']:.1f} | {r['errors']} | {r['p50']:.0f} | {r['p95']:.0f} "
-              f"| {r['p99']:.0f} | {r['server_ms']:.0f} | {r['client_ms']:.0f} | {r['bad_refused']} | {r['bad_wrong']} |")
+        print(f"| {r['callers']} | {r['batch']} | {r['ok']} | {r['rps']:.1f} | {r['errors']} | {r['p50']:.0f} "
+              f"| {r['p95']:.0f} | {r['p99']:.0f} | {r['server_ms']:.0f} | {r['client_ms']:.0f} | {r['bad_refused']} "
+              f"| {r['bad_wrong']} |")
     if any(r["explain_callers"] for r in rows):
         print("\n| callers | explain callers | explanations | explain errors | explain p50 ms |")
         print("|---:|---:|---:|---:|---:|")

@@ -91,6 +91,9 @@ class Limits:
     concurrency: int = 16
     queue_size: int = 256
     max_batch: int = 32
+    # Movies one /predict_batch call may send. Its movies join the same micro-batches as single requests, and a batch
+    # job counts as its movies against the per-client caps; 16 keep one call's answer within a second or two on CPU.
+    max_batch_movies: int = 16
     # Explained requests computed at once. They have their own queue share (an explanation costs ~6x a plain
     # prediction) and run on their own worker at a lower CPU priority, so plain predictions keep their latency.
     explain_concurrency: int = 1
@@ -205,7 +208,9 @@ class MicroBatcher:
 
     A single caller pays no waiting time: a batch is whatever is queued when the worker becomes free. When a
     batch fails, each of its items is retried alone, so one bad request gets its own exception and the others
-    still get their answers.
+    still get their answers. `submit_many` queues a caller's items as one group, taken together (split only at
+    `max_batch`, its rest first in the next batch): the worker, waking on a group's first item, cannot start a
+    batch of one while the caller is still queueing the others.
     """
 
     def __init__(self, fn: Callable[[list], list], max_batch: int, name: str = "mmgcs-batcher", nice: int = 0):
@@ -215,7 +220,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.nice = nice  # how much lower the worker thread's CPU priority is (see lower_thread_priority)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._closed = False
+        self._closed = self._cancelling = False
         self._worker = threading.Thread(target=self._serve, name=name, daemon=True)
         self._worker.start()
 
@@ -226,49 +231,64 @@ class MicroBatcher:
         self._requests.put((item, future))
         return future
 
+    def submit_many(self, items: list) -> list[concurrent.futures.Future]:
+        """Submit several items as one group (see the class); one future per item, in order."""
+        if self._closed:
+            raise RuntimeError("This batcher is closed; create a new one")
+        group = [(item, concurrent.futures.Future()) for item in items]
+        if group:
+            self._requests.put(group)
+        return [future for _, future in group]
+
     def __call__(self, item: Any) -> Any:
         return self.submit(item).result()
 
     def pending(self) -> int:
-        """Requests waiting for the worker (not counting the batch it is running)."""
+        """Requests waiting for the worker (not counting the batch it is running; a group counts once)."""
         return self._requests.qsize()
 
     def close(self, timeout: Optional[float] = None, cancel_pending: bool = False) -> None:
         """Answer what is already queued (or with `cancel_pending`, cancel it: a server shutting down), then stop
         the worker, waiting at most `timeout` seconds for the call it is running."""
-        self._closed = True
+        self._closed, self._cancelling = True, cancel_pending
         while cancel_pending:
             try:
                 request = self._requests.get_nowait()
             except queue.Empty:
                 break
             if request is not _STOP:
-                request[1].cancel()
+                for _, future in _requests_of(request):
+                    future.cancel()
         self._requests.put(_STOP)
         self._worker.join(timeout)
 
     def _serve(self) -> None:
         if self.nice:
             lower_thread_priority(self.nice)
+        waiting: list = []  # (item, future) taken from the queue, not run yet: a group's rest comes first
+        stop = False
         while True:
-            request = self._requests.get()
-            if request is _STOP:
-                return
-            batch = [request]
-            stop = False
-            while len(batch) < self.max_batch:
+            if self._cancelling:  # a server shutting down: the rest of a group held here is cancelled like the queue
+                for _, future in waiting:
+                    future.cancel()
+                waiting = []
+            if not waiting:
+                request = _STOP if stop else self._requests.get()
+                if request is _STOP:
+                    return
+                waiting = list(_requests_of(request))
+            while len(waiting) < self.max_batch and not stop:
                 try:
                     request = self._requests.get_nowait()
                 except queue.Empty:
                     break
                 if request is _STOP:
                     stop = True
-                    break
-                batch.append(request)
+                else:
+                    waiting += _requests_of(request)
+            batch, waiting = waiting[: self.max_batch], waiting[self.max_batch :]
             # A caller may have cancelled its future while it waited.
             self._run([(item, f) for item, f in batch if f.set_running_or_notify_cancel()])
-            if stop:
-                return
 
     def _run(self, batch: list) -> None:
         if not batch:
@@ -286,6 +306,11 @@ class MicroBatcher:
             return
         for (_, future), result in zip(batch, results):
             future.set_result(result)
+
+
+def _requests_of(request) -> list:
+    """The (item, future) pairs of a queue entry: one request, or a group (`submit_many`)."""
+    return request if isinstance(request, list) else [request]
 
 
 def lower_thread_priority(nice: int) -> bool:
@@ -332,6 +357,11 @@ class BatchingPredictor(MicroBatcher):
         if explain:
             return self.explainer((plot, poster, title, True))
         return super().__call__((plot, poster, title, False))
+
+    def submit_movies(self, movies: list[tuple]) -> list[concurrent.futures.Future]:
+        """Several movies `(plot, poster, title)`, validated and decoded, queued as one group (`submit_many`): the
+        same batches, the same path and so the same answers as one call each; one future per movie, in order."""
+        return self.submit_many([(plot, poster, title, False) for plot, poster, title in movies])
 
     def pending(self) -> int:
         return super().pending() + self.explainer.pending()

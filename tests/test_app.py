@@ -95,7 +95,7 @@ def _check_result(result: dict, expected: dict) -> None:
 def test_api_page_lists_the_named_endpoints(client):
     api = client.view_api(return_format="dict", print_info=False)
     named = api["named_endpoints"]
-    assert set(named) == {"/predict", "/model_info"}  # the UI's rendering step stays private
+    assert set(named) == {"/predict", "/predict_batch", "/model_info"}  # the UI's rendering step stays private
     params = named["/predict"]["parameters"]
     assert [p["parameter_name"] for p in params] == ["plot", "poster", "title", "explain"]
     assert all(p["parameter_has_default"] for p in params)  # any may be left out
