@@ -10,9 +10,12 @@ the bars judged on the means.
 Candidates (CANDIDATES): "quality" = configs/fusion.yaml (all-mpnet-base-v2 + EfficientNet-Lite0, the default),
 "fast" = configs/fast-fusion.yaml (all-MiniLM-L6-v2 + EfficientNet-Lite0); "<profile>-top<k>" = the profile with
 configs/tuned-text.yaml over it: its plot encoder's top k layers (1, 2 or 4) fine-tuned from the cached output of the
-frozen layers below (train.prefix_cache). `--models fusion` trains the fused models only (no bars then). Each run
-writes stages.json: seconds computing the text prefix and the tower features, the other setup, each epoch, and
-calibration + test + saving, printed as a table. Bars (from the issue): fused micro-F1
+frozen layers below (train.prefix_cache); "<candidate>-img<b>" (b = 1 or 2, over "quality", "fast" and each of their
+"-top<k>") = that candidate with configs/tuned-image.yaml over its fused model: the poster encoder's last b stages
+(and conv_head) fine-tuned from the cached feature map entering them, the plot-only model unchanged.
+`--models fusion` trains the fused models only (no bars then). Each run writes stages.json: seconds computing the
+text and image prefixes and the tower features, the other setup, each epoch, and calibration + test + saving,
+printed as a table. Bars (from the issue): fused micro-F1
 >= 0.68, macro-F1 >= 0.60 over genres with >= 50 movies, mAP >= 0.66; the fused model beats the best single
 modality on movies with both inputs; given only the plot it is within 0.02 micro-F1 of the plot-only model.
 Each run trains into OUT/<candidate>/<model>/seed-<S> (the shared poster model: OUT/image/seed-<S>); `--reuse`
@@ -37,6 +40,8 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MPNET = "sentence-transformers/all-mpnet-base-v2"
 # Layered over a profile: its plot encoder's top layers tuned from the cached prefix (train.text_trainable_layers).
 TUNED = "tuned-text.yaml"
+# Layered over a candidate's fused model: its poster encoder's last stages tuned from the cached image prefix.
+TUNED_IMAGE = "tuned-image.yaml"
 
 
 def tuned(profile: dict, layers: int) -> dict:
@@ -58,6 +63,17 @@ CANDIDATES = {
              "text": ("text.yaml", [f"model.text_backbone={MINILM}", "train.early_stopping_patience=4"])},
 }
 CANDIDATES.update({f"{name}-top{k}": tuned(CANDIDATES[name], k) for name in ("quality", "fast") for k in (1, 2, 4)})
+
+
+def tuned_image(candidate: dict, blocks: int) -> dict:
+    """`candidate` with its fused model's last `blocks` poster-encoder stages tuned (configs/tuned-image.yaml over
+    its config); its plot-only model is the candidate's own (it has no poster encoder)."""
+    configs, overrides = candidate["fusion"]
+    files = (configs,) if isinstance(configs, str) else tuple(configs)
+    return {**candidate, "fusion": ((*files, TUNED_IMAGE), [*overrides, f"train.image_trainable_blocks={blocks}"])}
+
+
+CANDIDATES.update({f"{name}-img{b}": tuned_image(CANDIDATES[name], b) for name in list(CANDIDATES) for b in (1, 2)})
 DEFAULT_CANDIDATES = ("quality", "fast")
 IMAGE = ("image.yaml", [])
 MODELS = ("fusion", "text", "image")
@@ -94,7 +110,8 @@ def train(spec: tuple[str, list], folder: Path, data: str, overrides: list[str],
 
 
 class StageTimes(logging.Handler):
-    """Listens to a run's log for the seconds its caches spent computing (the text prefix, tower features)."""
+    """Listens to a run's log for the seconds its caches spent computing (the text and image prefixes, tower
+    features)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -102,7 +119,7 @@ class StageTimes(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = str(record.msg)
-        if message.startswith("Cached the text prefix"):
+        if message.startswith(("Cached the text prefix", "Cached the image prefix")):
             self.prefix_s += float(record.args[1])
         elif message.startswith("Stored") and "features" in message:
             self.features_s += float(record.args[-2])

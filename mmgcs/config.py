@@ -132,7 +132,11 @@ class TrainConfig:
     cache_dir: str = ".cache/mmgcs-features"
     # text_finetune=partial with cache_features: the frozen bottom of the text encoder runs once per split and its
     # output is cached (mmgcs/features/prefix.py); each step runs only the trainable top layers. false: every step
-    # runs the whole encoder (with dropout in the frozen layers too).
+    # runs the whole encoder (with dropout in the frozen layers too). The same for image_finetune=partial
+    # (mmgcs/features/image_prefix.py): the feature map entering the last image_trainable_blocks stages, computed
+    # at the eval transform, so posters are never augmented (no random crops, flips or colour jitter: every epoch
+    # sees each poster's one view and the tuned stages may overfit sooner); false: every step runs the whole tower
+    # on augmented posters.
     prefix_cache: bool = True
     prefix_dtype: str = "float32"  # how the cached prefix is stored: float32 | bfloat16 (half the disk and memory)
     early_stopping_patience: int = 3  # epochs without improvement before stopping (0 = never stop early)

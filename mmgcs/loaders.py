@@ -263,13 +263,14 @@ class LoaderFactory:
         """(kind, role → prepared loader) for the stage ``epoch`` (0-based) belongs to; ``model`` unwrapped."""
         tcfg = self.cfg.train
         cached = frozen_towers(tcfg, self.data.modalities, epoch) if tcfg.cache_features else ()
-        prefix_kind = prefix_stage_kind(model, tcfg, self.data.modalities, epoch)  # the text tower's top layers train
+        prefix_kind = prefix_stage_kind(model, tcfg, self.data.modalities, epoch)  # a tower's top trains from its prefix
         kind = prefix_kind or loader_kind(cached, self.data.modalities)
         if kind not in self._prepared:
             features = self._cached_features(model, cached) if cached else None
             if prefix_kind:
                 loaders = prefix_loaders(model, self.data, tcfg, self.accelerator, features,
-                                         lambda role: self._lexical_inputs(role, model), self._batch_size)
+                                         lambda role: self._lexical_inputs(role, model), self._batch_size,
+                                         kind=prefix_kind, num_workers=self.cfg.data.num_workers or None)
             elif kind == "features":
                 loaders = self._feature_loaders(model, features)
             else:

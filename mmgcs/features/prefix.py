@@ -138,7 +138,8 @@ class PrefixCache:
     """Cached prefixes on disk, one safetensors file per key (see `prefix_key`); `dtype` is train.prefix_dtype.
 
     `hits` and `misses` count this object's lookups (a miss computes and stores, under the entry's lock:
-    mmgcs.features.locks); `seconds` the time computing took.
+    mmgcs.features.locks); `seconds` the time computing took. Another prefix (the image tower's,
+    mmgcs/features/image_prefix.py) subclasses it with its own `what`, `key`, `compute`, `from_tensors`, `describe`.
     """
 
     what = "text prefix"  # what is cached, in messages
@@ -153,27 +154,42 @@ class PrefixCache:
         self.seconds = 0.0
         self.writable = True  # after a failed write (full disk, read-only folder) the others would fail alike
 
+    def key(self, model, split) -> dict:
+        return prefix_key(model, split, self.dtype)
+
+    def compute(self, model, split, batch_size: int):
+        return compute_prefix(model, split, batch_size=batch_size, dtype=STORAGE_DTYPES[self.dtype])
+
+    @staticmethod
+    def from_tensors(tensors: dict):
+        return CachedPrefix(tensors["hidden"], tensors["offsets"], tensors.get("frozen_means"), tensors["mask"])
+
+    @staticmethod
+    def describe(prefix: CachedPrefix) -> dict:
+        """What the stored file's JSON beside it says of its size."""
+        return {"tokens": int(prefix.hidden.shape[0]), "dim": int(prefix.hidden.shape[1])}
+
     def path_for(self, model, split) -> Path:
-        return self.cache_dir / file_name(prefix_key(model, split, self.dtype))
+        return self.cache_dir / file_name(self.key(model, split))
 
     def get_or_compute(self, model, split, batch_size: int = 64) -> CachedPrefix:
         """The prefix of every row of `split` in order: loaded when the key matches, else computed and stored."""
-        key = prefix_key(model, split, self.dtype)
+        key = self.key(model, split)
         digest, path, n = key_digest(key), self.cache_dir / file_name(key), len(split)
         loaded = self._hit(path, digest, n)
         if loaded is not None:
             return loaded
         seen = _identity(path)  # no file, or an unusable one (warned about)
-        with entry_lock(path, f"the text prefix of {n} rows", self.lock_wait_s):
+        with entry_lock(path, f"the {self.what} of {n} rows", self.lock_wait_s):
             # Whoever held the lock before may have stored the entry meanwhile (a new file: renamed into place).
             if _identity(path) != seen:
                 loaded = self._hit(path, digest, n, waited=True)
                 if loaded is not None:
                     return loaded
             self.misses += 1
-            logger.info("Prefix cache miss: computing the text prefix of %d rows (%s)", n, path.name)
+            logger.info("Prefix cache miss: computing the %s of %d rows (%s)", self.what, n, path.name)
             start = time.perf_counter()
-            prefix = compute_prefix(model, split, batch_size=batch_size, dtype=STORAGE_DTYPES[self.dtype])
+            prefix = self.compute(model, split, batch_size)
             seconds = time.perf_counter() - start
             self.seconds += seconds
             self._store(path, prefix, key, digest, seconds)
@@ -200,7 +216,7 @@ class PrefixCache:
         loaded = self._load(path, digest, n)
         if loaded is not None:
             self.hits += 1
-            logger.info("Prefix cache hit: text prefix of %d rows from %s%s", n, path,
+            logger.info("Prefix cache hit: %s of %d rows from %s%s", self.what, n, path,
                         " (stored by another process while this one waited)" if waited else "")
         return loaded
 
@@ -209,7 +225,7 @@ class PrefixCache:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
-            prefix = CachedPrefix(tensors["hidden"], tensors["offsets"], tensors.get("frozen_means"), tensors["mask"])
+            prefix = self.from_tensors(tensors)
             problem = ("its stored key does not match its name" if meta.get("mmgcs_key") != digest
                        else prefix.problem(n_rows, STORAGE_DTYPES[self.dtype]))
         except Exception as e:  # a truncated/garbled file raises assorted errors from safetensors
@@ -223,8 +239,8 @@ class PrefixCache:
     def _store(self, path: Path, prefix: CachedPrefix, key: dict, digest: str, seconds: float) -> None:
         if not self.writable:
             return
-        meta = {"key": key, "digest": digest, "rows": len(prefix), "tokens": int(prefix.hidden.shape[0]),
-                "dim": int(prefix.hidden.shape[1]), "present": int(prefix.mask.sum()), "seconds": round(seconds, 3),
+        meta = {"key": key, "digest": digest, "rows": len(prefix), **self.describe(prefix),
+                "present": int(prefix.mask.sum()), "seconds": round(seconds, 3),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()}
         tensors = {k: v.contiguous() for k, v in prefix.tensors().items()}
         try:
@@ -238,8 +254,8 @@ class PrefixCache:
                           "for this run only and nothing more is stored in this cache. Point train.cache_dir at a "
                           "writable folder with free space.", FeatureCacheWarning, stacklevel=3)
             return
-        logger.info("Stored the text prefix (%d rows, %d tokens x %d, %s, %.1f s to compute) in %s", len(prefix),
-                    prefix.hidden.shape[0], prefix.hidden.shape[1], self.dtype, seconds, path)
+        logger.info("Stored the %s (%d rows, %s, %s, %.1f s to compute) in %s", self.what, len(prefix),
+                    self.describe(prefix), self.dtype, seconds, path)
 
 
 __all__ = ["PREFIX_FORMAT", "STORAGE_DTYPES", "CachedPrefix", "PrefixCache", "compute_prefix", "prefix_key"]

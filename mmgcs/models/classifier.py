@@ -24,6 +24,7 @@ from mmgcs.inference import Predictor, preprocess
 from mmgcs.decisions import decision_thresholds
 from mmgcs.models.fusion import create_fusion
 from mmgcs.models.image import create_image_tower, image_tower_from_config
+from mmgcs.models.image_prefix import features_from_prefix as image_from_prefix
 from mmgcs.models.lexical import LexicalBranch
 from mmgcs.models.preprocessing import CROP_MODES, INTERPOLATIONS, image_transform
 from mmgcs.models.text import POOLINGS, create_text_tower, text_tower_from_config
@@ -223,10 +224,11 @@ class GenreClassifier(
         lexical_values: Optional[torch.Tensor] = None,
         text_hidden: Optional[torch.Tensor] = None,  # a cached prefix (mmgcs.features.prefix), with attention_mask
         text_frozen_means: Optional[torch.Tensor] = None,
+        image_hidden: Optional[torch.Tensor] = None,  # a cached image prefix (mmgcs.features.image_prefix)
     ) -> dict[str, Optional[torch.Tensor]]:
         batch_size = next(
-            (t.shape[0] for t in (input_ids, pixel_values, text_features, image_features, labels, text_hidden)
-             if t is not None), None
+            (t.shape[0] for t in (input_ids, pixel_values, text_features, image_features, labels, text_hidden,
+                                  image_hidden) if t is not None), None
         )
         if batch_size is None:
             raise ValueError(
@@ -243,8 +245,10 @@ class GenreClassifier(
         elif input_ids is not None or text_features is not None:
             raise ValueError("This model has no text tower (text_tower='none'); drop input_ids/text_features from the batch")
         if self.image_tower is not None:
-            inputs = (pixel_values,)
-            parts.append((*self._features(image_features, self.encode_image, inputs, image_mask, batch_size), self.image_tower))
+            encode, inputs = self.encode_image, (pixel_values,)
+            if image_hidden is not None:  # only the tower's trainable top runs, from the bottom's cached feature maps
+                encode, inputs = lambda maps: image_from_prefix(self.image_tower, maps, image_mask), (image_hidden,)
+            parts.append((*self._features(image_features, encode, inputs, image_mask, batch_size), self.image_tower))
         elif pixel_values is not None or image_features is not None:
             raise ValueError("This model has no image tower (image_tower='none'); drop pixel_values/image_features from the batch")
         # A modality missing from the whole batch still needs features of the right shape (masked out by the head).
