@@ -200,6 +200,7 @@ def save_checkpoint(accelerator, root: Path, epoch: int, state: dict, keep: set,
 
 
 def _save_state(accelerator, folder: Path) -> None:
+    """accelerate's ``save_state`` with the frozen weights left out (``leave_out_frozen``, accelerate's pre-hook)."""
     handle = accelerator.register_save_state_pre_hook(leave_out_frozen(accelerator))
     try:
         accelerator.save_state(str(folder))
