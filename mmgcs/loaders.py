@@ -38,7 +38,8 @@ from mmgcs.config import ConfigError, RunConfig
 from mmgcs.data import load_movies
 from mmgcs.features import FeatureCache
 from mmgcs.metrics import compute_metrics
-from mmgcs.models.classifier import GenreClassifier, check_loss_for_task, create_model, loss_options
+from mmgcs.models.classifier import GenreClassifier, create_model
+from mmgcs.models.losses import check_loss_for_task, loss_options
 from mmgcs.models.init_from import init_from_config
 from mmgcs.optim import frozen_towers
 from mmgcs.prefix_loaders import prefix_loaders, prefix_stage_kind
