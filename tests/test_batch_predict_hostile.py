@@ -180,7 +180,8 @@ def test_a_disk_that_fills_mid_run_says_what_was_kept_and_how_to_resume(predicto
 
 
 def test_a_parquet_write_failure_keeps_the_previous_output(predictor, tmp_path, monkeypatch):
-    source = _jsonl(tmp_path / "movies.jsonl", [json.dumps({"id": i, "plot": "a heist"}) for i in range(6)])
+    # 40 rows: after the 2 kept, 38 in windows of 16 rows (8 batches of 2), so a later window's write fails
+    source = _jsonl(tmp_path / "movies.jsonl", [json.dumps({"id": i, "plot": "a heist"}) for i in range(40)])
     out = tmp_path / "p.parquet"
     predict_file(predictor, str(source), out, batch_size=2, progress=False)
     before = pq.read_table(out).slice(0, 2)
@@ -189,7 +190,7 @@ def test_a_parquet_write_failure_keeps_the_previous_output(predictor, tmp_path, 
 
     def fail_on_the_second(self, table, *a, **k):
         calls.append(1)
-        if len(calls) == 3:  # the copied rows, the first new batch, then the disk fills
+        if len(calls) == 3:  # the copied rows, the first new window, then the disk fills
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(self, table, *a, **k)
 

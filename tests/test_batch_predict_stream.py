@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mmgcs.batch_predict import predict_file
+from mmgcs.batch_predict import predict_file, window_rows
 from mmgcs.data import sources
 from mmgcs.data.records import BuildReport
 from mmgcs.inference import Predictor
@@ -33,10 +33,12 @@ class SpyPredictor:
     def __init__(self, predictor: Predictor, watched: Path):
         self.predictor, self.watched, self.labels = predictor, watched.resolve(), predictor.labels
         self.batches: list[list[str]] = []
+        self.options: list[dict] = []
         self.read_at: list[int | None] = []  # file offset of the open reader, None when no reader has it open
 
     def predict_batch(self, plots, posters, **options):
         self.batches.append(list(plots))
+        self.options.append(options)
         self.read_at.append(_open_offset(self.watched))
         return self.predictor.predict_batch(plots, posters, **options)
 
@@ -75,11 +77,16 @@ def test_the_first_batch_is_predicted_before_most_of_the_csv_is_read(predictor, 
     size = source.stat().st_size
     spy = SpyPredictor(predictor, source)
     stats = predict_file(spy, str(source), tmp_path / "out.csv", batch_size=16, progress=False)
-    assert stats.written == 4000 and len(spy.batches) == 250
+    # one predictor call a window of 8 batches (read, decoded and sorted by length together), in batches of 16
+    assert stats.written == 4000 and len(spy.batches) == -(-4000 // window_rows(16)) == 32
+    assert {options["batch_size"] for options in spy.options} == {16}
     first = spy.read_at[0]
     assert first is not None, "the CSV was not open while predicting: it was read whole before the first batch"
     assert first < size / 10, (first, size)
-    assert spy.read_at[-1] is not None and spy.read_at[-1] > spy.read_at[0]  # read on as batches went by
+    # read on as windows went by (the next window is read while one is predicted: the file is closed, read to its
+    # end, while the last one or two are predicted)
+    later = [offset for offset in spy.read_at[1:] if offset is not None]
+    assert later and max(later) > first and spy.read_at.index(None) >= len(spy.read_at) - 2
 
 
 def test_reading_a_csv_holds_buffers_not_the_file(tmp_path):

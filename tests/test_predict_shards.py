@@ -22,10 +22,8 @@ import pytest
 from data_helpers import image_bytes
 from engine_helpers import GENRES, REPO_ROOT, subprocess_env
 
-from mmgcs.batch_predict import predict_file
+from mmgcs.batch_predict import load_predictor, predict_file
 from mmgcs.cli import build_parser
-from mmgcs.inference import Predictor
-from mmgcs.models.classifier import GenreClassifier
 from mmgcs.shards import Shard, merge_parts, part_path, parts_on_disk, read_state, state_path, write_state
 from mmgcs.sharded_predict import main as sharded_main
 from mmgcs.sharded_predict import merge_and_report, run_part
@@ -63,8 +61,9 @@ def args_of(*argv) -> object:
 
 
 def one_process(bundle: Path, source: Path, out: Path, batch_size: int = BATCH, **options) -> Path:
-    """What `mmgcs predict` writes in one process (the reference): the same batch size, or other batches."""
-    predictor = Predictor(GenreClassifier.from_pretrained(bundle))
+    """What `mmgcs predict` writes in one process (the reference): the same batch size, or other batches; its
+    predictor loaded as the command loads it (the fast path unless MMGCS_FAST_PATH=0)."""
+    predictor = load_predictor(args_of("--model", bundle, "--input", source, "--out", out))
     predict_file(predictor, str(source), out, batch_size=batch_size, progress=False, **options)
     return out
 
