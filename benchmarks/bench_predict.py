@@ -5,6 +5,7 @@
     python benchmarks/bench_predict.py --inputs plot,poster,both --batch-sizes 1,8,32 --paths eager,fast
     python benchmarks/bench_predict.py --model runs/fusion/model --threads 1 --by-modality --profile
     python benchmarks/bench_predict.py --model runs/fusion/model --exactness ../base/data/movies
+    python benchmarks/bench_predict.py --model runs/fusion/model --rate-movies 1000 --inputs ""   # mmgcs predict
 
 Inputs are real movies (plot + poster from ../shared/data/tmdb5000) when present, generated ones otherwise.
 Latency covers the whole call: poster decode + resize, tokenization, forward, thresholding. The first calls are
@@ -12,14 +13,25 @@ warm-up and not counted. Each path (`eager`: today's towers; `fast`: `Predictor(
 is timed in the same run. The FLOPs of one call are counted (torch.utils.flop_counter) and compared with this
 machine's one-thread fp32 matmul rate: `× arithmetic` = time / (FLOPs / rate), 1.0 being the compute ceiling.
 Prints markdown tables.
+
+`--rate-movies N`: `mmgcs predict` over the first N tmdb5000 movies (plot + poster, copied to a temporary folder),
+in processes of its own, before (`--eager --sort-window 1`: the eager towers, each batch as read, as the command ran
+until issue 20) and after (the defaults: the fast path, windows of 8 batches sorted by plot length), side by side
+in one run: start-up (imports, model load, fast encoders built), steady movies/s, peak RSS, RSS at the end, the
+largest score difference between the two outputs, the load average and the all-core fp32 matmul rate.
 """
 
 import argparse
+import csv
 import io
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -123,6 +135,87 @@ def print_table(header: list[str], rows: list[tuple]) -> None:
         print("| " + " | ".join(str(x) for x in row) + " |")
 
 
+# ------------------------------------------------------------------------------------------ mmgcs predict
+PREDICT_CONFIGS = [("before: eager, each batch as read", ["--eager", "--sort-window", "1"]),
+                   ("after: defaults (fast path, sorted windows)", [])]
+RUN_LINE = re.compile(r"in ([\d.]+) s: ([\d.,]+) movies/s; start-up ([\d.]+) s \(imports, model load, (.*)\)")
+
+
+def subset(n: int, folder: Path) -> Path:
+    """The first `n` tmdb5000 movies with their posters, copied into `folder` (posters are read inside the input's
+    folder only)."""
+    source = SHARED / "tmdb5000"
+    (folder / "posters").mkdir(parents=True, exist_ok=True)
+    with open(source / "movies.jsonl", encoding="utf-8") as f, open(folder / "movies.jsonl", "w", encoding="utf-8") as g:
+        for i, line in enumerate(f):
+            if i >= n:
+                break
+            poster = json.loads(line).get("poster_file")
+            if poster and (source / poster).is_file():
+                shutil.copyfile(source / poster, folder / poster)
+            g.write(line)
+    return folder / "movies.jsonl"
+
+
+def run_predict_process(model: str, source: Path, out: Path, options: list[str]) -> dict:
+    """One `mmgcs predict` in a process of its own: its run line's figures, its peak RSS (wait4) and its RSS at
+    the end (sampled each second: flat memory shows as an end close to the peak)."""
+    import psutil
+
+    command = [sys.executable, "-m", "mmgcs", "predict", "--model", model, "--input", str(source), "--out", str(out),
+               "--overwrite", "--no-progress", *options]
+    began, load = time.perf_counter(), os.getloadavg()[0]
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, cwd=REPO)
+        samples, watched = [], psutil.Process(proc.pid)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                samples.append(watched.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(1.0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0), stderr.seek(0)
+        said, errors = stdout.read(), stderr.read()
+    match = RUN_LINE.search(said)
+    if proc.returncode or not match:
+        raise RuntimeError(f"mmgcs predict failed ({proc.returncode}): {said[-500:]} {errors[-2000:]}")
+    return {"wall": time.perf_counter() - began, "predicting": float(match[1]), "rate": float(match[2].replace(",", "")),
+            "startup": float(match[3]), "towers": match[4], "peak_mb": usage.ru_maxrss / 1024,
+            "end_mb": samples[-1] / 2**20 if samples else float("nan"), "load": (load, os.getloadavg()[0])}
+
+
+def max_difference(a: Path, b: Path) -> float:
+    with open(a, newline="", encoding="utf-8") as f, open(b, newline="", encoding="utf-8") as g:
+        rows = list(zip(csv.DictReader(f), csv.DictReader(g)))
+    skip = {"id", "input_row", "genres", "error"}
+    return max((abs(float(x[k]) - float(y[k])) for x, y in rows for k in x if k not in skip and x[k] and y[k]),
+               default=0.0)
+
+
+def predict_rates(model: str, n: int, rate: float) -> None:
+    print(f"\n`mmgcs predict` over the first {n:,} tmdb5000 movies (plot + poster), a process each; all-core fp32 "
+          f"matmul {rate / 1e9:.0f} GFLOP/s on {os.cpu_count()} cores; start-up = imports + model load + fast "
+          "encoders built; steady = movies / predicting time\n")
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as folder:
+        source = subset(n, Path(folder) / "movies")
+        rows, outs = [], []
+        for name, options in PREDICT_CONFIGS:
+            out = Path(folder) / f"out-{len(outs)}.csv"
+            r = run_predict_process(model, source, out, options)
+            outs.append(out)
+            rows.append((name, f"{r['startup']:.1f}", f"{r['predicting']:.1f}", f"{r['rate']:.2f}", f"{r['wall']:.1f}",
+                         f"{r['peak_mb']:,.0f}", f"{r['end_mb']:,.0f}", f"{r['load'][0]:.1f} → {r['load'][1]:.1f}",
+                         r["towers"]))
+        print_table(["run", "start-up s", "predicting s", "steady movies/s", "wall s", "peak RSS MB", "RSS at end MB",
+                     "load average (1 min)", "towers"], rows)
+        print(f"\nlargest score difference after vs before: {max_difference(outs[0], outs[1]):.2g} "
+              "(the fast path's bound: 1e-4)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="bundle folder or Hub id (default: a new default fused model)")
@@ -138,6 +231,8 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", action="store_true", help="print where one movie's time goes, per stage")
     parser.add_argument("--exactness", default="", metavar="DATASET",
                         help="a built dataset folder: print max |fast - eager| score over its test split")
+    parser.add_argument("--rate-movies", type=int, default=0, metavar="N",
+                        help="also time `mmgcs predict` before/after issue 20 over the first N tmdb5000 movies")
     args = parser.parse_args(argv)
 
     import torch
@@ -171,6 +266,9 @@ def main(argv=None) -> None:
                         bench_profile.profile(model, path == "fast", plots, posters, args.repeats, args.by_modality))
     if args.exactness:
         print("\n" + bench_profile.exactness(model, args.exactness))
+    if args.rate_movies:
+        predict_rates(args.model or str(REPO / "runs" / "fusion" / "model"), args.rate_movies,
+                      bench_profile.matmul_rate(os.cpu_count() or 1))
 
 
 if __name__ == "__main__":

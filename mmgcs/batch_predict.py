@@ -521,20 +521,20 @@ def _batches(movies: Iterator[Movie], size: int, done: Counter, stats: RunStats,
 SORT_WINDOW_BATCHES = 8  # batches read and sorted by plot length together (see window_rows)
 
 
-def window_rows(batch_size: int) -> int:
-    """Rows read, checked and sorted by length together: 8 batches. Over tmdb5000's 4,048 plots in batches of 32,
+def window_rows(batch_size: int, batches: int = SORT_WINDOW_BATCHES) -> int:
+    """Rows read, checked and sorted by length together: `batches` batches (--sort-window, default 8). Over tmdb5000's 4,048 plots in batches of 32,
     a batch in input order is padded to 1.82x the real tokens, sorted within 256 rows to 1.09x (512: 1.05x), and
     the text tower's time goes with the padded tokens. Two windows of decoded posters are held at most."""
-    return batch_size * SORT_WINDOW_BATCHES
+    return batch_size * max(1, batches)
 
 
 def predict_file(predictor: Predictor, source: str, out: Path, batch_size: int = 32, by_modality: bool = False,
                  resume: bool = False, split: str = "test", explain: bool = False, progress: Optional[bool] = None,
-                 shard: Optional[Shard] = None) -> RunStats:
+                 shard: Optional[Shard] = None, sort_window: int = SORT_WINDOW_BATCHES) -> RunStats:
     """Predict every movie of `source` into `out` (see the module docstring); returns the counts. A failure to
     write raises `OutputWriteError` saying what was kept; a failed run leaves no output without rows. `shard`:
     only that part's rows (`mmgcs.shards`), into `out` as the part file, each of its blocks predicted together
-    (sorted by length, in batches of `batch_size`); else windows of `window_rows(batch_size)` rows.
+    (sorted by length, in batches of `batch_size`); else windows of `sort_window` batches.
     `progress`: None follows `mmgcs.progress` (a bar on the main process unless quiet), False none, True one."""
     labels = predictor.labels
     columns = output_columns(labels, by_modality, explain)
@@ -547,7 +547,7 @@ def predict_file(predictor: Predictor, source: str, out: Path, batch_size: int =
     desc = "predict" if shard is None else f"predict (part {shard.index + 1} of {shard.count})"
     bar = progress_bar(total=None if total is None else max(total - sum(done.values()), 0), unit="movie",
                        desc=desc, enabled=False if progress is False else (True if progress else None))
-    windows = prefetched(_batches(movies, window_rows(batch_size), done, stats, shard))
+    windows = prefetched(_batches(movies, window_rows(batch_size, sort_window), done, stats, shard))
     try:
         for window, prepared in windows:
             results = predict_prepared(predictor, prepared, by_modality, explain, batch_size)
@@ -605,6 +605,10 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="predictions.csv", metavar="FILE",
                    help="output file: .csv, .jsonl or .parquet (default predictions.csv)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="movies per forward pass (default 32)")
+    p.add_argument("--sort-window", type=int, default=SORT_WINDOW_BATCHES, metavar="B",
+                   help="batches read, decoded and sorted by plot length together (a batch pads to its longest plot; "
+                        "the posters of two windows are held at most); 1 predicts each batch as read. A process "
+                        "of --num-processes predicts its blocks of --batch-size rows as read (default 8)")
     p.add_argument("--by-modality", action="store_true",
                    help="also the plot-only and poster-only scores (columns plot_only.<genre>, poster_only.<genre>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: skip ids already in --out")
@@ -637,6 +641,8 @@ def options_problem(args) -> Optional[str]:
         return f"--out {args.out!r}: name a .csv, .jsonl or .parquet file (the format follows the extension)"
     if args.batch_size < 1:
         return "--batch-size must be at least 1"
+    if getattr(args, "sort_window", 1) < 1:
+        return "--sort-window must be at least 1 (batches)"
     if out.is_dir():
         return f"--out {args.out!r} is a folder; name a file inside it (e.g. {str(out / ('predictions' + out.suffix))!r})"
     if out.exists() and not (args.resume or args.overwrite):
@@ -715,7 +721,7 @@ def run_predict(predictor: Predictor, args, out: Path, resume: bool, shard: Opti
     try:
         return predict_file(predictor, args.input, out, args.batch_size, args.by_modality, resume, args.split,
                             getattr(args, "explain", False), progress=False if args.no_progress else progress,
-                            shard=shard)
+                            shard=shard, sort_window=getattr(args, "sort_window", SORT_WINDOW_BATCHES))
     except (OutputMismatch, OutputWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
