@@ -95,6 +95,7 @@ DEFAULT_MODEL = "runs/fusion/model"
 DEFAULT_EXAMPLES = "data/movies"
 N_EXAMPLES = 4
 MAX_TITLE_CHARS = 300  # the longest real titles are ~200 characters
+MODEL_FAILED = "The model failed on this input. Try again; if it keeps failing, try another poster or plot."
 EXAMPLE_FOLDERS: list[str] = []  # where load_examples put the example posters
 THUMBNAILS = Thumbnails()  # the posters explained lately, small: the page's heat map is drawn on these
 
@@ -357,7 +358,7 @@ def _run_model(plot: str | None, image: PIL.Image.Image | None, title: str | Non
     except Exception as e:
         log_failure(log, "prediction failed", e)  # the details stay in the server log
         raise gr.Error(
-            "The model failed on this input. Try again; if it keeps failing, try another poster or plot.",
+            MODEL_FAILED,
             title="Prediction failed",
             print_exception=False,
         ) from None
@@ -368,7 +369,6 @@ def _run_model(plot: str | None, image: PIL.Image.Image | None, title: str | Non
 
 BATCH = "predict_batch"
 BATCH_KEYS = ("plot", "poster", "title")
-MODEL_FAILED = "The model failed on this input. Try again; if it keeps failing, try another poster or plot."
 
 
 def predict_batch(movies: list[dict]) -> list[dict]:

@@ -5,13 +5,15 @@
     python benchmarks/bench_app_load.py --url http://127.0.0.1:7860 --server-pid 1234   # an app already running
     python benchmarks/bench_app_load.py --model runs/fusion/model --env MMGCS_PRECISION=fp32 --paths eager,fast
     python benchmarks/bench_app_load.py --model runs/fusion/model --callers 1,16 --batch 1,8,16   # /predict_batch
+    python benchmarks/bench_app_load.py --model runs/fusion/model --callers 1x8,1x16,16x1   # callers x movies a call
 
 Each caller sends real movies (plot + poster from ../shared/data/tmdb5000 when present, otherwise generated ones)
 through `/predict`, as a user's script would: a poster upload, then the queued call. Prints requests/s, errors,
 p50/p95/p99 round-trip latency, server CPU ms a movie and the server's peak memory (VmHWM of its process); with
 --model, also the compute ceiling (one movie's counted FLOPs at the all-core fp32 matmul rate) and the share of it
 reached; with --paths eager,fast, one app per serving path, one after the other (issue 12). With --batch 1,8,16 each
-level runs once per size: 1 is `/predict`, N > 1 sends N movies per `/predict_batch` call (issue 20), and the table
+level runs once per size (or `--callers CxN`: C callers of N movies a call): 1 is `/predict`, N > 1 sends N movies
+per `/predict_batch` call (issue 20), and the table
 counts movies (movies/s, server CPU a movie) beside calls (latency of a call). Loopback only: it refuses any other
 host, and the callers run on the same machine as the server, so they share its CPU.
 
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--url", help="an app already running on loopback (default: start app.py here)")
     ap.add_argument("--server-pid", type=int, help="with --url: the server's pid, to report its peak memory")
     ap.add_argument("--model", help="MMGCS_MODEL for the app started here (default: the app's own default)")
-    ap.add_argument("--callers", default="1,16", help="comma-separated numbers of concurrent callers")
+    ap.add_argument("--callers", default="1,16", help="comma-separated numbers of concurrent callers (CxN: C callers "
+                    "sending N movies a call, whatever --batch says)")
     ap.add_argument("--seconds", type=float, default=20.0, help="duration of each level")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of untimed calls before each level")
     ap.add_argument("--mode", choices=["both", "plot", "poster"], default="both", help="what each call sends")
@@ -402,7 +405,7 @@ def measure(args, env: dict) -> dict:
         url = f"http://127.0.0.1:{port}"
         # every caller runs from this one address: room for all of them under the per-address job cap
         # (a /predict_batch call counts as its movies)
-        most = max(int(x) for x in args.callers.split(",")) * max(sizes(args)) + args.explain_callers
+        most = max(n * size for n, size in levels_of(args)) + args.explain_callers
         env.setdefault("MMGCS_MAX_JOBS_PER_IP", str(max(32, 2 * most)))
         proc = start_app(args.model, port, env)
         pid = proc.pid
@@ -418,8 +421,7 @@ def measure(args, env: dict) -> dict:
             rows, stages = [], None
             if flood:
                 drained(url)
-            levels = [(int(n), size, e) for n in args.callers.split(",") for size in sizes(args)
-                      for e in sorted({0, args.explain_callers})]
+            levels = [(n, size, e) for n, size in levels_of(args) for e in sorted({0, args.explain_callers})]
             for i, (n, size, explainers) in enumerate(levels):
                 if args.warmup > 0 and explainers == 0:
                     run_level(url, n, args.warmup, items, args.mode, verify_ssl=args.verify_ssl, batch=size)
@@ -439,6 +441,17 @@ def measure(args, env: dict) -> dict:
                 proc.kill()
     return {"url": url, "info": info, "what": what, "rows": rows, "peak": peak, "startup": startup, "flood": flood,
             "stages": stages}
+
+
+def levels_of(args) -> list[tuple[int, int]]:
+    """(callers, movies a call) of each level: --callers C runs once per --batch size, --callers CxN with N."""
+    out = []
+    for spec in args.callers.split(","):
+        callers, _, size = spec.strip().partition("x")
+        out += [(int(callers), int(size))] if size else [(int(callers), n) for n in sizes(args)]
+    if min(min(level) for level in out) < 1:
+        raise SystemExit(f"--callers {args.callers}: callers and movies a call are at least 1")
+    return out
 
 
 def sizes(args) -> list[int]:
