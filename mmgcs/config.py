@@ -132,12 +132,14 @@ class TrainConfig:
     cache_dir: str = ".cache/mmgcs-features"
     # text_finetune=partial with cache_features: the frozen bottom of the text encoder runs once per split and its
     # output is cached (mmgcs/features/prefix.py); each step runs only the trainable top layers. false: every step
-    # runs the whole encoder (with dropout in the frozen layers too). The same for image_finetune=partial
-    # (mmgcs/features/image_prefix.py): the feature map entering the last image_trainable_blocks stages, computed
-    # at the eval transform, so posters are never augmented (no random crops, flips or colour jitter: every epoch
-    # sees each poster's one view and the tuned stages may overfit sooner); false: every step runs the whole tower
-    # on augmented posters.
+    # runs the whole encoder (with dropout in the frozen layers too).
     prefix_cache: bool = True
+    # image_finetune=partial with prefix_cache: also train the image tower's last image_trainable_blocks stages from
+    # the cached feature map entering them (mmgcs/features/image_prefix.py). Opt-in (configs/tuned-image.yaml sets
+    # it), because that map is computed once at the eval transform: posters are then never augmented (no random
+    # crops, flips or colour jitter; every epoch sees each poster's one view and the tuned stages may overfit
+    # sooner). false: every step runs the whole image tower on augmented posters, as before the image prefix.
+    image_prefix_cache: bool = False
     prefix_dtype: str = "float32"  # how the cached prefix is stored: float32 | bfloat16 (half the disk and memory)
     early_stopping_patience: int = 3  # epochs without improvement before stopping (0 = never stop early)
     # micro_macro_f1: the mean of micro- and macro-F1, so the kept epoch does not trade the rare genres for the

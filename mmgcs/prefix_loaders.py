@@ -58,6 +58,8 @@ def _stage_input(model, tcfg: TrainConfig, modality: str, epoch: int) -> Optiona
     trainable = getattr(tcfg, FINETUNE_SETTINGS[modality][1])
     if mode != "partial" or trainable < 1:
         return None
+    if modality == "image" and not tcfg.image_prefix_cache:
+        return None  # opt-in: the cached map gives up poster augmentation (config.TrainConfig.image_prefix_cache)
     problem = _prefix_problem(getattr(model, f"{modality}_tower"), modality, trainable)
     if problem:
         logger.info("No cached %s prefix (%s): the %s tower runs whole on raw inputs", modality, problem, modality)

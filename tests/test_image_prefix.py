@@ -188,23 +188,28 @@ def test_an_unreadable_prefix_file_is_recomputed_with_a_warning(tmp_path):
 
 def test_which_stages_train_the_image_tower_from_its_prefix():
     model = tiny_model(fusion="gated")
-    image = TrainConfig(image_finetune="partial", image_trainable_blocks=1)
+    image = TrainConfig(image_finetune="partial", image_trainable_blocks=1, image_prefix_cache=True)
     assert prefix_stage_kind(model, image, ("text", "image"), 0) == "text_features+image_prefix"
     assert prefix_stage_kind(model, image, ("image",), 0) == "image_prefix"
-    both = TrainConfig(text_finetune="partial", text_trainable_layers=1, image_finetune="partial")
+    both = TrainConfig(text_finetune="partial", text_trainable_layers=1, image_finetune="partial",
+                       image_prefix_cache=True)
     assert prefix_stage_kind(model, both, ("text", "image"), 0) == "text_prefix+image_prefix"
     groups = len(model.image_tower.finetune_groups())
-    off = [TrainConfig(image_finetune="partial", image_trainable_blocks=groups), TrainConfig(image_finetune="full"),
-           TrainConfig(image_finetune="partial", image_trainable_blocks=0),
-           TrainConfig(image_finetune="partial", text_finetune="full"),
-           TrainConfig(image_finetune="partial", prefix_cache=False)]
+    on = {"image_finetune": "partial", "image_prefix_cache": True}
+    off = [TrainConfig(**on, image_trainable_blocks=groups), TrainConfig(image_finetune="full"),
+           TrainConfig(**on, image_trainable_blocks=0),
+           TrainConfig(**on, text_finetune="full"),
+           TrainConfig(**on, prefix_cache=False),
+           # opt-in: without image_prefix_cache the tower trains whole on augmented posters, as before
+           TrainConfig(image_finetune="partial", image_trainable_blocks=1)]
     assert [prefix_stage_kind(model, t, ("text", "image"), 0) for t in off] == [None] * len(off)
     cnn = tiny_model(text=False, image_tower="simplecnn")
     assert prefix_stage_kind(cnn, image, ("image",), 0) is None
 
 
 # ------------------------------------------------------------------------------------------------ training runs
-PARTIAL = {"train__image_finetune": "partial", "train__image_trainable_blocks": 1, "train__backbone_lr": 0.01,
+PARTIAL = {"train__image_finetune": "partial", "train__image_trainable_blocks": 1, "train__image_prefix_cache": True,
+           "train__backbone_lr": 0.01,
            "train__early_stopping_patience": 0, "data__num_workers": 0}
 
 

@@ -241,6 +241,7 @@ def test_which_stages_train_from_the_prefix():
     assert prefix_stage_kind(model, tcfg, ("text",), 0) == "text_prefix"
     off = [TrainConfig(text_finetune="partial", prefix_cache=False), TrainConfig(text_finetune="partial", cache_features=False),
            TrainConfig(text_finetune="full"), TrainConfig(text_finetune="partial", text_trainable_layers=0),
+           TrainConfig(text_finetune="partial", image_finetune="partial"),
            TrainConfig(text_finetune="partial", image_finetune="full")]
     assert [prefix_stage_kind(model, t, ("text", "image"), 0) for t in off] == [None] * len(off)
     two_stage = TrainConfig(text_finetune="partial", freeze_epochs=1)
