@@ -159,7 +159,10 @@ def main(argv=None) -> None:
     rows_out.append(row("torch oneDNN bf16 autocast", "by length", args.bf16_plots, *timed(bf16_encoder(model), few),
                         per_token, fp32))
     print_table(["backend", "batches", "plots", "s", "plots/s", "tokens/plot padded (real)", "× arithmetic"], rows_out)
-    print(f"\nONNX Runtime session built and checked in {build_s:.1f} s (once a process); load average after: "
+    real = sum(int(mask.sum()) for _, mask in sorted_chunks) / len(texts)
+    print(f"\n{per_token / 1e6:.0f} MFLOP a token, {real:.0f} real tokens a plot: {real * per_token / 1e9:.1f} GFLOP a "
+          f"plot, so the fp32 ceiling here is {fp32 / (real * per_token):.1f} plots/s on {threads} thread(s)")
+    print(f"ONNX Runtime session built and checked in {build_s:.1f} s (once a process); load average after: "
           + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
 
 

@@ -4,8 +4,9 @@ The input is a raw source the data builder reads (a CSV or JSONL with id, title,
 poster_url; MM-IMDb), a folder of poster images (id = file stem) or a built dataset (folder or Hub id, one split).
 Rows go through the one predict path (`Predictor.predict_batch`) a window of 8 batches at a time (sorted there by
 plot length, so a batch pads little; results back in input order), the next window read and its posters decoded in a
-thread meanwhile, and are appended to the output window by window, so memory does not grow with the number of rows (only the ids met, as 8-byte hashes, which find an id given to
-several rows, and the ids already written, kept for `--resume`). Each output row says in `input_row` which input row it is
+thread meanwhile, and are appended to the output window by window, so memory does not grow with the number of rows
+(only the ids met, as 8-byte hashes, which find an id given to several rows, and the ids already written, kept for
+`--resume`). Each output row says in `input_row` which input row it is
 (two rows of one id are both predicted, and told apart there; the run warns of them). The output is checked to be
 writable before the model loads; a write that fails later says what was kept and how to resume. On CPU the towers run
 through the fast path (`mmgcs.fast_path`: the text tower in ONNX Runtime, scores within 1e-4 of the eager towers;
