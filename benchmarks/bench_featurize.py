@@ -117,17 +117,23 @@ def plot_split(source: Path, n: int):
 def naive_images(model, split, batch_size=64):
     from datasets import Image
 
+    from mmgcs.processor import GenreProcessor
+
     posters = split.cast_column("poster", Image(decode=False))["poster"]
+    processor = GenreProcessor.from_model(model)
     with torch.inference_mode():
         for s in range(0, len(posters), batch_size):
-            model.encode_image(model.preprocess(posters=posters[s : s + batch_size])["pixel_values"])
+            model.encode_image(processor(posters=posters[s : s + batch_size])["pixel_values"])
 
 
 def naive_texts(model, split, batch_size=64):
+    from mmgcs.processor import GenreProcessor
+
     plots = split["plot"]
+    processor = GenreProcessor.from_model(model)
     with torch.inference_mode():
         for s in range(0, len(plots), batch_size):
-            b = model.preprocess(plots=plots[s : s + batch_size])
+            b = processor(plots=plots[s : s + batch_size])
             model.encode_text(b["input_ids"], b["attention_mask"])
 
 

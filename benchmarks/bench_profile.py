@@ -78,11 +78,13 @@ def _patched(obj, name: str, value):
 
 
 def _instrument(stack: contextlib.ExitStack, stages: _Stages, model, predictor, inference) -> None:
-    transform_of = model.image_transform
-    stack.enter_context(_patched(inference, "load_image", stages.wrap("decode poster", inference.load_image)))
-    stack.enter_context(_patched(model, "image_transform", lambda train=False: stages.wrap(
+    from mmgcs import processor as processing  # the raw-input steps: the predictor's GenreProcessor
+
+    transform_of = predictor.processor.image_transform
+    stack.enter_context(_patched(processing, "load_image", stages.wrap("decode poster", processing.load_image)))
+    stack.enter_context(_patched(predictor.processor, "image_transform", lambda train=False: stages.wrap(
         "resize + to tensor + normalize", transform_of(train))))
-    stack.enter_context(_patched(inference, "tokenize", stages.wrap("tokenize", inference.tokenize)))
+    stack.enter_context(_patched(processing, "tokenize", stages.wrap("tokenize", processing.tokenize)))
     if model.lexical is not None:
         stack.enter_context(_patched(model.lexical, "featurize", stages.wrap("lexical n-grams", model.lexical.featurize)))
     if predictor.fast is not None:

@@ -14,9 +14,10 @@ _LAZY = {
     "GenreClassifier": "mmgcs.models.classifier",
     "create_model": "mmgcs.models.classifier",
     "Predictor": "mmgcs.inference",
+    "GenreProcessor": "mmgcs.processor",
 }
 
 __getattr__ = lazy_exports("mmgcs", globals(), _LAZY)
 
 
-__all__ = ["GenreClassifier", "ModelConfig", "Predictor", "RunConfig", "__version__", "create_model", "load_config"]
+__all__ = ["GenreClassifier", "GenreProcessor", "ModelConfig", "Predictor", "RunConfig", "__version__", "create_model", "load_config"]

@@ -139,8 +139,8 @@ def drop_unusable_rows(split, split_name: str, use_text: bool, use_image: bool, 
     return split.select(np.flatnonzero(flags).tolist()), dropped
 
 
-# What `model.preprocess` returns for each tower's raw input: dropped from a batch that carries that tower's
-# cached features instead.
+# What the model's `GenreProcessor` returns for each tower's raw input: dropped from a batch that carries that
+# tower's cached features instead.
 RAW_INPUTS = {"text": ("input_ids", "attention_mask", "token_type_ids", "lexical_ids", "lexical_values"),
               "image": ("pixel_values",)}
 # Per-row inputs that travel with a modality's cached features (the lexical branch reads the text's n-grams).
@@ -151,7 +151,8 @@ BAD_POSTERS = "bad_posters"
 
 
 class RowCollator:
-    """Rows → ``model.preprocess(plots, posters, train=...)`` + targets; runs in DataLoader workers.
+    """Rows → ``processor(plots, posters, train=...)`` (the model's ``GenreProcessor``) + targets; runs in
+    DataLoader workers.
 
     A poster that cannot be decoded does not stop the run: like the feature cache, the row keeps its other input
     with its image masked out (``image_mask`` False), and the batch lists it under ``BAD_POSTERS``.

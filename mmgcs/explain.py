@@ -19,7 +19,8 @@ For each explained genre (the predicted ones, or those asked for):
   where the region supported the genre. All cells go through the image tower as one batch.
 
 It runs the text tower once, the image tower on 1 + grid² posters and the small head once, on one movie; it
-sits beside `mmgcs.inference` (which calls it) and takes the `Predictor` rather than importing it.
+sits beside `mmgcs.inference` (which calls it) and takes the `Predictor` (its model and its `GenreProcessor`) rather
+than importing it.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def explain_movie(predictor, text: Optional[str], poster: Any, genres: list[str]
     unknown = [g for g in genres if g not in labels]
     if unknown:
         raise ValueError(f"Cannot explain {unknown}: not genres of this model; choose from {labels}")
-    batch = {k: v.to(model.device) for k, v in model.preprocess([text], [poster]).items()}
+    batch = {k: v.to(model.device) for k, v in predictor.processor([text], [poster]).items()}
     rows, has_text, has_image = _feature_rows(model, batch, grid, getattr(predictor, "fast", None))
     logits = model(**rows)["logits"].float().cpu()
     probs = model.probabilities(logits)

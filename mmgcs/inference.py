@@ -5,8 +5,9 @@
 
 Validate → compose the text (the bundle's template) → preprocess (tokenize, poster transform, lexical features) →
 each tower once, on the rows that have its input → the views (fused, plot-only, poster-only) → decisions at the
-bundle's thresholds. `GenreClassifier.predict`, `mmgcs.serving` (and so the Space) and `mmgcs.evaluate` all come
-here. It sits below the classifier: it takes a model object and never imports the class.
+bundle's thresholds. The raw-input steps and the decisions are the bundle's `GenreProcessor` (mmgcs.processor); this
+module runs the towers and the head between them. `GenreClassifier.predict`, `mmgcs.serving` (and so the Space) and
+`mmgcs.evaluate` all come here. It sits below the classifier: it takes a model object and never imports the class.
 """
 
 import contextlib
@@ -15,11 +16,9 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from mmgcs.data.images import InvalidImageError, load_image
 from mmgcs.explain import explain_movie, genres_to_explain
 from mmgcs.fast_path import FastPath
-from mmgcs.decisions import decide, decision_thresholds
-from mmgcs.models.preprocessing import check_plot, compose_text, plot_present, tokenize
+from mmgcs.processor import GenreProcessor
 
 LEXICAL_INPUTS = ("lexical_ids", "lexical_values")
 # What a batch carries for each modality (raw inputs or cached features). The lexical branch reads the plot's
@@ -28,94 +27,14 @@ MODALITY_INPUTS = {
     "text": ("input_ids", "attention_mask", "token_type_ids", "text_features", *LEXICAL_INPUTS),
     "image": ("pixel_values", "image_features"),
 }
-NO_INPUT = (
-    "Nothing to classify: give the movie's plot (text), its poster (an image file, bytes or PIL image), or both"
-)
-
-
-# ------------------------------------------------------------------------------------------------- inputs
-def paired_inputs(plots: Optional[list], posters: Optional[list]) -> tuple[list, list]:
-    """One plot and one poster per movie, None where missing (a list left out is all None); at least one is given."""
-    n = len(plots) if plots is not None else len(posters)
-    plots = list(plots) if plots is not None else [None] * n
-    posters = list(posters) if posters is not None else [None] * n
-    if len(plots) != len(posters):
-        raise ValueError(f"Got {len(plots)} plots and {len(posters)} posters; pass one of each per movie (None when missing)")
-    return plots, posters
-
-
-def _check_usable(model, plot: Any, poster: Any, index: Optional[int] = None) -> None:
-    where = "" if index is None else f"movie #{index}: "
-    check_plot(plot, 0 if index is None else index)
-    has_text = plot_present(plot) and model.text_tower is not None
-    has_image = poster is not None and model.image_tower is not None
-    if has_text or has_image:
-        return
-    if model.text_tower is None and plot_present(plot):
-        raise ValueError(f"{where}this model reads posters only; pass poster=... (the plot alone cannot be classified)")
-    if model.image_tower is None and poster is not None:
-        raise ValueError(f"{where}this model reads plots only; pass plot=... (the poster alone cannot be classified)")
-    raise ValueError(where + NO_INPUT + ("" if plot is None else " (the plot is empty)"))
 
 
 def composed_plots(model, plots: list, titles: Optional[list]) -> list:
-    """What the text tower reads for each movie: its plot under the model's `text_template` (as in training), so a
-    model trained on "{title}. {plot}" is served the same way. A missing title (or `titles` left out) is left out."""
-    if titles is None:
-        titles = [None] * len(plots)
-    elif len(titles) != len(plots):
-        raise ValueError(f"Got {len(titles)} titles for {len(plots)} movies; pass one title per movie (None when unknown)")
-    for i, title in enumerate(titles):
-        if title is not None and not isinstance(title, str):
-            raise TypeError(f"title #{i} must be a string or None, got {type(title).__name__}")
-    template = getattr(model.config, "text_template", "{plot}")
-    return [compose_text(template, plot, title) for plot, title in zip(plots, titles)]
+    """`GenreProcessor.compose` for `model`: kept for the benchmarks that read a model's texts this way."""
+    return GenreProcessor.from_model(model).compose(plots, titles)
 
 
-# ------------------------------------------------------------------------------------------- preprocessing
-def preprocess(model, plots: Optional[list] = None, posters: Optional[list] = None,
-               train: bool = False) -> dict[str, torch.Tensor]:
-    """Raw plots (str or None) and posters (PIL image, path, bytes, datasets Image dict, or None) → a batch, with the
-    tokenizer and image settings stored in the bundle (`model.preprocess`; training's collator uses it too).
-
-    Masks are False where an input is missing (None or an empty plot). Raises `InvalidImageError` naming the bad
-    poster.
-    """
-    if plots is None and posters is None:
-        raise ValueError("preprocess needs plots and/or posters")
-    plots, posters = paired_inputs(plots, posters)
-    batch: dict[str, torch.Tensor] = {}
-    if model.text_tower is not None:
-        for i, p in enumerate(plots):
-            check_plot(p, i)
-        texts = [p if plot_present(p) else "" for p in plots]
-        batch.update(tokenize(model.get_tokenizer(), model.config, texts))
-        batch["text_mask"] = torch.tensor([plot_present(p) for p in plots], dtype=torch.bool)
-        if model.lexical is not None:
-            batch.update(model.lexical.featurize(texts))
-    if model.image_tower is not None:
-        batch["pixel_values"], batch["image_mask"] = _images(model, posters, train)
-    return batch
-
-
-def _images(model, posters: list, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    transform = model.image_transform(train)
-    size = model.config.image_size
-    tensors, mask = [], []
-    for i, poster in enumerate(posters):
-        if poster is None:
-            tensors.append(torch.zeros(3, size, size))
-            mask.append(False)
-            continue
-        try:
-            image = load_image(poster)
-        except InvalidImageError as e:
-            raise InvalidImageError(f"poster #{i}: {e}") from None
-        tensors.append(transform(image))
-        mask.append(True)
-    return torch.stack(tensors), torch.tensor(mask, dtype=torch.bool)
-
-
+# ------------------------------------------------------------------------------------------------- views
 def without_modality(batch: dict, modality: str) -> dict:
     """`batch` as the model sees a movie without `modality` (the one rule for a plot-only or poster-only
     prediction): that modality's inputs and features dropped and its mask all False. A new dict; `batch` is kept.
@@ -181,22 +100,24 @@ class Predictor:
     the model once, here. `fast=True` runs the image tower through its fast encoder (mmgcs.fast_path: the same
     scores within 1e-4, eager where none applies): only for a model whose weights no longer change (serving).
     `release_eager_text=True` (with `fast`) lets the text tower's eager weights go once its fast encoder is checked:
-    for a process that only serves this model (`mmgcs.fast_path.OnnxTextTower`).
+    for a process that only serves this model (`mmgcs.fast_path.OnnxTextTower`). `processor`: the raw-input side
+    (default: `GenreProcessor.from_model(model)`, which shares the model's config, tokenizer and lexical branch).
     """
 
     def __init__(self, model, device: Union[str, torch.device, None] = None, fast: bool = False,
-                 release_eager_text: bool = False):
+                 release_eager_text: bool = False, processor: Optional[GenreProcessor] = None):
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             raise TypeError(
                 f"Predictor takes a loaded model, got the path {model!r}: use "
                 "Predictor(GenreClassifier.from_pretrained(path_or_hub_id))"
             )
         self.model = model if device is None else model.to(device)
+        self.processor = processor if processor is not None else GenreProcessor.from_model(self.model)
         self.fast = FastPath(self.model, release_eager_text=release_eager_text) if fast else None
 
     @property
     def labels(self) -> list[str]:
-        return list(self.model.config.labels)
+        return self.processor.labels
 
     def predict(self, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False,
                 title: Optional[str] = None, explain: bool = False) -> dict:
@@ -218,7 +139,7 @@ class Predictor:
         with _eval_mode(self.model):
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
-                probs, views = self.run(preprocess(self.model, [plots[i] for i in rows], [posters[i] for i in rows]),
+                probs, views = self.run(self.processor([plots[i] for i in rows], [posters[i] for i in rows]),
                                         by_modality)
                 for j, result in enumerate(self._results(probs, views)):
                     out[rows[j]] = result
@@ -241,7 +162,7 @@ class Predictor:
         """The movies as one batch, in order → (probabilities (B, L) on CPU, views as in :meth:`run`)."""
         plots, posters = self._validated(plots, posters, titles)
         with _eval_mode(self.model):
-            return self.run(preprocess(self.model, plots, posters), by_modality)
+            return self.run(self.processor(plots, posters), by_modality)
 
     @torch.inference_mode()
     def run(self, batch: dict, by_modality: bool = False) -> tuple[torch.Tensor, Optional[dict]]:
@@ -269,14 +190,10 @@ class Predictor:
 
     def decisions(self, probs: torch.Tensor) -> list[list[str]]:
         """Each row's genres at the bundle's thresholds (single-label: the top genre), highest score first."""
-        cfg = self.model.config
-        rows = probs.numpy()
-        chosen = decide(rows, cfg.labels, decision_thresholds(cfg), argmax=cfg.task == "singlelabel")
-        index = {label: j for j, label in enumerate(cfg.labels)}
-        return [sorted(genres, key=lambda g: -row[index[g]]) for genres, row in zip(chosen, rows)]
+        return self.processor.decisions(probs)
 
     def _results(self, probs: torch.Tensor, views: Optional[dict]) -> list[dict]:
-        labels = self.model.config.labels
+        labels = self.processor.config.labels
         out = []
         for j, genres in enumerate(self.decisions(probs)):
             result = {"scores": dict(zip(labels, probs[j].tolist())), "genres": genres}
@@ -287,12 +204,7 @@ class Predictor:
         return out
 
     def _validated(self, plots: Optional[list], posters: Optional[list], titles: Optional[list]) -> tuple[list, list]:
-        if plots is None and posters is None:
-            raise ValueError(NO_INPUT)
-        plots, posters = paired_inputs(plots, posters)
-        for i, (plot, poster) in enumerate(zip(plots, posters)):
-            _check_usable(self.model, plot, poster, index=i if len(plots) > 1 else None)
-        return composed_plots(self.model, plots, titles), posters
+        return self.processor.validated(plots, posters, titles)
 
 
 @contextlib.contextmanager
@@ -306,15 +218,4 @@ def _eval_mode(model) -> Iterator[None]:
         model.train(was_training)
 
 
-def predict(model, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False,
-            title: Optional[str] = None, explain: bool = False) -> dict:
-    return Predictor(model).predict(plot, poster, by_modality=by_modality, title=title, explain=explain)
-
-
-def predict_batch(model, plots: Optional[list] = None, posters: Optional[list] = None, batch_size: int = 32,
-                  by_modality: bool = False, titles: Optional[list] = None, explain: bool = False) -> list[dict]:
-    return Predictor(model).predict_batch(plots, posters, batch_size=batch_size, by_modality=by_modality, titles=titles,
-                                          explain=explain)
-
-
-__all__ = ["NO_INPUT", "Predictor", "composed_plots", "predict", "predict_batch", "preprocess", "without_modality"]
+__all__ = ["Predictor", "composed_plots", "without_modality"]

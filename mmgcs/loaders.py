@@ -43,6 +43,7 @@ from mmgcs.models.losses import check_loss_for_task, loss_options
 from mmgcs.models.init_from import init_from_config
 from mmgcs.optim import frozen_towers
 from mmgcs.prefix_loaders import prefix_loaders, prefix_stage_kind
+from mmgcs.processor import GenreProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -284,22 +285,22 @@ class LoaderFactory:
 
     def _lexical_inputs(self, role: str, model) -> dict:
         """The lexical branch's inputs for a whole split, when its text tower's features come from the cache
-        (the raw path gets them from ``model.preprocess``)."""
+        (the raw path gets them from the model's ``GenreProcessor``)."""
         if model.lexical is None:
             return {}
         return model.lexical.featurize(self.data.splits[role]["plot"])
 
     def _raw_loaders(self, model, features: Optional[dict] = None) -> dict:
-        """Loaders of rows through ``model.preprocess``. ``features``: role → {modality: (features, mask)} of the
-        frozen towers, read from the cache instead of running those towers on raw inputs every step."""
+        """Loaders of rows through the model's ``GenreProcessor``. ``features``: role → {modality: (features,
+        mask)} of the frozen towers, read from the cache instead of running those towers on raw inputs every step."""
         data, loaders = self.data, {}
         for role, split in data.splits.items():
             train = role == "train"
             cached = (features or {}).get(role, {})
             extra = self._lexical_inputs(role, model) if "text" in cached else {}
-            collate = RowCollator(model.preprocess, data.mapping, len(data.labels), data.task, train=train,
-                                  use_text="text" in data.modalities, use_image="image" in data.modalities,
-                                  cached=tuple(cached))
+            collate = RowCollator(GenreProcessor.from_model(model), data.mapping, len(data.labels), data.task,
+                                  train=train, use_text="text" in data.modalities,
+                                  use_image="image" in data.modalities, cached=tuple(cached))
             loaders[role] = DataLoader(
                 RowsWithFeatures(split, cached, extra) if cached else split,
                 batch_size=self._batch_size(role),

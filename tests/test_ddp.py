@@ -27,7 +27,7 @@ def test_two_process_run_keeps_replicas_identical_and_scores_each_movie_once(tmp
     from datasets import Image
 
     from mmgcs import GenreClassifier
-    from mmgcs.inference import composed_plots
+    from mmgcs.processor import GenreProcessor
     from mmgcs.data import load_movies
 
     data = build_dataset(tmp_path, n=45, poster_every=2, plot_every=1)
@@ -83,6 +83,7 @@ def test_two_process_run_keeps_replicas_identical_and_scores_each_movie_once(tmp
     test = splits["test"].cast_column("poster", Image(decode=False))
     with torch.no_grad():
         # The text the model was trained on: its plot under the bundle's text_template (e.g. "{title}. {plot}").
-        batch = model.preprocess(composed_plots(model, test["plot"], test["title"]), test["poster"])
+        processor = GenreProcessor.from_model(model)
+        batch = processor(processor.compose(test["plot"], test["title"]), test["poster"])
         probs = model.probabilities(model(**batch)["logits"])
     np.testing.assert_allclose(saved["probs"], probs.numpy(), atol=1e-5, rtol=1e-4)

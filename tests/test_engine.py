@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from engine_helpers import GENRES, REPO_ROOT, build_dataset, split_sizes, tiny_bundle, tiny_overrides
 
 from mmgcs.engine import latest_checkpoint, main
+from mmgcs.processor import GenreProcessor
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_each_script_two_steps_leaves_a_loadable_bundle_and_metrics(monkeypatch,
     with torch.no_grad():
         # The bundle's text_template (the configs read "{title}. {plot}") is part of the model's input.
         texts = [compose_text(model.config.text_template, p, t) for p, t in zip(test["plot"], test["title"])]
-        batch = model.preprocess(texts, [r["poster"] for r in test.cast_column("poster", __import__("datasets").Image(decode=False))])
+        batch = GenreProcessor.from_model(model)(texts, [r["poster"] for r in test.cast_column("poster", __import__("datasets").Image(decode=False))])
         probs = model.probabilities(model(**batch)["logits"])
     torch.testing.assert_close(probs, preds.float(), atol=1e-5, rtol=1e-4)
 

@@ -11,6 +11,7 @@ from mmgcs.explain import cell_edges, explain_movie, lexical_contributions, occl
 from mmgcs.inference import Predictor
 from mmgcs.serving import BatchingPredictor
 from mmgcs.testing import TINY_IMAGE_SIZE, tiny_model
+from mmgcs.processor import GenreProcessor
 
 GENRES = ["Action", "Comedy", "Horror"]
 TEXTS = [
@@ -40,7 +41,7 @@ def _noise_poster(seed: int = 0) -> Image.Image:
 def test_contributions_sum_to_the_lexical_logit_minus_its_bias(model):
     explanation = Predictor(model).explain(PLOT, None, genres=GENRES)
     parts = lexical_contributions(model, PLOT)
-    batch = model.preprocess([PLOT])
+    batch = GenreProcessor.from_model(model)([PLOT])
     with torch.no_grad():
         branch = model.lexical(batch["lexical_ids"], batch["lexical_values"])[0]
         with_branch = model(**batch)["logits"][0]

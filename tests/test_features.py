@@ -25,6 +25,7 @@ import mmgcs.features.store as store
 import mmgcs.features.workers as W
 from mmgcs.features import CacheLockTimeout, FeatureCache, FeatureCacheWarning
 from mmgcs.testing import tiny_model
+from mmgcs.processor import GenreProcessor
 
 LABELS = ["Action", "Comedy", "Drama"]
 PLOTS = [
@@ -121,7 +122,7 @@ def test_image_features_equal_encode_image_of_preprocess(cache, model, split, mo
     raw = split.cast_column("poster", Image(decode=False))["poster"]
     model.eval()
     with torch.no_grad():
-        expected = model.encode_image(model.preprocess(posters=[raw[i] for i in rows])["pixel_values"])
+        expected = model.encode_image(GenreProcessor.from_model(model)(posters=[raw[i] for i in rows])["pixel_values"])
     torch.testing.assert_close(feats[rows], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -133,7 +134,7 @@ def test_text_features_equal_encode_text_of_preprocess(cache, model, split):
     rows = [i for i in range(len(split)) if mask[i]]
     model.eval()
     with torch.no_grad():
-        batch = model.preprocess(plots=[PLOTS[i] for i in rows])
+        batch = GenreProcessor.from_model(model)(plots=[PLOTS[i] for i in rows])
         expected = model.encode_text(batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(feats[rows], expected, rtol=1e-4, atol=1e-5)
 
@@ -278,7 +279,7 @@ def test_a_changed_poster_recomputes_image_features_only(cache, model, split):
     assert (cache.misses, cache.hits) == (3, 1)
     model.eval()
     with torch.no_grad():
-        expected = model.encode_image(model.preprocess(posters=[posters[2]])["pixel_values"])
+        expected = model.encode_image(GenreProcessor.from_model(model)(posters=[posters[2]])["pixel_values"])
     torch.testing.assert_close(feats[2:3], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -319,7 +320,7 @@ def test_a_poster_file_changed_under_the_same_path_is_a_miss(cache, model, tmp_p
     feats, _ = _get(cache, model, on_disk, "image")
     assert (cache.misses, cache.hits) == (2, 1)
     with torch.no_grad():
-        expected = model.eval().encode_image(model.preprocess(posters=[paths[1]])["pixel_values"])
+        expected = model.eval().encode_image(GenreProcessor.from_model(model)(posters=[paths[1]])["pixel_values"])
     torch.testing.assert_close(feats[1:2], expected, rtol=1e-4, atol=1e-5)
 
 

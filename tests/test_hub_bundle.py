@@ -11,6 +11,7 @@ from mmgcs import GenreClassifier
 from mmgcs.config import ModelConfig
 from mmgcs.hub import BundleError, HubUnavailableError, push_bundle, render_model_card
 from mmgcs.testing import tiny_model
+from mmgcs.processor import GenreProcessor
 
 LABELS = ["Action", "Comedy", "Drama"]
 PLOTS = ["A soldier returns home from the war.", "A family dog saves the town."]
@@ -18,7 +19,7 @@ PLOTS = ["A soldier returns home from the war.", "A family dog saves the town."]
 
 def sample_batch(model):
     posters = [torch.rand(90, 60, 3).mul(255).byte().numpy(), None]
-    return model.preprocess(PLOTS, posters)
+    return GenreProcessor.from_model(model)(PLOTS, posters)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_round_trip_identical_logits_and_config_type(saved):
     assert loaded.config == model.config
     assert not loaded.training
     batch = sample_batch(model)
-    assert torch.equal(loaded.preprocess(PLOTS, [None, None])["input_ids"], model.preprocess(PLOTS, [None, None])["input_ids"])
+    assert torch.equal(GenreProcessor.from_model(loaded)(PLOTS, [None, None])["input_ids"], GenreProcessor.from_model(model)(PLOTS, [None, None])["input_ids"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch)["logits"], model(**batch)["logits"], rtol=0, atol=0)
     # a second save of the loaded model is byte-identical in weights and config
@@ -67,7 +68,7 @@ def test_round_trip_other_towers(tmp_path, text, image, extra):
     model = tiny_model(LABELS, text=text, image=image, **extra).eval()
     model.save_pretrained(tmp_path)
     loaded = GenreClassifier.from_pretrained(tmp_path)
-    batch = model.preprocess(PLOTS if text else None, [torch.rand(70, 50, 3).mul(255).byte().numpy()] * 2 if image else None)
+    batch = GenreProcessor.from_model(model)(PLOTS if text else None, [torch.rand(70, 50, 3).mul(255).byte().numpy()] * 2 if image else None)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch)["logits"], model(**batch)["logits"], rtol=0, atol=0)
 

@@ -33,6 +33,7 @@ from mmgcs.models.image import TimmImageTower
 from mmgcs.models.image_prefix import ImageBottom, features_from_prefix, forward_from_prefix, image_cut, plan_cut
 from mmgcs.prefix_loaders import PrefixRows, collate_prefix, prefix_stage_kind
 from mmgcs.testing import TINY_IMAGE_SIZE, tiny_model
+from mmgcs.processor import GenreProcessor
 
 FUSION = REPO_ROOT / "configs" / "fusion.yaml"
 TOL = 1e-5
@@ -106,7 +107,7 @@ def test_the_models_logits_and_gradients_from_the_cache_equal_the_raw_path_on_th
     assert present.tolist() == [p is not None for p in posters] == [True, False, True, True, True, False, True, True]
     assert prefix.maps.shape[0] == 6 and cached["image_hidden"].dtype == torch.float32
 
-    raw = model.preprocess(None, [p for p in posters if p is not None])  # the whole tower over the real posters
+    raw = GenreProcessor.from_model(model)(None, [p for p in posters if p is not None])  # the whole tower over the real posters
     weights = torch.randn(int(present.sum()), len(LABELS))
     expected, out = model(**raw)["logits"], model(**cached)["logits"]
     torch.testing.assert_close(out[present], expected, atol=TOL, rtol=0)

@@ -11,6 +11,7 @@ from mmgcs import GenreClassifier, Predictor
 from mmgcs.data.images import InvalidImageError
 from mmgcs.models.fusion import FUSIONS
 from mmgcs.testing import tiny_model
+from mmgcs.processor import GenreProcessor
 
 LABELS = ["Action", "Comedy", "Drama", "Horror"]
 PLOT = "A retired soldier must save his daughter from a gang of killers."
@@ -148,8 +149,8 @@ def test_predictor_loads_a_bundle_and_uses_its_preprocessing(model, tmp_path):
     config["image_mean"] = [0.0, 0.0, 0.0]
     (tmp_path / "config.json").write_text(json.dumps(config))
     shifted = Predictor(GenreClassifier.from_pretrained(tmp_path))
-    batch_a = predictor.model.preprocess([None], [poster])["pixel_values"]
-    batch_b = shifted.model.preprocess([None], [poster])["pixel_values"]
+    batch_a = predictor.processor([None], [poster])["pixel_values"]
+    batch_b = shifted.processor([None], [poster])["pixel_values"]
     assert not torch.allclose(batch_a, batch_b)
     # the predict path sits below the classifier: it takes a loaded model, and a path says how to load one
     with pytest.raises(TypeError, match=r"Predictor\(GenreClassifier.from_pretrained\(path_or_hub_id\)\)"):
@@ -166,7 +167,7 @@ def test_predict_in_the_middle_of_training_is_deterministic_and_keeps_training_m
 def _full_forward_probs(model, plots, posters, withhold=None) -> torch.Tensor:
     """What the model says when run end to end (towers included) with one modality withheld: the reference
     for the per-modality views, which re-run only the fusion head over features encoded once."""
-    batch = model.preprocess(plots, posters)
+    batch = GenreProcessor.from_model(model)(plots, posters)
     if withhold is not None and f"{withhold}_mask" in batch:
         batch[f"{withhold}_mask"] = torch.zeros_like(batch[f"{withhold}_mask"])
     with torch.inference_mode():
@@ -260,7 +261,7 @@ def test_the_default_template_ignores_the_title(model):
 def test_without_modality_drops_the_inputs_and_masks_the_rows(model):
     from mmgcs.inference import without_modality
 
-    batch = model.preprocess([PLOT, None], [png_bytes("RGB"), png_bytes("L")])
+    batch = GenreProcessor.from_model(model)([PLOT, None], [png_bytes("RGB"), png_bytes("L")])
     no_text = without_modality(batch, "text")
     assert not {"input_ids", "attention_mask", "text_features", "lexical_ids"} & set(no_text)
     assert no_text["text_mask"].tolist() == [False, False] and torch.equal(no_text["pixel_values"], batch["pixel_values"])

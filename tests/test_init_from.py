@@ -6,6 +6,7 @@ import torch
 from mmgcs import GenreClassifier
 from mmgcs.models.init_from import TOWER_FIELDS, TOWER_TYPE_FIELDS, InitFromError, init_from_bundles, init_from_config
 from mmgcs.testing import tiny_model, tiny_text_backbone_dir
+from mmgcs.processor import GenreProcessor
 from data_helpers import image_bytes
 
 LABELS = ("Action", "Comedy", "Drama", "Horror")
@@ -41,7 +42,7 @@ def bundles(tmp_path_factory):
 def logits(model, plots=None, posters=None):
     model.eval()
     with torch.no_grad():
-        return model(**model.preprocess(plots, posters))["logits"]
+        return model(**GenreProcessor.from_model(model)(plots, posters))["logits"]
 
 
 def by_name(model, values):
@@ -113,12 +114,12 @@ def test_any_fusion_can_start_from_trained_towers(bundles):
     image = GenreClassifier.from_pretrained(bundles["image"])
     fused = tiny_model(labels=LABELS, fusion="attention", seed=5)
     assert init_from_bundles(fused, image_bundle=str(bundles["image"]))["image"]["head"] is False
-    pixels = fused.preprocess(None, posters())["pixel_values"]
+    pixels = GenreProcessor.from_model(fused)(None, posters())["pixel_values"]
     torch.testing.assert_close(fused.eval().encode_image(pixels), image.encode_image(pixels))
 
 
 def _tokens(model):
-    batch = model.preprocess(PLOTS, None)
+    batch = GenreProcessor.from_model(model)(PLOTS, None)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 

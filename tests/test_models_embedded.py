@@ -8,6 +8,7 @@ import torch
 
 from mmgcs import GenreClassifier, create_model
 from mmgcs.models.embedded import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, embedded_image_weights_file, embedded_text_path
+from mmgcs.processor import GenreProcessor
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ def test_ported_efficientnet_equals_the_package_model_on_a_real_poster(default_m
     reference.load_state_dict(torch.load(embedded_image_weights_file(), map_location="cpu", weights_only=True), strict=True)
     reference.eval()
     poster = shared_data / "tmdb5000" / "posters" / "11.jpg"
-    pixels = default_model.preprocess(None, [poster])["pixel_values"]
+    pixels = GenreProcessor.from_model(default_model)(None, [poster])["pixel_values"]
     with torch.no_grad():
         ours = default_model.encode_image(pixels)
         theirs = reference.extract_features(pixels).mean((2, 3))
@@ -56,7 +57,7 @@ def test_minilm_tower_puts_similar_sentences_closer(default_model):
         "The girl is carrying a baby.",
         "A monkey is playing drums.",
     ]
-    batch = default_model.preprocess(sentences, None)
+    batch = GenreProcessor.from_model(default_model)(sentences, None)
     with torch.no_grad():
         emb = torch.nn.functional.normalize(default_model.encode_text(batch["input_ids"], batch["attention_mask"]), dim=-1)
     sim = emb @ emb.T
@@ -71,7 +72,7 @@ def test_minilm_tower_puts_similar_sentences_closer(default_model):
 def test_default_bundle_round_trip_offline(default_model, tmp_path):
     default_model.save_pretrained(tmp_path)
     loaded = GenreClassifier.from_pretrained(tmp_path)
-    batch = default_model.preprocess(["A detective hunts a serial killer in the rain."], [None])
+    batch = GenreProcessor.from_model(default_model)(["A detective hunts a serial killer in the rain."], [None])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch)["logits"], default_model(**batch)["logits"], rtol=0, atol=0)
     assert loaded.config.backbone_weights == default_model.config.backbone_weights

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from mmgcs.models.lexical import LexicalBranch
 from mmgcs.testing import tiny_model
+from mmgcs.processor import GenreProcessor
 
 GENRES = ["Drama", "Comedy", "Horror"]
 TEXTS = [
@@ -77,7 +78,7 @@ def lexical_model(**overrides):
 
 def test_the_branch_adds_to_the_fused_logits_only_where_the_text_is_present():
     model = lexical_model()
-    batch = model.preprocess(["a ghost at night", None], [None, None])
+    batch = GenreProcessor.from_model(model)(["a ghost at night", None], [None, None])
     with torch.no_grad():
         with_branch = model(**batch)["logits"]
         model.config.lexical_weight = 0.0
@@ -89,7 +90,7 @@ def test_the_branch_adds_to_the_fused_logits_only_where_the_text_is_present():
 
 def test_the_loss_trains_the_head_alone():
     model = lexical_model().train()
-    batch = model.preprocess(["a ghost at night"], [None])
+    batch = GenreProcessor.from_model(model)(["a ghost at night"], [None])
     labels = torch.tensor([[0.0, 0.0, 1.0]])
     torch.manual_seed(0)
     a = model(**batch, labels=labels)["loss"]
@@ -126,8 +127,8 @@ def test_save_and_load_keep_the_branch_bit_for_bit(tmp_path):
     plots = ["a ghost at night", "jokes at the wedding", None]
     posters = [None, None, np.zeros((40, 30, 3), dtype=np.uint8)]
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**loaded.preprocess(plots, posters))["logits"],
-                                   model(**model.preprocess(plots, posters))["logits"], rtol=0, atol=0)
+        torch.testing.assert_close(loaded(**GenreProcessor.from_model(loaded)(plots, posters))["logits"],
+                                   model(**GenreProcessor.from_model(model)(plots, posters))["logits"], rtol=0, atol=0)
 
 
 def test_by_modality_views_put_the_branch_in_the_plot_view_only():

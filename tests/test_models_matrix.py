@@ -7,6 +7,7 @@ import torch
 
 from mmgcs.models import FUSIONS, IMAGE_TOWERS, TEXT_TOWERS
 from mmgcs.testing import tiny_model
+from mmgcs.processor import GenreProcessor
 
 LABELS = ["Action", "Comedy", "Drama", "Horror"]
 PLOTS = ["A young soldier must save his family from the war.", "Two friends start a band in London and fall in love."]
@@ -29,7 +30,7 @@ def build(text_tower, image_tower, fusion, **kw):
 
 def batch_for(model, n=2, with_labels=True):
     posters = [torch.rand(3, 80, 60).mul(255).byte().permute(1, 2, 0).numpy() for _ in range(n)]
-    batch = model.preprocess((PLOTS * n)[:n], posters)
+    batch = GenreProcessor.from_model(model)((PLOTS * n)[:n], posters)
     if with_labels:
         batch["labels"] = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]] * n)[:n]
     return batch
@@ -236,7 +237,7 @@ def test_bilstm_with_glove_file(tmp_path):
     glove.unlink()
     loaded = GenreClassifier.from_pretrained(tmp_path / "bundle")
     assert loaded.tokenizer(["The SOLDIER, unknownword"])["input_ids"][0] == ids
-    batch = model.preprocess(PLOTS, None)
+    batch = GenreProcessor.from_model(model)(PLOTS, None)
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch)["logits"], model(**batch)["logits"], rtol=0, atol=0)
@@ -251,7 +252,7 @@ def test_inference_skips_a_tower_whose_input_is_missing_everywhere_but_training_
     model = build("hf", "timm", "gated")
     calls = []
     model.image_tower.register_forward_hook(lambda *a: calls.append(1))
-    batch = model.preprocess(PLOTS, [None, None])
+    batch = GenreProcessor.from_model(model)(PLOTS, [None, None])
     model.eval()
     with torch.no_grad():
         skipped = model(**batch)["logits"]

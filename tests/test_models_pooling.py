@@ -6,6 +6,7 @@ import torch
 from mmgcs import GenreClassifier
 from mmgcs.models.preprocessing import tokenize
 from mmgcs.testing import tiny_model
+from mmgcs.processor import GenreProcessor
 
 LABELS = ["Action", "Comedy", "Drama"]
 # Different lengths, so padding is present and the mask matters.
@@ -53,7 +54,7 @@ def test_mean4_bundle_round_trips(tmp_path):
     loaded = GenreClassifier.from_pretrained(tmp_path / "bundle").eval()
     assert loaded.config.text_pooling == "mean4"
     assert loaded.text_tower.pooling == "mean4"
-    batch = model.preprocess(PLOTS, None)
+    batch = GenreProcessor.from_model(model)(PLOTS, None)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch)["logits"], model(**batch)["logits"], rtol=0, atol=0)
 

@@ -31,6 +31,7 @@ from mmgcs.features.prefix import STORAGE_DTYPES, PrefixCache
 from mmgcs.models.text import POOLINGS, HFTextTower
 from mmgcs.prefix_loaders import LengthGroupedBatches, PrefixRows, collate_prefix, prefix_stage_kind
 from mmgcs.testing import tiny_model, tiny_text_backbone_dir
+from mmgcs.processor import GenreProcessor
 
 FUSION = REPO_ROOT / "configs" / "fusion.yaml"
 ARCHS = ("bert", "mpnet")
@@ -161,7 +162,7 @@ def text_model(arch: str, trainable: int = 1, **overrides):
 def test_the_models_logits_and_gradients_from_the_cache_equal_the_raw_path(arch, tmp_path):
     model, split = text_model(arch), tiny_split()
     labels = torch.tensor([[1.0, 0.0, 1.0]] * len(split))
-    raw = dict(model.preprocess(split["plot"]), labels=labels)
+    raw = dict(GenreProcessor.from_model(model)(split["plot"]), labels=labels)
     prefix = PrefixCache(tmp_path).get_or_compute(model, split, batch_size=3)  # batches unlike the raw one
     rows = PrefixRows(prefix, {"labels": labels})
     cached = collate_prefix([rows[i] for i in range(len(rows))])

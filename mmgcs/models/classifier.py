@@ -20,7 +20,7 @@ from mmgcs.config import ConfigError, ModelConfig, model_config_from_dict
 from mmgcs.hub.bundle import load_bundle, save_bundle_files
 from mmgcs.hub.card import model_card
 from mmgcs.hub.push import push_bundle, push_model
-from mmgcs.inference import Predictor, preprocess
+from mmgcs.inference import Predictor
 from mmgcs.decisions import decision_thresholds
 from mmgcs.models.fusion import create_fusion
 from mmgcs.models.image import create_image_tower, image_tower_from_config
@@ -30,6 +30,7 @@ from mmgcs.models.losses import check_loss_for_task, loss_options, multilabel_lo
 from mmgcs.models.preprocessing import CROP_MODES, INTERPOLATIONS, image_transform
 from mmgcs.models.text import POOLINGS, create_text_tower, text_tower_from_config
 from mmgcs.models.tower import Tower
+from mmgcs.processor import NO_TOKENIZER
 
 TASKS = ("multilabel", "singlelabel")
 
@@ -93,7 +94,9 @@ class GenreClassifier(
     """Movie plot and/or poster → genre logits (multi-label by default).
 
     Build a new model with `mmgcs.create_model(labels=[...])`; load a saved one with
-    `GenreClassifier.from_pretrained(folder_or_repo_id)`. `forward(**batch)` returns `{"loss", "logits"}`.
+    `GenreClassifier.from_pretrained(folder_or_repo_id)`. `forward(**batch)` takes tensors and returns
+    `{"loss", "logits"}`; raw movies become tensors through its processor (`mmgcs.processor.GenreProcessor`), and
+    `predict` runs both through `mmgcs.inference.Predictor`.
     """
 
     def __init__(
@@ -261,13 +264,6 @@ class GenreClassifier(
         return decision_thresholds(self.config).tolist()
 
     # ------------------------------------------------------------------------------------ preprocessing
-    def preprocess(
-        self, plots: Optional[list] = None, posters: Optional[list] = None, train: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """Raw plots (str or None) and posters (PIL image, path, bytes, datasets Image dict, or None) → a batch
-        (see `mmgcs.inference.preprocess`). Masks are False where an input is missing."""
-        return preprocess(self, plots, posters, train)
-
     def image_transform(self, train: bool = False):
         """The torchvision transform for this bundle's posters (timm's eval transform, or the train one)."""
         if train not in self._transforms:
@@ -276,10 +272,7 @@ class GenreClassifier(
 
     def get_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError(
-                "This model has no tokenizer: build it with mmgcs.create_model(...) or load a saved bundle with "
-                "GenreClassifier.from_pretrained(...), which restore the tokenizer"
-            )
+            raise ValueError(NO_TOKENIZER)
         return self.tokenizer
 
     # ---------------------------------------------------------------------------------------- inference
