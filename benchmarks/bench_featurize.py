@@ -247,9 +247,10 @@ def profile_posters(model, split, workers: int):
     from datasets import Image
 
     from mmgcs.data.images import load_image
+    from mmgcs.processor import GenreProcessor
 
     raw = split.cast_column("poster", Image(decode=False))["poster"][:200]
-    transform = model.image_transform(False)
+    transform = GenreProcessor.from_model(model).image_transform(False)
     steps = {"read+decode (load_image)": lambda r: load_image(r)}
     decoded = [load_image(r) for r in raw]
     with torch.inference_mode():

@@ -70,7 +70,7 @@ def matmul_rate_bf16(threads: int, n: int = 512) -> float:
 def batches(model, texts: list[str], size: int, by_length: bool) -> list[tuple]:
     from mmgcs.models.preprocessing import tokenize
 
-    tokenizer = model.get_tokenizer()
+    tokenizer = model.tokenizer
     order = list(range(len(texts)))
     if by_length:
         lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=model.config.max_text_length)["input_ids"]]

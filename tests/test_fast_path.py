@@ -142,7 +142,7 @@ def test_the_text_tower_falls_back_to_eager_with_one_log_line(monkeypatch, caplo
 def test_the_onnx_text_encoder_takes_other_lengths_and_batch_sizes():
     model = tiny_model(LABELS).eval()
     path = FastPath(model)
-    tokenizer = model.get_tokenizer()
+    tokenizer = model.tokenizer
     short = tokenizer(["A short plot."], return_tensors="pt")
     path.encode_text(short["input_ids"], short["attention_mask"])  # built on 1 row of a few tokens
     assert path.text_kind() == "onnxruntime"
@@ -192,7 +192,7 @@ from mmgcs.fast_path import FastPath
 from mmgcs.testing import tiny_model
 model = tiny_model(["Action", "Comedy"]).eval()
 path = FastPath(model)
-batch = model.get_tokenizer()(["A short plot."], return_tensors="pt")
+batch = model.tokenizer(["A short plot."], return_tensors="pt")
 path.encode_text(batch["input_ids"], batch["attention_mask"])
 print(path.text_kind(), os.environ.get("ORT_DISABLE_TELEMETRY"))
 """

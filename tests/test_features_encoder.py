@@ -113,10 +113,11 @@ def test_batched_poster_decoding_equals_the_models_transform_bit_for_bit(crop_mo
     import PIL.Image
 
     from mmgcs.data.images import load_image
+    from mmgcs.processor import GenreProcessor
     from mmgcs.testing import tiny_model
 
     model = tiny_model(["A", "B"], image_crop_mode=crop_mode)
-    transform = model.image_transform(False)
+    transform = GenreProcessor.from_model(model).image_transform(False)
     rng = np.random.RandomState(0)
     posters = []
     for w, h in [(30, 45), (64, 64), (90, 40), (20, 20)]:

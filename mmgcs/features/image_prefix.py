@@ -90,18 +90,16 @@ def image_prefix_key(model, split, dtype: str) -> dict:
 
 
 class _BottomAsModel:
-    """What `compute_image_features` reads of a model (its image tower, `encode_image`, the eval transform), with the
-    frozen bottom as the tower: the feature cache's poster pipeline (decoding workers, the traced and fused encoder
-    where it gives the same numbers, undecodable posters masked and reported) then computes the feature maps."""
+    """What `compute_image_features` reads of a model (its image tower, `encode_image`, the config its processor's
+    eval transform comes from), with the frozen bottom as the tower: the feature cache's poster pipeline (decoding
+    workers, the traced and fused encoder where it gives the same numbers, undecodable posters masked and reported)
+    then computes the feature maps."""
 
     def __init__(self, model, bottom: ImageBottom):
-        self.image_tower, self._model = bottom, model
+        self.image_tower, self.config = bottom, model.config  # the config: the processor's poster transform
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_tower(pixels)
-
-    def image_transform(self, train: bool = False):
-        return self._model.image_transform(False)
 
 
 def compute_image_prefix(model, split, batch_size: int = 64, dtype: torch.dtype = torch.float32,

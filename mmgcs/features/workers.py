@@ -30,6 +30,7 @@ from mmgcs.features.keys import model_tower
 from mmgcs.models.image_fast import FastImageEncoder, split_eval_transform, to_normalized_batch
 from mmgcs.models.preprocessing import plot_present, tokenize
 from mmgcs.models.tower import outputs_agree
+from mmgcs.processor import GenreProcessor
 from mmgcs.progress import progress
 from mmgcs.runtime import available_cores
 
@@ -133,7 +134,7 @@ def _row_ids(split, rows: Sequence[int]) -> list:
 def _text_batches(model, plots: list, rows: np.ndarray, batch_size: int):
     """(rows, input_ids, attention_mask) batches: tokenized in groups, longest first, each padded to its own
     longest plot (columns that are padding for every row of the batch are dropped, on either side)."""
-    tokenizer = model.get_tokenizer()
+    tokenizer = GenreProcessor.from_model(model).get_tokenizer()
     for g in range(0, len(rows), TEXT_GROUP):
         group = torch.as_tensor(rows[g : g + TEXT_GROUP])
         enc = tokenize(tokenizer, model.config, [plots[int(r)] for r in group])
@@ -280,7 +281,7 @@ class _PosterRows(torch.utils.data.Dataset):
 class _DecodePosters:
     """Encoded posters → one float batch through the model's eval transform (runs in DataLoader workers).
 
-    Exactly `model.preprocess`'s path (`load_image` then `model.image_transform(False)`), so the features equal
+    Exactly the processor's path (`load_image` then `GenreProcessor.image_transform(False)`), so the features equal
     what the model computes on raw posters. A poster that cannot be decoded is returned as an error, not raised.
     """
 
@@ -392,7 +393,7 @@ def compute_image_features(
         return features, mask
     device = _device_of(tower)
     workers = default_num_workers() if num_workers is None else int(num_workers)
-    transform = model.image_transform(False)
+    transform = GenreProcessor.from_model(model).image_transform(False)
     optimize = len(rows) >= MIN_POSTERS_TO_OPTIMIZE
     bad: list[tuple[int, str]] = []
     with _eval_mode(tower):

@@ -27,10 +27,9 @@ from mmgcs.models.image import create_image_tower, image_tower_from_config
 from mmgcs.models.image_prefix import features_from_prefix as image_from_prefix
 from mmgcs.models.lexical import LexicalBranch
 from mmgcs.models.losses import check_loss_for_task, loss_options, multilabel_loss
-from mmgcs.models.preprocessing import CROP_MODES, INTERPOLATIONS, image_transform
+from mmgcs.models.preprocessing import CROP_MODES, INTERPOLATIONS
 from mmgcs.models.text import POOLINGS, create_text_tower, text_tower_from_config
 from mmgcs.models.tower import Tower
-from mmgcs.processor import NO_TOKENIZER
 
 TASKS = ("multilabel", "singlelabel")
 
@@ -129,7 +128,6 @@ class GenreClassifier(
         self.register_buffer("pos_weight", pos_weight, persistent=False)
         # How the head learns (train.loss): a training choice, not part of the bundle; BCE unless set_loss says.
         self.loss_options: dict = loss_options()
-        self._transforms: dict = {}
 
     # ----------------------------------------------------------------------------------------- encoding
     @property
@@ -262,18 +260,6 @@ class GenreClassifier(
 
     def decision_thresholds(self) -> list[float]:
         return decision_thresholds(self.config).tolist()
-
-    # ------------------------------------------------------------------------------------ preprocessing
-    def image_transform(self, train: bool = False):
-        """The torchvision transform for this bundle's posters (timm's eval transform, or the train one)."""
-        if train not in self._transforms:
-            self._transforms[train] = image_transform(self.config, train)
-        return self._transforms[train]
-
-    def get_tokenizer(self):
-        if self.tokenizer is None:
-            raise ValueError(NO_TOKENIZER)
-        return self.tokenizer
 
     # ---------------------------------------------------------------------------------------- inference
     def predict(self, plot: Optional[str] = None, poster: Any = None, by_modality: bool = False,
