@@ -159,7 +159,7 @@ def test_config_imports_no_model_code():
 
 def test_each_choice_list_is_the_one_its_implementation_uses():
     from mmgcs.config import CHOICES
-    from mmgcs.models.classifier import TASKS
+    from mmgcs.models.config_checks import TASKS
     from mmgcs.models.tower import FINETUNE_MODES
     from mmgcs.optim import OPTIMIZERS, SCHEDULERS
 

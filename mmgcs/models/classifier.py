@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
-from mmgcs.bundle_checks import image_kwargs_problem
 from mmgcs.config import ConfigError, ModelConfig, model_config_from_dict
 from mmgcs.hub.bundle import load_bundle, save_bundle_files
 from mmgcs.hub.card import model_card
@@ -24,64 +23,12 @@ from mmgcs.inference import Predictor
 from mmgcs.decisions import decision_thresholds
 from mmgcs.models.fusion import create_fusion
 from mmgcs.models.image import create_image_tower, image_tower_from_config
+from mmgcs.models.config_checks import check_model_config
 from mmgcs.models.image_prefix import features_from_prefix as image_from_prefix
 from mmgcs.models.lexical import LexicalBranch
 from mmgcs.models.losses import check_loss_for_task, loss_options, multilabel_loss
-from mmgcs.models.preprocessing import CROP_MODES, INTERPOLATIONS
-from mmgcs.models.text import POOLINGS, create_text_tower, text_tower_from_config
+from mmgcs.models.text import create_text_tower, text_tower_from_config
 from mmgcs.models.tower import Tower
-
-TASKS = ("multilabel", "singlelabel")
-
-
-def validate_config(cfg: ModelConfig) -> None:
-    """Check what the fields alone can tell; each message names the field and the fix."""
-    if not cfg.labels:
-        raise ValueError("config.labels is empty: pass the genre names, e.g. create_model(labels=['Drama', 'Comedy'])")
-    if not all(isinstance(x, str) and x for x in cfg.labels):
-        raise ValueError(f"config.labels must be non-empty strings, got {cfg.labels!r}")
-    if len(set(cfg.labels)) != len(cfg.labels):
-        dupes = sorted({x for x in cfg.labels if cfg.labels.count(x) > 1})
-        raise ValueError(f"config.labels has duplicates: {dupes}")
-    if cfg.task not in TASKS:
-        raise ValueError(f"Unknown task {cfg.task!r}; available: {list(TASKS)}")
-    if cfg.task == "singlelabel" and len(cfg.labels) < 2:
-        raise ValueError("A singlelabel task needs at least 2 labels")
-    if cfg.text_tower == "none" and cfg.image_tower == "none":
-        raise ValueError("text_tower and image_tower are both 'none': a model needs at least one tower")
-    for name in ("thresholds", "pos_weight"):
-        value = getattr(cfg, name)
-        if value is not None and len(value) != len(cfg.labels):
-            raise ValueError(f"config.{name} has {len(value)} values for {len(cfg.labels)} labels; give one per label or None")
-    if cfg.thresholds is not None and not all(0.0 <= float(t) <= 1.0 for t in cfg.thresholds):
-        raise ValueError(f"config.thresholds must lie in [0, 1], got {cfg.thresholds}")
-    if not 0.0 <= cfg.modality_dropout < 1.0:
-        raise ValueError(f"config.modality_dropout must be in [0, 1), got {cfg.modality_dropout}")
-    if cfg.image_size <= 0 or cfg.max_text_length <= 0:
-        raise ValueError("config.image_size and config.max_text_length must be positive")
-    if cfg.image_crop_mode not in CROP_MODES:
-        raise ValueError(f"Unknown image_crop_mode {cfg.image_crop_mode!r}; available: {list(CROP_MODES)}")
-    if cfg.interpolation and cfg.interpolation not in INTERPOLATIONS:  # "" = the backbone's own, resolved later
-        raise ValueError(f"Unknown interpolation {cfg.interpolation!r}; available: {list(INTERPOLATIONS)}")
-    if not 0.0 <= cfg.threshold <= 1.0:  # also refuses NaN, which would decide no genre at all
-        raise ValueError(f"config.threshold must lie in [0, 1], got {cfg.threshold}")
-    kwargs_problem = image_kwargs_problem(cfg.image_backbone_kwargs)
-    if kwargs_problem:
-        raise ValueError(f"config.{kwargs_problem}")
-    if cfg.text_pooling not in POOLINGS:
-        raise ValueError(f"Unknown text_pooling {cfg.text_pooling!r}; available: {sorted(POOLINGS)}")
-    if cfg.lexical and cfg.text_tower == "none":
-        raise ValueError("config.lexical reads the plot text, but text_tower='none'; set lexical=false or add a text tower")
-    if cfg.lexical and cfg.task != "multilabel":
-        raise ValueError("config.lexical supports the multilabel task only; set lexical=false for a singlelabel model")
-    if cfg.lexical and (cfg.lexical_features <= 0 or cfg.lexical_ngrams < 1 or cfg.lexical_min_df < 1 or cfg.lexical_c <= 0):
-        raise ValueError("config.lexical_features, lexical_ngrams, lexical_min_df and lexical_c must be positive")
-    positions = (cfg.text_backbone_config or {}).get("max_position_embeddings")
-    if cfg.text_tower == "hf" and isinstance(positions, int) and cfg.max_text_length > positions:
-        raise ValueError(
-            f"max_text_length={cfg.max_text_length} exceeds the text backbone's {positions} positions; lower it"
-        )
-
 
 class GenreClassifier(
     nn.Module,
@@ -106,7 +53,7 @@ class GenreClassifier(
         image_tower: Optional[Tower] = None,
     ):
         super().__init__()
-        validate_config(config)
+        check_model_config(config)
         self.config = config
         self.tokenizer = tokenizer
         if text_tower is None and config.text_tower != "none":
@@ -352,7 +299,7 @@ def create_model(labels: Optional[list] = None, config: Optional[ModelConfig] = 
         raise TypeError(f"create_model: {e}") from None
     if labels is not None:
         cfg.labels = list(labels)
-    validate_config(cfg)
+    check_model_config(cfg)
     tokenizer = text_tower = image_tower = None
     if cfg.text_tower != "none":
         text_tower, tokenizer = create_text_tower(cfg)
@@ -361,4 +308,4 @@ def create_model(labels: Optional[list] = None, config: Optional[ModelConfig] = 
     return GenreClassifier(cfg, tokenizer=tokenizer, text_tower=text_tower, image_tower=image_tower)
 
 
-__all__ = ["GenreClassifier", "create_model", "validate_config"]
+__all__ = ["GenreClassifier", "create_model"]
