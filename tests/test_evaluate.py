@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mmgcs import testing
+from mmgcs.data.build import BuildOptions, build
 from mmgcs.evaluate import main
 
 LABELS = ["Action", "Comedy", "Drama"]
@@ -39,7 +41,6 @@ def _clean_rows(folder: Path, n: int) -> list:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
     out = tmp_path_factory.mktemp("bundle")
     model = testing.tiny_model(LABELS)
     model.config.thresholds = [0.45, 0.5, 0.55]  # as if tuned on validation
@@ -157,12 +158,11 @@ def test_rename_genre_maps_unknown_names(model_dir, raw_source, tmp_path):
 
 @pytest.fixture(scope="module")
 def built_dataset(tmp_path_factory):
-    build_mod = pytest.importorskip("mmgcs.data.build")
     src = tmp_path_factory.mktemp("clean")
     _write_jsonl(src, _clean_rows(src, 16))
     out = tmp_path_factory.mktemp("built")
-    build_mod.build(
-        build_mod.BuildOptions(sources=[str(src)], out=str(out), min_genre_count=1, split_ratios=(0.5, 0.25, 0.25), progress=False)
+    build(
+        BuildOptions(sources=[str(src)], out=str(out), min_genre_count=1, split_ratios=(0.5, 0.25, 0.25), progress=False)
     )
     return out
 
@@ -185,7 +185,6 @@ def test_built_dataset_split(model_dir, built_dataset, tmp_path):
 
 
 def test_model_genre_missing_from_dataset_is_not_scored(built_dataset, tmp_path):
-    testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
     bundle = tmp_path / "bundle"
     testing.tiny_model(LABELS + ["Horror"], image=False).save_pretrained(bundle)
     r = _run(tmp_path, "--model", str(bundle), "--data", str(built_dataset), "--split", "validation")
@@ -196,7 +195,6 @@ def test_model_genre_missing_from_dataset_is_not_scored(built_dataset, tmp_path)
 
 
 def test_a_model_trained_with_titles_is_scored_on_title_and_plot(raw_source, tmp_path):
-    testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
     model = testing.tiny_model(LABELS, image=False)
     model.config.text_template = "{title}. {plot}"
     bundle = tmp_path / "bundle"
@@ -229,7 +227,6 @@ def test_bad_options_are_clear_errors(model_dir, raw_source, tmp_path):
 
 def test_agrees_with_the_training_run_test_metrics(tmp_path):
     """`evaluate` on a run's bundle and test split reproduces the engine's metrics.json (same rows, thresholds)."""
-    pytest.importorskip("mmgcs.engine")
     import engine_helpers as eh
     from huggingface_hub import ModelCard
 
@@ -252,7 +249,6 @@ def test_agrees_with_the_training_run_test_metrics(tmp_path):
 
 
 def test_mmimdb_official_split_and_cross_vocabulary_genres(tmp_path):
-    testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
     bundle = tmp_path / "bundle"
     testing.tiny_model(["Drama", "Science Fiction"], image=False).save_pretrained(bundle)
     root = tmp_path / "mmimdb"
@@ -273,7 +269,6 @@ def test_mmimdb_official_split_and_cross_vocabulary_genres(tmp_path):
 
 
 def test_single_label_model_is_scored_by_its_top_genre(raw_source, tmp_path):
-    testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
     bundle = tmp_path / "bundle"
     testing.tiny_model(LABELS, task="singlelabel").save_pretrained(bundle)
     preds = tmp_path / "p.jsonl"

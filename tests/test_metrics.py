@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mmgcs.metrics import binarize, bootstrap_intervals, compute_metrics, resolve_thresholds, tune_global_threshold, tune_thresholds
+from mmgcs import testing
 from mmgcs.report import fill_model_card, format_metrics_table, model_index, write_run_report
 
 # 4 movies x 3 genres (A, B, C). At the default 0.5 threshold the predictions are:
@@ -289,7 +290,6 @@ def test_model_index_has_the_fields_the_hub_requires():
 
 
 def test_fill_model_card_of_a_saved_bundle(tmp_path):
-    testing = pytest.importorskip("mmgcs.testing", reason="mmgcs.testing.tiny_model (models stream) not available")
     from huggingface_hub import ModelCard
 
     testing.tiny_model(NAMES).save_pretrained(tmp_path)
