@@ -115,7 +115,8 @@ def _literal_table(node: ast.AST, where: str) -> dict[str, str]:
     if isinstance(node, ast.Dict):
         table: dict[str, str] = {}
         for key, value in zip(node.keys, node.values):
-            table.update(_literal_table(value, where) if key is None else {ast.literal_eval(key): ast.literal_eval(value)})
+            entry = {ast.literal_eval(key): ast.literal_eval(value)} if key is not None else None
+            table.update(_literal_table(value, where) if entry is None else entry)
         return table
     if isinstance(node, ast.Call) and ast.unparse(node.func) == "dict.fromkeys" and len(node.args) == 2:
         return dict.fromkeys(ast.literal_eval(node.args[0]), ast.literal_eval(node.args[1]))
