@@ -1,5 +1,5 @@
-"""A feature cache on a full disk: safetensors reports it as SafetensorError (not OSError); the run must carry on
-with the features it computed ("used for this run only"), warn once, and leave no partial file."""
+"""mmgcs/features/store.py on a full disk: safetensors reports it as SafetensorError (not OSError); the run must
+carry on with the features it computed ("used for this run only"), warn once, and leave no partial file."""
 
 from __future__ import annotations
 
