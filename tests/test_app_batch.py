@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-from types import SimpleNamespace
 
 import pytest
 
@@ -98,6 +97,8 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from app_helpers import REPO, api_client, shared_app_server  # noqa: E402
 from test_app import PLOTS, _close, files, import_app  # noqa: E402,F401  (files: the posters fixture)
+
+from mmgcs.space import MODEL_FAILED  # noqa: E402
 
 BATCH = "/predict_batch"
 FILE_DATA = {"_type": "gradio.FileData"}
@@ -216,17 +217,6 @@ def app_module(tmp_path_factory):
     return import_app(save_tiny_bundle(tmp_path_factory.mktemp("batch") / "model"), "mmgcs_space_app_batch")
 
 
-def test_a_batch_job_counts_as_its_movies_against_the_per_client_caps(app_module):
-    def job(api_name, data):
-        return SimpleNamespace(fn=SimpleNamespace(api_name=api_name), data=SimpleNamespace(data=data))
-
-    assert app_module.job_weight(job("predict", ["a plot", None, None, False])) == 1
-    assert app_module.job_weight(job("predict_batch", [[{"plot": "a"}] * 5])) == 5
-    assert app_module.job_weight(job("predict_batch", [[{"plot": "a"}] * 500])) == 16  # refused before it runs
-    assert app_module.job_weight(job("predict_batch", ["not a list"])) == 1
-    assert app_module.job_weight(SimpleNamespace(fn=SimpleNamespace(api_name="predict_batch"), data=None)) == 1
-
-
 def test_a_batchs_posters_within_a_small_pixel_budget_are_all_answered(app_module, files, monkeypatch):
     from mmgcs.uploads import PixelBudget
 
@@ -248,7 +238,7 @@ def test_a_model_failure_is_that_movies_error_without_details(app_module, monkey
 
     monkeypatch.setattr(app_module.SPACE.predictor.predictor, "predict_batch", failing_on_ghosts)
     answers = app_module.predict_batch([{"plot": "A ghost in the attic."}, {"plot": PLOTS[0]}])
-    assert answers[0] == {"index": 0, "error": app_module.MODEL_FAILED}
+    assert answers[0] == {"index": 0, "error": MODEL_FAILED}
     assert answers[1]["scores"]
 
 
