@@ -197,7 +197,9 @@ def _explanation_outputs() -> tuple[gr.Dropdown, gr.HighlightedText, gr.Image]:
         )
         heat = gr.Image(label="Poster regions (red raised the genre's score, purple lowered it)", type="pil",
                         interactive=False, height=360, elem_id="explain-poster")
-        heat.postprocess = inline_image  # sent inline: no file written per call
+        # Sent inline, no file written per call. INTERNAL (on the instance, as mmgcs.space_guards' fields do): a
+        # gr.Image output always saves its image into the cache (its base64 output is for webcam streaming only).
+        heat.postprocess = inline_image
     return genre, words, heat
 
 

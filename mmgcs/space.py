@@ -66,6 +66,7 @@ class Space:
     def upload_roots(self) -> list[str]:
         """The only folders a poster path may point into: Gradio's upload cache (where every upload, URL download
         and example file is put) and this app's own examples folder."""
+        # gradio.utils.get_upload_folder: where Gradio's own upload route and delete_cache put and clear them
         return [gradio.utils.get_upload_folder(), *self.example_folders]
 
     def read_upload(self, payload) -> UploadedPoster | None:
