@@ -173,7 +173,9 @@ def run_predict_process(model: str, source: Path, out: Path, options: list[str])
             if pid:
                 break
             try:
-                samples.append(watched.memory_info().rss)
+                rss = watched.memory_info().rss
+                if rss:  # 0 once it has exited (a zombie until wait4 reaps it)
+                    samples.append(rss)
             except psutil.Error:
                 pass
             time.sleep(1.0)
