@@ -38,6 +38,7 @@ DELEGATED = {
     "sweep": ("grid search over a sweep file (training/sweep.py)", lambda argv: _returned(sweep.main(argv))),
 }
 
+
 def _returned(_result) -> int:
     """The delegated mains return their results (or exit with a message); having returned is success."""
     return 0
