@@ -109,15 +109,15 @@ def run_part(args, index: int, count: int, progress: Optional[bool] = None, devi
         return 2
     before = read_state(out, index, count)
     resume = (args.resume and part.is_file() and before is not None
-              and (before.start, before.block) == (start, shard_block(args)))
+              and (before.start, before.block) == (start, args.batch_size))
     if args.resume and part.exists() and not resume:
         print(f"warning: {part.name} was made against another state of {out.name}: predicted again", file=sys.stderr)
-    state = PartState(index, count, start, shard_block(args), startup_seconds=_process_age(), ready_at=time.time())
+    state = PartState(index, count, start, args.batch_size, startup_seconds=_process_age(), ready_at=time.time())
     if not _saved(out, state):
         return 2
     with stop_on_signals():
         try:
-            stats = run_predict(predictor, args, part, resume, Shard(index, count, start, shard_block(args)), progress)
+            stats = run_predict(predictor, args, part, resume, Shard(index, count, start, args.batch_size), progress)
         except Interrupted as e:
             print(f"part {index + 1} of {count} stopped ({e}): the rows it wrote are kept in {part}; rerun the same "
                   "command with --resume", file=sys.stderr)
@@ -201,16 +201,8 @@ def _exit_status(code: int) -> str:
     return f"exit status {code}"
 
 
-def shard_block(args) -> int:
-    """The rows dealt to a process at a time: one window of the one-process run (--batch-size x --sort-window rows,
-    read and sorted by plot length together), so each process predicts exactly the batches one process would and
-    the merged output is the one-process output to the bit, eager or fast."""
-    window = getattr(args, "sort_window", batch_predict.SORT_WINDOW_BATCHES)
-    return batch_predict.window_rows(args.batch_size, window)
-
-
 def _parts_ready(args, count: int) -> bool:
-    problem, warnings = parts_problem(Path(args.out), count, args.resume, args.overwrite, shard_block(args))
+    problem, warnings = parts_problem(Path(args.out), count, args.resume, args.overwrite, args.batch_size)
     for warning in warnings:
         print(warning, file=sys.stderr)
     if problem:
@@ -254,7 +246,7 @@ def run_launched(args) -> int:
         torch.set_num_threads(threads)
     out, count = Path(args.out), state.num_processes
     ready = _parts_ready(args, count) if state.is_main_process else parts_problem(
-        out, count, args.resume, args.overwrite, shard_block(args))[0] is None
+        out, count, args.resume, args.overwrite, args.batch_size)[0] is None
     if not ready:
         return 2  # every process sees the same files, so every one stops here
     if state.is_main_process and args.overwrite:

@@ -1,9 +1,8 @@
 """A sharded `mmgcs predict` on disk: which input rows each process predicts, its part file and state, and the
 merge of the parts into the one output.
 
-Rows are dealt in blocks of one window of the one-process run (--batch-size x --sort-window rows, read and sorted by
-plot length together): after the `start` rows the output already holds (an earlier run, `--resume`), block b goes to
-part b mod N. Each process therefore predicts exactly the batches one process would
+Rows are dealt in blocks of the batch size: after the `start` rows the output already holds (an earlier run,
+`--resume`), block b goes to part b mod N. Each process therefore predicts exactly the batches one process would
 (the same rows side by side, so the same scores to the bit), and the merge restores input order by taking the
 blocks back in turn, without reading the input again.
 
@@ -150,9 +149,8 @@ def parts_problem(out: Path, count: int, resume: bool, overwrite: bool, block: i
     for index in range(count):
         state = read_state(out, index, count)
         if state is not None and state.block != block:
-            return (f"{part_path(out, index, count).name} was started with blocks of {state.block} rows (--batch-size "
-                    f"x --sort-window): resume with the --batch-size and --sort-window it was started with (a part's "
-                    f"rows are dealt in blocks of one window), or --overwrite"), []
+            return (f"{part_path(out, index, count).name} was started with --batch-size {state.block}: resume with "
+                    f"--batch-size {state.block} (a part's rows are dealt in blocks of it), or --overwrite"), []
     others = sorted(set(found) - {count})
     return None, [f"warning: parts of a run with {n} processes are beside {str(out)!r} ({found[n][0].name}, ...): "
                   f"not used by this run with {count}; rerun with {n} processes to continue them, or delete them"

@@ -164,7 +164,7 @@ def test_parts_of_an_unfinished_run_need_resume_or_overwrite(bundle, source, tmp
     other = args_of("--model", bundle, "--input", source, "--out", out, "--batch-size", 8, "--num-processes", 2,
                     "--resume")
     assert sharded_main(other, []) == 2
-    assert "was started with blocks of 32 rows (--batch-size x --sort-window)" in capsys.readouterr().err  # 4 x 8
+    assert "was started with --batch-size 4: resume with --batch-size 4" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------- processes of their own
