@@ -120,8 +120,7 @@ def test_the_run_line_reports_start_up_apart_and_the_bar_follows_the_policy(bund
                                                                              capsys):
     monkeypatch.delenv("MMGCS_QUIET", raising=False)
     out = tmp_path / "p.csv"
-    assert batch_predict.main(args_of("--model", bundle, "--input", source, "--out", out, "--batch-size", 4,
-                                      "--fast")) == 0
+    assert batch_predict.main(args_of("--model", bundle, "--input", source, "--out", out, "--batch-size", 4)) == 0
     captured = capsys.readouterr()
     assert "40 movies written" in captured.out and "movies/s; start-up" in captured.out
     assert "text tower: onnxruntime" in captured.out
