@@ -8,12 +8,10 @@ thread meanwhile, and are appended to the output window by window, so memory doe
 (only the ids met, as 8-byte hashes, which find an id given to several rows, and the ids already written, kept for
 `--resume`). Each output row says in `input_row` which input row it is
 (two rows of one id are both predicted, and told apart there; the run warns of them). The output is checked to be
-writable before the model loads; a write that fails later says what was kept and how to resume. The eager towers
-serve by default (the scores of training and evaluation to the bit). `--fast` opts into the fast path
-(`mmgcs.fast_path`: the text tower in ONNX Runtime, scores within 1e-4), built on a made-up movie before the first
-window so the run's line reports the start-up apart from the steady rate; measured on 2 CPU cores it ran the text
-tower no faster than eager (both gain 1.45x from the length-sorted windows) and cost 30-75 s of export and ~1 GB
-more peak memory, so it is not the default here.
+writable before the model loads; a write that fails later says what was kept and how to resume. On CPU the towers run
+through the fast path (`mmgcs.fast_path`: the text tower in ONNX Runtime, scores within 1e-4 of the eager towers;
+`--eager` or MMGCS_FAST_PATH=0 for the eager ones), built on a made-up movie before the first window, so the run's
+line reports the start-up apart from the steady rate.
 
 A row that cannot be read keeps its place in the output with the reason in `error` and no scores: a missing,
 corrupt, oversized or out-of-folder poster, an empty plot with no poster, a plot over `MAX_PLOT_CHARS`, a line
@@ -620,10 +618,10 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--fast", action="store_true",
                    help="the predictor's fast encoders (mmgcs.fast_path: the text tower in ONNX Runtime, scores within "
-                        "1e-4 of the eager towers, which serve whenever the fast one is unavailable; ~1 GB more peak "
-                        "memory and an export at start-up; MMGCS_FAST_PATH=0 turns it off)")
+                        "1e-4 of the eager towers, which serve whenever the fast one is unavailable); the default "
+                        "unless MMGCS_FAST_PATH=0")
     p.add_argument("--eager", action="store_true",
-                   help="the eager towers only (the default: the scores of training and evaluation to the bit)")
+                   help="the eager towers only (the scores of training and evaluation to the bit; slower on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="predict in N processes (this one and N-1 it starts), each on its share of the cores (or "
@@ -696,13 +694,11 @@ def load_predictor(args, device: Optional[str] = None) -> Optional[Predictor]:
 
 
 def use_fast_path(args) -> bool:
-    """--fast opts in (the text tower in ONNX Runtime and the fast image encoder, scores within 1e-4 of the eager
-    towers; each falls back to its eager tower where it does not apply), unless --eager or MMGCS_FAST_PATH=0. Eager is
-    the default: on CPU the fast text tower measured no faster than eager for batch prediction and cost ~1 GB more
-    peak memory (issue 20's note)."""
+    """--fast / --eager, else `MMGCS_FAST_PATH` (default 1: the text tower in ONNX Runtime and the fast image
+    encoder, scores within 1e-4 of the eager towers; each falls back to its eager tower where it does not apply)."""
     if getattr(args, "eager", False):
         return False
-    return bool(getattr(args, "fast", False)) and fast_path_setting()
+    return bool(getattr(args, "fast", False)) or fast_path_setting()
 
 
 def warm_up(predictor: Predictor) -> None:

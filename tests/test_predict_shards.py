@@ -62,7 +62,7 @@ def args_of(*argv) -> object:
 
 def one_process(bundle: Path, source: Path, out: Path, batch_size: int = BATCH, **options) -> Path:
     """What `mmgcs predict` writes in one process (the reference): the same batch size, or other batches; its
-    predictor loaded as the command loads it (the eager towers unless --fast)."""
+    predictor loaded as the command loads it (the fast path unless MMGCS_FAST_PATH=0)."""
     predictor = load_predictor(args_of("--model", bundle, "--input", source, "--out", out))
     predict_file(predictor, str(source), out, batch_size=batch_size, progress=False, **options)
     return out

@@ -96,14 +96,14 @@ def test_the_next_window_is_read_while_one_is_predicted(source, tmp_path, monkey
     assert sum(1 for e in events[:first] if e[0] == "read") == 16
 
 
-def test_the_eager_towers_are_the_default_and_fast_is_built_at_start_up_when_asked(bundle, source, monkeypatch):
+def test_the_fast_path_is_the_default_and_built_at_start_up(bundle, source, monkeypatch):
     monkeypatch.delenv("MMGCS_FAST_PATH", raising=False)
-    assert load_predictor(args_of("--model", bundle, "--input", source, "--device", "cpu")).fast is None
-    fast = load_predictor(args_of("--model", bundle, "--input", source, "--device", "cpu", "--fast")).fast
+    fast = load_predictor(args_of("--model", bundle, "--input", source, "--device", "cpu")).fast
     assert fast is not None and fast.text_kind() == "onnxruntime"  # exported and checked before any window
     assert load_predictor(args_of("--model", bundle, "--input", source, "--eager")).fast is None
     monkeypatch.setenv("MMGCS_FAST_PATH", "0")
-    assert load_predictor(args_of("--model", bundle, "--input", source, "--fast")).fast is None
+    assert load_predictor(args_of("--model", bundle, "--input", source)).fast is None
+    assert load_predictor(args_of("--model", bundle, "--input", source, "--fast")).fast is not None
 
 
 def test_contradicting_or_bad_speed_options_are_refused(tmp_path, monkeypatch):
