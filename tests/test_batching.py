@@ -14,6 +14,7 @@ from engine_helpers import GENRES, REPO_ROOT, build_dataset, corrupt_posters, sp
 
 from mmgcs.batching import BAD_POSTERS, BadPosterReport, RowCollator
 from mmgcs.engine import main
+from mmgcs.processor import GenreProcessor
 
 
 def _jpeg(colour=(200, 30, 30)) -> bytes:
@@ -43,7 +44,7 @@ def test_undecodable_poster_is_masked_and_listed_by_row_id(caplog):
         {"id": 8, "plot": "love and a wedding", "poster": {"bytes": good[:150], "path": None}, "genres": [4]},
         {"id": 9, "plot": "a family drama", "poster": None, "genres": [2]},
     ]
-    collate = RowCollator(model.preprocess, np.arange(len(GENRES)), len(GENRES), "multilabel", train=True)
+    collate = RowCollator(GenreProcessor.from_model(model), np.arange(len(GENRES)), len(GENRES), "multilabel", train=True)
     batch = collate(rows)
     assert batch["image_mask"].tolist() == [True, False, False]
     assert batch["text_mask"].tolist() == [True, True, True]  # the row keeps its plot
@@ -66,7 +67,7 @@ def test_a_batch_without_bad_posters_has_no_extra_key():
 
     model = tiny_model(labels=GENRES, text=False)
     rows = [{"id": 1, "poster": {"bytes": _jpeg(), "path": None}, "genres": [0]}]
-    batch = RowCollator(model.preprocess, np.arange(len(GENRES)), len(GENRES), "multilabel", train=False,
+    batch = RowCollator(GenreProcessor.from_model(model), np.arange(len(GENRES)), len(GENRES), "multilabel", train=False,
                         use_text=False)(rows)
     assert BAD_POSTERS not in batch and batch["image_mask"].tolist() == [True]
 
