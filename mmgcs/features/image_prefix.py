@@ -25,8 +25,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mmgcs.features.keys import check_split, column_digest, model_tower
-from mmgcs.features.prefix import PREFIX_FORMAT, STORAGE_DTYPES, PrefixCache
+from mmgcs.features.keys import column_digest, model_tower
+from mmgcs.features.prefix import PREFIX_FORMAT, STORAGE_DTYPES, PrefixCache, check_prefix_inputs
 from mmgcs.features.workers import _poster_presence, _undecoded_posters, compute_image_features
 from mmgcs.models.image_prefix import ImageBottom, image_cut, prefix_key
 
@@ -68,12 +68,7 @@ class CachedImagePrefix:
 def image_prefix_key(model, split, dtype: str) -> dict:
     """Everything the image prefix of `split` under `model`'s (partially tuned) image tower depends on, JSON-able."""
     tower = model_tower(model, "image")
-    check_split(split)
-    if "poster" not in split.column_names:
-        raise ValueError("The dataset has no 'poster' column, so it has no image prefix to compute")
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"Unknown prefix storage dtype {dtype!r}; available: {list(STORAGE_DTYPES)} "
-                         "(train.prefix_dtype)")
+    check_prefix_inputs(split, "poster", "image prefix", dtype)
     return {
         "format": PREFIX_FORMAT,
         "modality": "image_prefix",

@@ -81,14 +81,20 @@ class CachedPrefix:
         return None if finite else "it holds non-finite values"
 
 
+def check_prefix_inputs(split, column: str, what: str, dtype: str) -> None:
+    """The checks every prefix key makes first (the text and the image prefix alike): a split, the column the prefix
+    is computed from, a storage dtype of the config's choices."""
+    check_split(split)
+    if column not in split.column_names:
+        raise ValueError(f"The dataset has no {column!r} column, so it has no {what} to compute")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"Unknown prefix storage dtype {dtype!r}; available: {list(STORAGE_DTYPES)} (train.prefix_dtype)")
+
+
 def prefix_key(model, split, dtype: str) -> dict:
     """Everything the prefix of `split` under `model`'s (partially tuned) text tower depends on, JSON-able."""
     tower = model_tower(model, "text")
-    check_split(split)
-    if "plot" not in split.column_names:
-        raise ValueError("The dataset has no 'plot' column, so it has no text prefix to compute")
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"Unknown prefix storage dtype {dtype!r}; available: {list(STORAGE_DTYPES)} (train.prefix_dtype)")
+    check_prefix_inputs(split, "plot", "text prefix", dtype)
     return {
         "format": PREFIX_FORMAT,
         "modality": "text_prefix",
