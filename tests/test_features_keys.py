@@ -1,6 +1,6 @@
 """mmgcs/features/keys.py on its own: the key's digest and the cache file's name, the column digest's rules (the
 one column, in row order, None apart from empty, poster paths by size and time), and the errors before any work.
-The keys of real towers, pinned across versions, are in test_features.py."""
+The keys of real towers, pinned across versions, are in test_features_store.py."""
 
 import os
 from types import SimpleNamespace

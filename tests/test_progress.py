@@ -10,7 +10,7 @@ import pytest
 import mmgcs.progress as P
 from mmgcs.features import compute_features
 from mmgcs.testing import tiny_model
-from test_features import _posters, make_split
+from test_features_store import _posters, make_split
 
 
 def _run(bar_updates, **kwargs) -> str:

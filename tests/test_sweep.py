@@ -1,6 +1,6 @@
 """Sweep bookkeeping: distinct folder names per point, unreadable results of a finished point rerun it.
 
-Training itself is replaced by a recorder here (tests/test_engine_sweep.py trains real points).
+Training itself is replaced by a recorder here (tests/test_sweep_grid.py trains real points).
 """
 
 import json

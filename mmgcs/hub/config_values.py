@@ -2,7 +2,7 @@
 
 config.json is input: `lexical_weight: NaN` or `image_mean: [NaN, NaN, NaN]` would load and make every score NaN,
 `lexical_weight: 1e308` every score 1.0, and `interpolation: "nonsense"` or `threshold: NaN` would load and then
-fail every prediction. Each field has one rule here (`FIELD_RULES`; tests/test_bundle_values.py holds the table to
+fail every prediction. Each field has one rule here (`FIELD_RULES`; tests/test_hub_config_values.py holds the table to
 the dataclass, so a new field cannot go unchecked). A rule returns the problem in words: the field, what is wrong
 with its value, and what it must be (the choices, or the range). The integer sizes keep their bounds in
 `mmgcs.bundle_checks` (one home), and the nested backbone configs are checked there too.

@@ -2,7 +2,7 @@
 
 `model_card.md` (the template of every bundle's card) and `requirements.txt` (the tested pins `mmgcs doctor`
 compares) are package data: here they are links to the repository's top-level files, which stay the one copy to
-edit; building a wheel copies the linked bytes into it (tests/test_package_data.py checks a built wheel against
+edit; building a wheel copies the linked bytes into it (tests/test_resources.py checks a built wheel against
 the top-level files). The Space's page, app.py, is not package data: a Space runs the repository's top-level
 app.py, so `space_app` finds that file in a checkout and never guesses a path beside an installed package.
 """

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel, MPNetConfig, MPNetModel
 
 from engine_helpers import REPO_ROOT, build_dataset, tiny_bundle, tiny_overrides
-from test_checkpoint_frozen import _as_if_killed_after_epoch_1, _same_run, _train_keeping_epoch_1
+from test_runs_frozen import _as_if_killed_after_epoch_1, _same_run, _train_keeping_epoch_1
 
 from mmgcs import GenreClassifier
 from mmgcs.config import CHOICES, TrainConfig

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from engine_helpers import REPO_ROOT, build_dataset, tiny_bundle, tiny_overrides
-from test_checkpoint_frozen import _as_if_killed_after_epoch_1, _same_run, _train_keeping_epoch_1
-from test_features import LABELS, make_split
-from test_prefix_cache import _test_rows
+from test_runs_frozen import _as_if_killed_after_epoch_1, _same_run, _train_keeping_epoch_1
+from test_features_store import LABELS, make_split
+from test_features_prefix import _test_rows
 
 from mmgcs import GenreClassifier
 from mmgcs.batching import decode_posters
