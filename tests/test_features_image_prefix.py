@@ -1,8 +1,7 @@
-"""Partial fine-tuning of the image tower from a cached prefix (mmgcs/features/image_prefix.py,
-mmgcs/models/image_prefix.py): the top stages run from the frozen bottom's cached feature maps give the whole
-forward's features, logits and gradients (timm's test_efficientnet and a random EfficientNet-Lite0, the default's
-TF-padded architecture); the cache is read back, keyed on what it depends on; a run trains from it, resumes exactly,
-and saves a bundle that needs no cache."""
+"""Partial fine-tuning of the image tower from a cached prefix (mmgcs/features/image_prefix.py): the model's logits
+and gradients from the cached feature maps equal the raw path's on the movies with a poster; the cache is read back,
+keyed on what it depends on; a run trains from it, resumes exactly, and saves a bundle that needs no cache. The cut
+itself: tests/test_models_image_prefix.py; which stages train from a prefix: tests/test_prefix_loaders.py."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import warnings
 import datasets
 import numpy as np
 import pytest
-import timm
 import torch
 from safetensors.torch import load_file
 
@@ -22,67 +20,20 @@ from engine_helpers import REPO_ROOT, build_dataset, tiny_bundle, tiny_overrides
 from test_runs_frozen import _as_if_killed_after_epoch_1, _same_run, _train_keeping_epoch_1
 from test_features_store import LABELS, make_split
 from test_features_prefix import _test_rows
+from prefix_helpers import cached_maps, trainable_grads
 
 from mmgcs import GenreClassifier
 from mmgcs.batching import decode_posters
-from mmgcs.config import TrainConfig
 from mmgcs.engine import main
 from mmgcs.features import FeatureCacheWarning
 from mmgcs.features.image_prefix import ImagePrefixCache
-from mmgcs.models.image import TimmImageTower
-from mmgcs.models.image_prefix import ImageBottom, features_from_prefix, forward_from_prefix, image_cut, plan_cut
-from mmgcs.prefix_loaders import PrefixRows, collate_prefix, prefix_stage_kind
+from mmgcs.models.image_prefix import ImageBottom, features_from_prefix, image_cut
+from mmgcs.prefix_loaders import PrefixRows, collate_prefix
 from mmgcs.testing import TINY_IMAGE_SIZE, tiny_model
 from mmgcs.processor import GenreProcessor
 
 FUSION = REPO_ROOT / "configs" / "fusion.yaml"
 TOL = 1e-5
-
-
-def trainable_grads(module, loss) -> list[torch.Tensor]:
-    return torch.autograd.grad(loss, [p for p in module.parameters() if p.requires_grad])
-
-
-def cached_maps(tower, pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """The feature maps the cache stores for `pixels`: the bottom run alone, in eval mode, without gradients."""
-    bottom = ImageBottom(tower, image_cut(tower), size)
-    with torch.no_grad():
-        return bottom(pixels).reshape(-1, *bottom.map_shape)
-
-
-# ------------------------------------------------------------------------------- same numbers as the whole forward
-@pytest.mark.parametrize("name, size, blocks", [("test_efficientnet", TINY_IMAGE_SIZE, b) for b in (1, 2, 5)]
-                         + [("tf_efficientnet_lite0", 96, b) for b in (1, 2)])
-def test_top_stages_from_the_prefix_give_the_whole_forwards_features_and_gradients(name, size, blocks):
-    torch.manual_seed(0)
-    tower = TimmImageTower(timm.create_model(name, pretrained=False, num_classes=0))
-    tower.set_finetune("partial", blocks).train()  # the trainable BatchNorms use the batch's statistics
-    pixels = torch.randn(4, 3, size, size)
-    weights = torch.randn(4, tower.out_dim)
-
-    whole = tower(pixels)
-    expected = trainable_grads(tower, (whole * weights).sum())
-    maps = cached_maps(tower, pixels, size)
-    from_prefix = forward_from_prefix(tower, maps)
-    got = trainable_grads(tower, (from_prefix * weights).sum())
-
-    assert image_cut(tower).first == len(tower.backbone.blocks) - blocks
-    torch.testing.assert_close(from_prefix, whole, atol=TOL, rtol=0)
-    assert len(got) == len(expected) > 0 and any(g.abs().sum() > 0 for g in got)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, atol=TOL, rtol=0)
-
-
-def test_the_cut_follows_the_trainable_groups_and_a_tower_it_cannot_cut_is_refused():
-    tower = tiny_model(text=False).image_tower
-    groups = len(tower.finetune_groups())  # the stem, then one per stage (conv_head/bn2 with the last)
-    assert [plan_cut(tower, k).first for k in range(1, groups)] == list(range(groups - 2, -1, -1))
-    with pytest.raises(ValueError, match="stem would train"):
-        plan_cut(tower, groups)
-    with pytest.raises(ValueError, match="set_finetune"):
-        image_cut(tower.set_finetune("frozen"))
-    with pytest.raises(ValueError, match="EfficientNet"):
-        plan_cut(tiny_model(text=False, image_tower="simplecnn").image_tower, 1)
 
 
 # ------------------------------------------------------------------------------------- through the model and cache
@@ -185,27 +136,6 @@ def test_an_unreadable_prefix_file_is_recomputed_with_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ImagePrefixCache(tmp_path, num_workers=0).get_or_compute(model, split)  # stored again, whole
-
-
-def test_which_stages_train_the_image_tower_from_its_prefix():
-    model = tiny_model(fusion="gated")
-    image = TrainConfig(image_finetune="partial", image_trainable_blocks=1, image_prefix_cache=True)
-    assert prefix_stage_kind(model, image, ("text", "image"), 0) == "text_features+image_prefix"
-    assert prefix_stage_kind(model, image, ("image",), 0) == "image_prefix"
-    both = TrainConfig(text_finetune="partial", text_trainable_layers=1, image_finetune="partial",
-                       image_prefix_cache=True)
-    assert prefix_stage_kind(model, both, ("text", "image"), 0) == "text_prefix+image_prefix"
-    groups = len(model.image_tower.finetune_groups())
-    on = {"image_finetune": "partial", "image_prefix_cache": True}
-    off = [TrainConfig(**on, image_trainable_blocks=groups), TrainConfig(image_finetune="full"),
-           TrainConfig(**on, image_trainable_blocks=0),
-           TrainConfig(**on, text_finetune="full"),
-           TrainConfig(**on, prefix_cache=False),
-           # opt-in: without image_prefix_cache the tower trains whole on augmented posters, as before
-           TrainConfig(image_finetune="partial", image_trainable_blocks=1)]
-    assert [prefix_stage_kind(model, t, ("text", "image"), 0) for t in off] == [None] * len(off)
-    cnn = tiny_model(text=False, image_tower="simplecnn")
-    assert prefix_stage_kind(cnn, image, ("image",), 0) is None
 
 
 # ------------------------------------------------------------------------------------------------ training runs
