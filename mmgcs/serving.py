@@ -26,11 +26,9 @@ import torch
 from mmgcs.data.images import MAX_IMAGE_PIXELS
 from mmgcs.data.records import MAX_PLOT_CHARS
 from mmgcs.fast_path import fast_path_setting
-from mmgcs.hub.errors import BundleMemoryError
-from mmgcs.hub.ids import is_hub_id
 from mmgcs.inference import Predictor
-from mmgcs.models.classifier import GenreClassifier
-from mmgcs.runtime import PeriodicTrim, release_freed_memory
+from mmgcs.models.load import ModelNotFoundError, load_model  # the one model loader (issue 22); re-exported
+from mmgcs.runtime import PeriodicTrim
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # On the fast path the worker's batch runs as chunks of this many movies, sorted by plot length: the text tower
@@ -44,18 +42,10 @@ SERVE_CHUNK = 4
 # (benchmarks/bench_app_load.py, MiniLM + Lite0, 16 callers: peak 1,545 MB untrimmed, 1,521 every 2 s, 1,501 every
 # 0.5 s; same movies/s).
 TRIM_INTERVAL_S = 1.0
-MODEL_REMEDY = (
-    "Train one with `accelerate launch training/train_fusion.py` (it saves runs/fusion/model), or set "
-    "MMGCS_MODEL to a Hub model id or to a folder saved by `save_pretrained`."
-)
 
 
 class ServingConfigError(ValueError):
     """A serving setting in the environment is invalid; the message names the variable and the fix."""
-
-
-class ModelNotFoundError(RuntimeError):
-    """The model source names nothing loadable; the message says how to get a model."""
 
 
 # ----------------------------------------------------------------------------------------------------- limits
@@ -151,26 +141,6 @@ def fast_path_wanted(environ: Optional[Mapping[str, str]] = None) -> bool:
         return fast_path_setting(environ)
     except ValueError as e:
         raise ServingConfigError(str(e)) from None
-
-
-# ------------------------------------------------------------------------------------------------------ model
-def load_model(source: str):
-    """A GenreClassifier from a folder or a Hub id, in eval mode (on the GPU when there is one), or
-    `ModelNotFoundError` explaining how to get one."""
-    local = Path(source).expanduser()
-    if not local.exists() and not is_hub_id(source):
-        raise ModelNotFoundError(f"No model at {source!r}. {MODEL_REMEDY}")
-    try:
-        model = GenreClassifier.from_pretrained(str(local) if local.exists() else source)
-    except BundleMemoryError as e:
-        # the bundle is fine: the remedy is memory, not training another model
-        raise ModelNotFoundError(f"Could not load the model {source!r}: {e}") from e
-    except Exception as e:
-        raise ModelNotFoundError(f"Could not load the model {source!r} ({type(e).__name__}: {e}). {MODEL_REMEDY}") from e
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    release_freed_memory()  # the state dict read beside the built module: ~130 MB for MiniLM + Lite0
-    return model.eval()
 
 
 _logged_failures: set[str] = set()
