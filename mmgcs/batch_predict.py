@@ -50,7 +50,7 @@ from mmgcs.data.images import MAX_IMAGE_BYTES, InvalidImageError, load_image, po
 from mmgcs.data.outfiles import unwritable_file
 from mmgcs.data.records import BuildReport, plot_too_long
 from mmgcs.data.sources import FORMATS, detect_format, source_name
-from mmgcs.evaluate import batched
+from mmgcs.data.inputs import batched
 from mmgcs.fast_path import fast_path_setting
 from mmgcs.inference import Predictor
 from mmgcs.models.classifier import GenreClassifier

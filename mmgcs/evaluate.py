@@ -2,8 +2,9 @@
 
 ``--data`` is either a dataset built by ``python -m mmgcs.data build`` (a folder in Hub layout, or a Hub id) or a
 raw source folder in any format the data builder reads (``movies.jsonl`` + posters, MM-IMDb, CSV), so any movie
-set can be scored without building it first. Genres are matched to the model's labels by name; genres the model
-does not know and every row that cannot be scored are reported by id, never dropped silently.
+set can be scored without building it first (read by ``mmgcs.data.inputs.read_movies``, as ``mmgcs predict`` reads
+movies). Genres are matched to the model's labels by name; genres the model does not know and every row that cannot be
+scored are reported by id, never dropped silently.
 
 The report (printed, and written whole with ``--out FILE``) holds: ``counts`` (rows == scored + skipped),
 ``skipped`` and ``bad_posters`` (by id, with the reason: also a line too long or nested too deeply to read and a
@@ -30,45 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
-import datasets
 import numpy as np
-import torch
 
-from mmgcs.data import load_movies
 from mmgcs.data.genres import canonical_genre, genre_key, parse_renames
 from mmgcs.data.images import InvalidImageError, load_image
+from mmgcs.data.inputs import Movie, Movies, batched, read_movies
 from mmgcs.data.outfiles import unwritable_file
-from mmgcs.data.records import BuildReport, plot_too_long
-from mmgcs.data.sources import FORMATS, detect_format, get_format, source_name
+from mmgcs.data.records import plot_too_long
 from mmgcs.inference import Predictor
 from mmgcs.metrics import bootstrap_intervals, compute_metrics, decide, decision_thresholds, resolve_thresholds
-from mmgcs.models.classifier import GenreClassifier
+from mmgcs.models.load import ModelNotFoundError, load_model
 from mmgcs.models.preprocessing import plot_present
 from mmgcs.progress import progress as progress_bar
 from mmgcs.progress import set_quiet
 from mmgcs.report import format_metrics_table
-
-
-@dataclass
-class EvalRow:
-    id: Any
-    plot: Optional[str]
-    poster: Any  # anything mmgcs.data.images.load_image accepts, or None
-    genres: list[str]
-    title: Optional[str] = None
-
-
-@dataclass
-class EvalData:
-    """Rows to score plus what was learnt while reading them."""
-
-    rows: Iterable[EvalRow]
-    kind: str  # "dataset" or "source:<format>"
-    vocabulary: Optional[list[str]]  # the data's label names when known (built dataset), else None
-    split: Optional[str] = None  # the split scored: a built dataset's, or a raw source's official one (MM-IMDb)
-    skipped: list[dict] = field(default_factory=list)  # rows the reader could not read
-    notes: Counter = field(default_factory=Counter)
-    size: Optional[int] = None  # how many rows `rows` yields when known before reading (a built split): the ETA
 
 
 # Duplicate ids the report names (it counts them all).
@@ -118,106 +94,7 @@ class GenreMapper:
         return out
 
 
-# ---------------------------------------------------------------- reading data
-
-
-def is_source_folder(path: str | Path) -> bool:
-    """True when ``path`` is a raw source the data builder can read rather than a built dataset."""
-    p = Path(path)
-    if not p.exists():
-        return False
-    if (p / "data").is_dir() and any((p / "data").glob("*.parquet")):
-        return False
-    if (p / "dataset_dict.json").is_file():
-        return False
-    return any(f.detect(p) for f in FORMATS.values())
-
-
-def read_dataset(path: str, split: str) -> EvalData:
-    dd = load_movies(path)
-    if split not in dd:
-        raise ValueError(f"Dataset {path!r} has no split {split!r}; its splits: {sorted(dd)}. Pick one with --split.")
-    ds = dd[split]
-    missing = {"id", "genres"} - set(ds.column_names)
-    if missing:
-        raise ValueError(f"Split {split!r} of {path!r} lacks columns {sorted(missing)}; rebuild it with python -m mmgcs.data build")
-    names = ds.features["genres"].feature.names
-    if "poster" in ds.column_names:
-        # Undecoded: a corrupt poster then fails on its own row (and is reported) instead of aborting the scan.
-        ds = ds.cast_column("poster", datasets.Image(decode=False))
-
-    def rows() -> Iterator[EvalRow]:
-        for batch in ds.iter(batch_size=256):
-            n = len(batch["id"])
-            for i in range(n):
-                yield EvalRow(
-                    id=batch["id"][i],
-                    plot=batch["plot"][i] if "plot" in batch else None,
-                    poster=batch["poster"][i] if "poster" in batch else None,
-                    genres=[names[j] for j in batch["genres"][i]],
-                    title=batch["title"][i] if "title" in batch else None,
-                )
-
-    return EvalData(rows=rows(), kind="dataset", vocabulary=list(names), split=split, size=ds.num_rows)
-
-
-def read_source(path: str, fmt: Optional[str] = None, split: Optional[str] = None) -> EvalData:
-    """Every movie of a raw source; when the source has official splits (MM-IMDb), only those of ``split``."""
-    p = Path(path)
-    source = get_format(fmt) if fmt else detect_format(p)
-    report = BuildReport()
-    data = EvalData(rows=[], kind=f"source:{source.name}", vocabulary=None)
-
-    seen = 0
-
-    def collect_drops() -> None:
-        # The reader records unreadable lines in `report` as it goes; surface them as skipped rows.
-        nonlocal seen
-        for event in report.events[seen:]:
-            if event["action"] == "dropped":
-                where = {"where": event["where"]} if event.get("where") else {}
-                data.skipped.append({"id": event["id"], "reason": event["reason"], "detail": event["detail"], **where})
-        seen = len(report.events)
-
-    def rows() -> Iterator[EvalRow]:
-        for movie in source.read(p, source_name(p), report):
-            collect_drops()
-            if movie.split is not None and split:
-                data.split = split
-                if movie.split != split:
-                    data.notes["rows_of_other_splits"] += 1
-                    continue
-            poster = movie.poster_file
-            if poster is None and movie.poster_url:
-                data.notes["poster_url_not_fetched"] += 1  # evaluation never downloads; the row is scored without it
-            yield EvalRow(id=movie.id, plot=movie.plot, poster=poster, genres=movie.genres, title=movie.title)
-        collect_drops()
-
-    data.rows = rows()
-    return data
-
-
-def read_data(path: str, split: str = "test", fmt: Optional[str] = None) -> EvalData:
-    """A built dataset's split, or the movies of a raw source folder (all of them, unless the source has
-    official splits, as MM-IMDb does: then those of ``split``)."""
-    if fmt or is_source_folder(path):
-        return read_source(path, fmt, split)
-    return read_dataset(path, split)
-
-
 # ---------------------------------------------------------------- scoring
-
-
-def batched(it: Iterable, size: int) -> Iterator[list]:
-    """Lists of `size` items from `it` (the last one shorter), read lazily (itertools.batched from Python 3.12)."""
-    batch = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _has_poster(poster: Any) -> bool:
@@ -278,6 +155,7 @@ class _Tally:
     """What scoring has seen so far, turned into the report at the end."""
 
     counts: Counter = field(default_factory=Counter)
+    refused: list = field(default_factory=list)  # rows the reader could not read, as they are met
     skipped: list = field(default_factory=list)
     bad_posters: list = field(default_factory=list)
     without_model_genre: list = field(default_factory=list)
@@ -288,7 +166,7 @@ class _Tally:
     has_both: list = field(default_factory=list)
 
 
-def _plan(model, data: EvalData, threshold: Optional[float], modality: str, renames: Optional[dict]) -> _Plan:
+def _plan(model, data: Movies, threshold: Optional[float], modality: str, renames: Optional[dict]) -> _Plan:
     if modality not in ("both", "text", "image"):
         raise ValueError(f"modality must be both, text or image; got {modality!r}")
     labels = list(model.config.labels)
@@ -318,7 +196,7 @@ def _plan(model, data: EvalData, threshold: Optional[float], modality: str, rena
                  evaluated)
 
 
-def _row_inputs(row: EvalRow, target: np.ndarray, plan: _Plan, data: EvalData, tally: _Tally) -> Optional[tuple]:
+def _row_inputs(row: Movie, target: np.ndarray, plan: _Plan, data: Movies, tally: _Tally) -> Optional[tuple]:
     """A row's (plot, poster image) to score, or None when it is skipped (recorded with the reason)."""
     if not row.genres and data.vocabulary is None:
         # A raw row without genres has no ground truth. (A built dataset's empty list means "none of the label
@@ -353,7 +231,7 @@ def _row_inputs(row: EvalRow, target: np.ndarray, plan: _Plan, data: EvalData, t
     return plot, image
 
 
-def _score_chunk(model, chunk: list, plan: _Plan, data: EvalData, mapper: GenreMapper, tally: _Tally,
+def _score_chunk(model, chunk: list, plan: _Plan, data: Movies, mapper: GenreMapper, tally: _Tally,
                  pred_file) -> None:
     plots, posters, titles, keep = [], [], [], []
     for row in chunk:
@@ -416,7 +294,7 @@ class PredictionLines:
 
 def evaluate(
     model,
-    data: EvalData,
+    data: Movies,
     *,
     batch_size: int = 32,
     threshold: Optional[float] = None,
@@ -432,7 +310,8 @@ def evaluate(
     plan = _plan(model, data, threshold, modality, renames)
     mapper = plan.mapper
     tally = _Tally()
-    rows = itertools.islice(iter(data.rows), limit) if limit else iter(data.rows)
+    readable = _readable(data, tally)
+    rows = itertools.islice(readable, limit) if limit else readable
     size = data.size if data.size is not None else len(data.rows) if hasattr(data.rows, "__len__") else None
     total = min(size, limit) if size is not None and limit else size
     pred_file = PredictionLines(predictions_path) if predictions_path else None
@@ -451,10 +330,20 @@ def evaluate(
     return report
 
 
-def _base_report(plan: _Plan, data: EvalData, mapper: GenreMapper, tally: _Tally) -> dict:
-    skipped = data.skipped + tally.skipped  # reader drops are known only once the rows have been read
+def _readable(data: Movies, tally: _Tally) -> Iterator[Movie]:
+    """The rows to score; each the reader refused goes to the report by id, with its reason, as it is met."""
+    for movie in data:
+        if movie.error is None:
+            yield movie
+        else:
+            where = {"where": movie.row} if movie.row else {}
+            tally.refused.append({"id": movie.id, "reason": movie.reason, "detail": movie.error, **where})
+
+
+def _base_report(plan: _Plan, data: Movies, mapper: GenreMapper, tally: _Tally) -> dict:
+    skipped = tally.refused + tally.skipped
     counts = tally.counts
-    counts["rows"] += len(data.skipped)  # so that rows == scored + skipped
+    counts["rows"] += len(tally.refused)  # so that rows == scored + skipped
     counts["scored"] = len(tally.ids)
     counts["skipped"] = len(skipped)
     counts["bad_posters"] = len(tally.bad_posters)
@@ -513,7 +402,7 @@ def _add_metrics(report: dict, plan: _Plan, tally: _Tally, model, threshold: Opt
         report["metrics_at_global_threshold"] = {k: v for k, v in glob.items() if k != "per_genre"}
 
 
-def _prediction_record(row: EvalRow, probs: np.ndarray, target: np.ndarray, plan: _Plan) -> dict:
+def _prediction_record(row: Movie, probs: np.ndarray, target: np.ndarray, plan: _Plan) -> dict:
     labels = plan.labels
     return {
         "id": row.id,
@@ -605,11 +494,9 @@ def _checked_renames(args: argparse.Namespace) -> dict[str, str]:
 
 def _load_model(args: argparse.Namespace):
     try:
-        model = GenreClassifier.from_pretrained(args.model)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"Could not load the model from {args.model!r}: {e}") from e
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(device).eval()
+        return load_model(args.model, args.device)
+    except ModelNotFoundError as e:
+        raise SystemExit(f"Could not load the model from {args.model!r}: {e.cause}") from e.cause
 
 
 def _print_metrics(result: dict) -> None:
@@ -654,7 +541,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     _check_outputs(args)
     try:
         # The data first: a wrong path fails in a second instead of after loading the model.
-        data = read_data(args.data, args.split, args.format)
+        data = read_movies(args.data, args.split, args.format, labelled=True, official_split=True)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"Cannot read --data {args.data!r}: {e}") from e
     model = _load_model(args)

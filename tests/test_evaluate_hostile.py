@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from mmgcs import evaluate as evaluation
+from mmgcs.data.inputs import Movie, Movies
 from mmgcs.data.records import MAX_PLOT_CHARS
-from mmgcs.evaluate import EvalData, EvalRow, main
+from mmgcs.evaluate import main
+from mmgcs.models.classifier import GenreClassifier
 from mmgcs.testing import tiny_model
 
 LABELS = ["Action", "Comedy", "Drama"]
@@ -50,11 +52,9 @@ def test_hostile_rows_are_reported_and_every_other_row_is_scored(model_dir, host
 
 
 def test_a_built_datasets_over_cap_plot_is_skipped_by_id(model_dir):
-    from mmgcs.models.classifier import GenreClassifier
-
-    rows = [EvalRow(id=1, plot="x" * (MAX_PLOT_CHARS + 1), poster=None, genres=["Drama"]),
-            EvalRow(id=2, plot="a fine plot", poster=None, genres=["Comedy"])]
-    data = EvalData(rows=rows, kind="dataset", vocabulary=LABELS)
+    rows = [Movie(id=1, plot="x" * (MAX_PLOT_CHARS + 1), poster=None, genres=["Drama"]),
+            Movie(id=2, plot="a fine plot", poster=None, genres=["Comedy"])]
+    data = Movies(rows=rows, kind="dataset", vocabulary=LABELS)
     report = evaluation.evaluate(GenreClassifier.from_pretrained(model_dir), data, n_boot=0)
     assert report["counts"]["scored"] == 1
     assert report["skipped"] == [{"id": 1, "reason": "plot_too_long", "detail": (
@@ -64,7 +64,7 @@ def test_a_built_datasets_over_cap_plot_is_skipped_by_id(model_dir):
 
 @pytest.mark.parametrize("option", ["--out", "--predictions"])
 def test_an_unwritable_output_is_refused_before_the_model_loads(hostile_source, tmp_path, monkeypatch, option):
-    monkeypatch.setattr(evaluation.GenreClassifier, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(GenreClassifier, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     (tmp_path / "a-folder.json").mkdir()
     with pytest.raises(SystemExit) as raised:
         main(["--model", "unused", "--data", str(hostile_source), option, str(tmp_path / "a-folder.json")])

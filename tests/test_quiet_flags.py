@@ -15,7 +15,7 @@ import pytest
 import mmgcs.progress as P
 from mmgcs import cli, engine, sweep
 from mmgcs import evaluate as evaluation
-from mmgcs.evaluate import EvalData, EvalRow
+from mmgcs.data.inputs import Movie, Movies
 from mmgcs.testing import tiny_model
 
 LABELS = ["Action", "Comedy", "Drama"]
@@ -41,10 +41,10 @@ def model():
     return tiny_model(LABELS, image=False)
 
 
-def _data() -> EvalData:
-    rows = [EvalRow(id=i, plot=f"plot {i}: a heist and a ghost", poster=None, genres=[LABELS[i % 3]])
+def _data() -> Movies:
+    rows = [Movie(id=i, plot=f"plot {i}: a heist and a ghost", poster=None, genres=[LABELS[i % 3]])
             for i in range(N_MOVIES)]
-    return EvalData(rows=rows, kind="dataset", vocabulary=LABELS)
+    return Movies(rows=rows, kind="dataset", vocabulary=LABELS)
 
 
 def test_scoring_on_a_terminal_draws_a_bar_with_rate_and_eta(policy, monkeypatch, model):
