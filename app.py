@@ -31,6 +31,7 @@ API (see the app's "Use via API" page): `/predict(plot, poster, title, explain) 
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import shutil
@@ -47,13 +48,12 @@ UPLOAD_FOLDER, OWN_UPLOAD_FOLDER = own_upload_folder()
 configure_cpu_policy()
 skip_triton_without_gpu()  # before torchvision loads: 125 MB the Space's CPU-only serving never uses
 
-import datasets  # noqa: E402
 import gradio as gr  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
 from mmgcs import render as rendering  # noqa: E402
-from mmgcs.data import load_movies  # noqa: E402
 from mmgcs.data.images import InvalidImageError, load_image  # noqa: E402
+from mmgcs.data.inputs import read_dataset  # noqa: E402
 from mmgcs.quotas import trust_proxies  # noqa: E402
 from mmgcs.render import COLUMNS  # noqa: E402
 from mmgcs.request_checks import BATCH, EXPLAINED, MAX_TITLE_CHARS  # noqa: E402
@@ -105,10 +105,7 @@ def load_examples(source: str, n: int = N_EXAMPLES) -> list[list]:
         log.info("no examples: no dataset at %s (build one with `python -m mmgcs.data build`)", source)
         return []
     try:
-        splits = load_movies(source)
-        split = splits["test"] if "test" in splits else next(iter(splits.values()))
-        genre_names = split.features["genres"].feature.names
-        split = split.cast_column("poster", datasets.Image(decode=False))
+        movies = read_dataset(source, "test", labelled=True)  # the tools' reader (mmgcs.data.inputs)
     except Exception as e:
         log.warning("no examples: could not load the dataset %s (%s: %s)", source, type(e).__name__, e)
         return []
@@ -116,19 +113,19 @@ def load_examples(source: str, n: int = N_EXAMPLES) -> list[list]:
     EXAMPLE_FOLDERS.append(str(folder))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     chosen, seen = [], set()
-    for row in split.select(range(min(len(split), 300))):
+    for movie in itertools.islice(movies, 300):
         if len(chosen) >= n:
             break
-        genres = {genre_names[i] for i in row["genres"]}
-        if not row.get("plot") or not row.get("poster") or genres <= seen:
+        genres = set(movie.genres)
+        if not movie.plot or not movie.poster or genres <= seen:
             continue  # prefer movies that add a genre not shown yet
         try:
-            poster = load_image(row["poster"])
+            poster = load_image(movie.poster)
         except InvalidImageError:
             continue
-        file = folder / f"{row['id']}.jpg"
+        file = folder / f"{movie.id}.jpg"
         poster.save(file, format="JPEG", quality=90)
-        chosen.append([row.get("title") or "", row["plot"], str(file)])
+        chosen.append([movie.title or "", movie.plot, str(file)])
         seen |= genres
     return chosen
 

@@ -1,7 +1,8 @@
 """`mmgcs predict`: a trained model over a file of movies, streamed in batches, one output row per movie.
 
 The input is a raw source the data builder reads (a CSV or JSONL with id, title, plot, poster_file / poster_path /
-poster_url; MM-IMDb), a folder of poster images (id = file stem) or a built dataset (folder or Hub id, one split).
+poster_url; MM-IMDb), a folder of poster images (id = file stem) or a built dataset (folder or Hub id, one split), read
+by `mmgcs.data.inputs.read_movies` as `mmgcs evaluate` reads them (every row of a raw source, whatever its splits).
 Rows go through the one predict path (`Predictor.predict_batch`) a window of 8 batches at a time (sorted there by
 plot length, so a batch pads little; results back in input order), the next window read and its posters decoded in a
 thread meanwhile, and are appended to the output window by window, so memory does not grow with the number of rows
@@ -36,29 +37,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import datasets
 import numpy as np
 import PIL.Image
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from mmgcs.data import load_movies
 from mmgcs.data.confine import Refusal, read_confined
 from mmgcs.data.images import MAX_IMAGE_BYTES, InvalidImageError, load_image, poster_present
+from mmgcs.data.inputs import Movie, batched, read_movies
 from mmgcs.data.outfiles import unwritable_file
-from mmgcs.data.records import BuildReport, plot_too_long
-from mmgcs.data.sources import FORMATS, detect_format, source_name
-from mmgcs.data.inputs import batched
+from mmgcs.data.records import plot_too_long
 from mmgcs.fast_path import fast_path_setting
 from mmgcs.inference import Predictor
-from mmgcs.models.classifier import GenreClassifier
+from mmgcs.models.load import ModelNotFoundError, load_model
 from mmgcs.models.preprocessing import plot_present
 from mmgcs.progress import progress as progress_bar
 from mmgcs.shards import Shard
 
-POSTER_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 OUTPUT_SUFFIXES = (".csv", ".jsonl", ".parquet")
 # Alone-views of `Predictor(..., by_modality=True)` → the prefix of their output columns.
 VIEW_COLUMNS = {"text": "plot_only", "image": "poster_only"}
@@ -69,95 +65,12 @@ class OutputMismatch(ValueError):
     """The output being resumed has other columns than this run would write."""
 
 
-@dataclass
-class Movie:
-    """One input row: what the reader found, before any poster is decoded."""
-
-    id: str
-    row: str = ""  # where it is in the input ("movies.csv:12", a poster's file name, "test[3]"): tells duplicates apart
-    plot: Optional[str] = None
-    title: Optional[str] = None
-    poster: Any = None  # a Path (read confined to `root`), a datasets Image dict, or None
-    root: Optional[Path] = None
-    poster_url: bool = False  # the row names its poster only by URL (never downloaded here)
-    error: Optional[str] = None  # set when the reader itself refused the row
-
-
 def explain_supported() -> bool:
     """Whether the one predict path can explain its predictions (`predict_batch(..., explain=True)`)."""
     return "explain" in inspect.signature(Predictor.predict_batch).parameters
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-def is_built_dataset(path: Path) -> bool:
-    return path.is_dir() and (any((path / "data").glob("*.parquet")) or (path / "dataset_dict.json").is_file())
-
-
-def read_input(source: str, split: str = "test") -> tuple[Iterator[Movie], Optional[int]]:
-    """The movies of `source` and how many there are (None when it is not known without reading everything)."""
-    path = Path(source).expanduser()
-    if is_built_dataset(path) or not path.exists():
-        return read_dataset(source, split)  # a Hub id, or a clear "no dataset folder" error from load_movies
-    if path.is_dir() and not any(f.detect(path) for f in FORMATS.values()):
-        files = poster_files(path)
-        if not files:
-            raise ValueError(f"{source!r} holds no movies.jsonl, CSV, MM-IMDb layout, built dataset or poster images "
-                             f"({', '.join(POSTER_SUFFIXES)}). Point --input at one of those.")
-        return (Movie(id=f.stem, row=f.name, poster=f, root=path) for f in files), len(files)
-    fmt = detect_format(path)
-    return read_source(path, fmt.name), _line_count(path) if fmt.name == "jsonl" and path.is_file() else None
-
-
-def poster_files(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.iterdir() if f.suffix.lower() in POSTER_SUFFIXES and not f.name.startswith("."))
-
-
-def read_source(path: Path, fmt: str) -> Iterator[Movie]:
-    """A raw source through the data builder's own reader; a row the reader drops comes out with its reason."""
-    root = path if path.is_dir() else path.parent
-    report = BuildReport()
-    for raw in FORMATS[fmt].read(path, source_name(path), report):
-        yield from _dropped(report)
-        yield Movie(id=str(raw.id), row=raw.where, plot=raw.plot, title=raw.title, poster=raw.poster_file, root=root,
-                    poster_url=raw.poster_file is None and bool(raw.poster_url))
-    yield from _dropped(report)
-
-
-def _dropped(report: BuildReport) -> Iterator[Movie]:
-    for event in report.events:
-        if event["action"] == "dropped":
-            where = f" ({event['where']})" if event.get("where") else ""
-            yield Movie(id="" if event["id"] is None else str(event["id"]), row=event.get("where", ""),
-                        error=event["detail"] + where)
-    report.events.clear()  # read once; keeps the report from growing with the file
-
-
-def read_dataset(source: str, split: str) -> tuple[Iterator[Movie], int]:
-    dd = load_movies(source)
-    if split not in dd:
-        raise ValueError(f"Dataset {source!r} has no split {split!r}; its splits: {sorted(dd)}. Pick one with --split.")
-    ds = dd[split]
-    if "poster" in ds.column_names:
-        # Undecoded: a corrupt poster then fails on its own row instead of stopping the run.
-        ds = ds.cast_column("poster", datasets.Image(decode=False))
-    return _dataset_rows(ds, split), len(ds)
-
-
-def _dataset_rows(ds, split: str) -> Iterator[Movie]:
-    start = 0
-    for batch in ds.iter(batch_size=256):
-        for i, movie_id in enumerate(batch["id"]):
-            yield Movie(id=str(movie_id), row=f"{split}[{start + i}]", plot=batch["plot"][i] if "plot" in batch else None,
-                        title=batch["title"][i] if "title" in batch else None,
-                        poster=batch["poster"][i] if "poster" in batch else None)
-        start += len(batch["id"])
-
-
-def _line_count(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-
-
 def poster_image(movie: Movie):
     """The row's poster decoded (None when it has none); raises InvalidImageError naming the problem."""
     poster = movie.poster
@@ -172,8 +85,8 @@ def poster_image(movie: Movie):
 
 def row_inputs(movie: Movie) -> tuple[Optional[str], Any]:
     """(plot or None, decoded poster or None) of a readable row; ValueError with the reason otherwise."""
-    if movie.error:
-        raise ValueError(movie.error)
+    if movie.error:  # the reader refused the row: its reason, and where the row is
+        raise ValueError(f"{movie.error} ({movie.row})" if movie.row else movie.error)
     too_long = plot_too_long(movie.plot)  # a built dataset's rows; a raw source's reader refused them already
     if too_long:
         raise ValueError(too_long)
@@ -501,14 +414,15 @@ def _batches(movies: Iterator[Movie], size: int, done: Counter, stats: RunStats,
         for row, movie in enumerate(movies):
             stats.input_rows = row + 1
             # a row without an id (the reader refused it) repeats nothing
-            if movie.id and seen.add(movie.id) and not repeated.add(movie.id):
+            key = movie.key
+            if key and seen.add(key) and not repeated.add(key):
                 stats.duplicate_ids += 1
                 if len(stats.named_duplicates) < MAX_NAMED_DUPLICATES:
-                    stats.named_duplicates.append(movie.id)
+                    stats.named_duplicates.append(key)
             if shard is not None and not shard.owns(row):
                 continue
-            if done[movie.id] > 0:
-                done[movie.id] -= 1
+            if done[key] > 0:
+                done[key] -= 1
                 stats.skipped += 1
             else:
                 yield row, movie
@@ -540,7 +454,8 @@ def predict_file(predictor: Predictor, source: str, out: Path, batch_size: int =
     labels = predictor.labels
     columns = output_columns(labels, by_modality, explain)
     done = written_ids(out, columns) if resume else Counter()
-    movies, total = read_input(source, split)
+    movies = read_movies(source, split)
+    total = movies.size
     if total is not None and shard is not None:
         total = shard.rows(total)
     stats, start = RunStats(), time.perf_counter()
@@ -552,7 +467,7 @@ def predict_file(predictor: Predictor, source: str, out: Path, batch_size: int =
     try:
         for window, prepared in windows:
             results = predict_prepared(predictor, prepared, by_modality, explain, batch_size)
-            records = [output_record(m.id, r, columns, m.row) for m, r in zip(window, results)]
+            records = [output_record(m.key, r, columns, m.row) for m, r in zip(window, results)]
             _write(writer, records)
             stats.written += len(records)
             stats.errors += sum(r["error"] is not None for r in records)
@@ -683,12 +598,11 @@ def load_predictor(args, device: Optional[str] = None) -> Optional[Predictor]:
     """The predictor of --model on `device` (else --device, else cuda when available), its fast encoders built (the
     start-up, not the first batch, pays for them); None, with the error printed, when the model cannot be loaded."""
     try:
-        model = GenreClassifier.from_pretrained(args.model)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: could not load the model from {args.model!r}: {e}", file=sys.stderr)
+        model = load_model(args.model, device or args.device)
+    except ModelNotFoundError as e:
+        print(f"error: could not load the model from {args.model!r}: {e.cause}", file=sys.stderr)
         return None
-    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictor = Predictor(model, device=device, fast=use_fast_path(args))
+    predictor = Predictor(model, fast=use_fast_path(args))
     warm_up(predictor)
     return predictor
 
@@ -744,6 +658,6 @@ def duplicates_warning(stats: RunStats) -> str:
             "row is predicted on its own, and the column input_row says which input row each output row is")
 
 
-__all__ = ["Movie", "OutputWriteError", "OutputWriter", "RunStats", "add_arguments", "duplicates_warning",
+__all__ = ["OutputWriteError", "OutputWriter", "RunStats", "add_arguments", "duplicates_warning",
            "explain_supported", "load_predictor", "main", "output_columns", "predict_file", "predict_rows",
-           "read_input", "run_predict", "written_ids"]
+           "run_predict", "written_ids"]

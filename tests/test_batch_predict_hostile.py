@@ -15,9 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmgcs import batch_predict
-from mmgcs.batch_predict import Movie, OutputWriteError, predict_file, predict_rows
+from mmgcs.batch_predict import OutputWriteError, predict_file, predict_rows
+from mmgcs.data.inputs import Movie
 from mmgcs.data.records import MAX_PLOT_CHARS
 from mmgcs.inference import Predictor
+from mmgcs.models.classifier import GenreClassifier
 from mmgcs.testing import tiny_model
 
 GENRES = ["Action", "Comedy", "Drama"]
@@ -127,7 +129,7 @@ def _args(out: Path, **kw) -> Namespace:
 
 
 def test_an_unwritable_out_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(batch_predict.GenreClassifier, "from_pretrained",
+    monkeypatch.setattr(GenreClassifier, "from_pretrained",
                         lambda *a, **k: pytest.fail("the model was loaded before --out was checked"))
     (tmp_path / "folder.csv").mkdir()
     (tmp_path / "file").write_text("x")
@@ -141,7 +143,7 @@ def test_an_unwritable_out_is_refused_before_the_model_loads(tmp_path, monkeypat
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_folder_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(batch_predict.GenreClassifier, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(GenreClassifier, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o555)
@@ -153,7 +155,7 @@ def test_a_read_only_folder_is_refused_before_the_model_loads(tmp_path, monkeypa
 
 
 def test_a_full_disk_probe_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(batch_predict.GenreClassifier, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(GenreClassifier, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     real_fsync = os.fsync
 
     def full(fd):  # what a write to a full disk raises, for the probe file alone
