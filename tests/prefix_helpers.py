@@ -1,5 +1,5 @@
-"""Helpers of the prefix tests (tests/test_features_prefix.py, test_features_image_prefix.py, test_models_text_prefix.py,
-test_models_image_prefix.py): BERT-style and MPNet-style encoders built in code, padded batches, each row's text
+"""Helpers of the prefix tests (tests/test_features_prefix.py, test_features_image_prefix.py,
+test_models_text_prefix.py, test_models_image_prefix.py): BERT-style and MPNet-style encoders built in code, padded batches, each row's text
 prefix and each poster's feature maps as the caches compute them, the trainable parameters' gradients."""
 
 from __future__ import annotations
