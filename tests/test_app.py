@@ -347,6 +347,20 @@ def test_the_app_serves_with_the_settings_it_reports(app_module):
     assert space.predictor.precision == space.precision == app_module.model_info()["precision"] == "fp32"
 
 
+def test_the_queue_summarizes_its_events_once_every_thousand_not_after_each(app_module, monkeypatch):
+    queue = app_module.demo._queue  # Gradio's summary for its /monitoring page, rebuilt from every event it keeps
+    built = []
+    summarize = type(queue)._get_df
+    monkeypatch.setattr(queue, "_get_df", lambda records: built.append(len(records)) or summarize(records))
+    for counter in ("events_recorded", "event_count_at_last_cache"):  # given back after the test
+        monkeypatch.setattr(queue, counter, getattr(queue, counter))
+    record = {"time": 0.0, "status": "success", "process_time": 0.1, "function": "predict", "session_hash": "s"}
+    for _ in range(1500):  # what the queue does after each event
+        queue.events_recorded += 1
+        queue.compute_analytics_summary([record])
+    assert len(built) == 1
+
+
 def test_the_page_shows_highlighted_words_and_a_heat_map(app_module):
     from mmgcs.uploads import UploadedPoster
 

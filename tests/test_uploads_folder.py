@@ -89,6 +89,29 @@ def test_the_folder_measure_counts_accepted_uploads_until_the_next_scan(tmp_path
     assert "upload space is full" in folder.full_message(folder.used()) and "1,000" not in folder.full_message(0)
 
 
+def test_a_slow_scan_is_spaced_out_and_the_uploads_accepted_meanwhile_still_count(tmp_path, monkeypatch):
+    from mmgcs import uploads
+
+    now = [0.0]
+    scans = []
+
+    def scan(path):  # a folder that takes 2 s to measure (e.g. tens of thousands of uploads)
+        scans.append(now[0])
+        now[0] += 2.0
+        return folder_bytes(path)
+
+    monkeypatch.setattr(uploads, "folder_bytes", scan)
+    (tmp_path / "one.png").write_bytes(b"1" * 300)
+    folder = UploadFolder(tmp_path, max_bytes=1000, rescan_s=1.0, clock=lambda: now[0])
+    assert folder.used() == 300 and scans == [0.0]
+    folder.add(500)
+    now[0] += 60  # past rescan_s, but a 2 s scan may run once every 2 / SCAN_SHARE s
+    assert folder.used() == 800 and scans == [0.0]
+    (tmp_path / "one.png").unlink()  # deleted (Gradio's delete_cache): seen at the next scan
+    now[0] = 2.0 / uploads.SCAN_SHARE
+    assert folder.used() == 0 and len(scans) == 2
+
+
 def _multipart(boundary: bytes, n_files: int, size: int = 50) -> bytes:
     parts = b"".join(
         b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="f%d.png"\r\n' % i
