@@ -43,9 +43,8 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmgcs.data.confine import Refusal, read_confined
-from mmgcs.data.images import MAX_IMAGE_BYTES, InvalidImageError, load_image, poster_present
-from mmgcs.data.inputs import Movie, batched, read_movies
+from mmgcs.data.images import InvalidImageError
+from mmgcs.data.inputs import Movie, batched, poster_image, read_movies
 from mmgcs.data.outfiles import unwritable_file
 from mmgcs.data.records import plot_too_long
 from mmgcs.fast_path import fast_path_setting
@@ -71,18 +70,6 @@ def explain_supported() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-def poster_image(movie: Movie):
-    """The row's poster decoded (None when it has none); raises InvalidImageError naming the problem."""
-    poster = movie.poster
-    if isinstance(poster, Path):
-        data = read_confined(poster, movie.root, MAX_IMAGE_BYTES)
-        if isinstance(data, Refusal):
-            # the builder's wording ends with what it stores; here the row is not predicted
-            raise InvalidImageError(data.detail.replace("; poster stored as null", "").replace(" Poster stored as null.", ""))
-        return load_image({"bytes": data, "path": poster.name})
-    return load_image(poster) if poster_present(poster) else None
-
-
 def row_inputs(movie: Movie) -> tuple[Optional[str], Any]:
     """(plot or None, decoded poster or None) of a readable row; ValueError with the reason otherwise."""
     if movie.error:  # the reader refused the row: its reason, and where the row is

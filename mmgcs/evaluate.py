@@ -34,8 +34,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from mmgcs.data.genres import canonical_genre, genre_key, parse_renames
-from mmgcs.data.images import InvalidImageError, load_image
-from mmgcs.data.inputs import Movie, Movies, batched, read_movies
+from mmgcs.data.images import InvalidImageError
+from mmgcs.data.inputs import Movie, Movies, batched, poster_image, read_movies
 from mmgcs.data.outfiles import unwritable_file
 from mmgcs.data.records import plot_too_long
 from mmgcs.inference import Predictor
@@ -214,8 +214,8 @@ def _row_inputs(row: Movie, target: np.ndarray, plan: _Plan, data: Movies, tally
     plot = row.plot if plan.use_text and plot_present(row.plot) else None
     image = None
     if plan.use_image and _has_poster(row.poster):
-        try:
-            image = load_image(row.poster)
+        try:  # a source's poster path is read confined to its folder, as mmgcs predict and the builder read it
+            image = poster_image(row)
         except (InvalidImageError, OSError) as e:
             tally.bad_posters.append({"id": row.id, "error": str(e)})
     if plot is None and image is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import PIL.Image
 import pytest
 
 from mmgcs import evaluate as evaluation
@@ -89,3 +90,26 @@ def test_a_report_on_a_full_disk_is_a_message_after_the_summary(model_dir, hosti
         main(["--model", str(model_dir), "--data", str(hostile_source), "--bootstrap", "0", "--out", str(full)])
     assert str(raised.value).startswith("Could not write the report to --out") and "the summary above" in str(raised.value)
     assert "scored: 7" in capsys.readouterr().out
+
+
+def test_a_sources_poster_path_is_read_only_inside_its_folder(tmp_path):
+    """A data file's poster_file is not trusted: evaluate reads it as mmgcs predict and the builder do (confined to
+    the source folder, regular files only), so a path out of the folder is a bad poster named by id, never opened."""
+    bundle = tmp_path / "bundle"
+    tiny_model(LABELS).save_pretrained(bundle)
+    outside = tmp_path / "outside.png"
+    PIL.Image.new("RGB", (40, 60), (200, 10, 10)).save(outside)
+    source = tmp_path / "source"
+    (source / "posters").mkdir(parents=True)
+    PIL.Image.new("RGB", (40, 60), (10, 200, 10)).save(source / "posters" / "1.png")
+    rows = [{"id": 1, "plot": "a heist", "genres": ["Action"], "poster_file": "posters/1.png"},
+            {"id": 2, "plot": "a ghost", "genres": ["Drama"], "poster_file": "../outside.png"},
+            {"id": 3, "plot": "a fifo", "genres": ["Comedy"], "poster_file": "posters"}]
+    (source / "movies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "report.json"
+    main(["--model", str(bundle), "--data", str(source), "--bootstrap", "0", "--out", str(out)])
+    report = json.loads(out.read_text(encoding="utf-8"))
+    bad = {b["id"]: b["error"] for b in report["bad_posters"]}
+    assert set(bad) == {2, 3}
+    assert "outside the source folder" in bad[2] and "is a folder" in bad[3]
+    assert report["counts"]["scored"] == 3 and report["counts"]["with_poster"] == 1  # scored on their plots

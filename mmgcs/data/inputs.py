@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import datasets
 
+from mmgcs.data.confine import Refusal, read_confined
+from mmgcs.data.images import MAX_IMAGE_BYTES, InvalidImageError, load_image, poster_present
 from mmgcs.data.load import load_movies
 from mmgcs.data.records import BuildReport, RawMovie
 from mmgcs.data.sources import FORMATS, SourceFormat, detect_format, get_format, source_name
@@ -188,3 +190,16 @@ def read_posters(folder: Path, source: str = "") -> Movies:
 
 def poster_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.suffix.lower() in POSTER_SUFFIXES and not f.name.startswith("."))
+
+
+def poster_image(movie: Movie):
+    """The row's poster decoded (None when it has none); raises InvalidImageError naming the problem. A path from a
+    source (a data file's `poster_file`) is read confined to the source folder, regular files only, bounded."""
+    poster = movie.poster
+    if isinstance(poster, Path):
+        data = read_confined(poster, movie.root, MAX_IMAGE_BYTES)
+        if isinstance(data, Refusal):
+            # the builder's wording ends with what it stores; here the row is not predicted
+            raise InvalidImageError(data.detail.replace("; poster stored as null", "").replace(" Poster stored as null.", ""))
+        return load_image({"bytes": data, "path": poster.name})
+    return load_image(poster) if poster_present(poster) else None
