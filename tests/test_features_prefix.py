@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from engine_helpers import REPO_ROOT, build_dataset, tiny_bundle, tiny_overrides
 from test_runs_frozen import _as_if_killed_after_epoch_1, _same_run, _train_keeping_epoch_1
-# text_model and tiny_split are imported from here by tests/test_quiet_flags.py too
 from prefix_helpers import ARCHS, TOL, text_model, tiny_split, trainable_grads
 
 from mmgcs import GenreClassifier

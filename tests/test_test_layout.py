@@ -34,8 +34,6 @@ NO_DIRECT_TEST = {
 TESTED_BY_PENDING_RENAME = {
     "quotas": "test_app_guards.py",  # -> test_quotas.py (the per-client job caps, the explain reroute)
     "page_checks": "test_app_guards.py",  # -> test_page_checks.py (what the page's handlers accept back)
-    "shards": "test_predict_shards.py",  # -> test_shards.py (parts, their states, the exact merge)
-    "sharded_predict": "test_predict_shards.py",  # -> test_sharded_predict.py (start, wait, merge)
 }
 
 # Test files named after no module, each with why. Whole-product suites first; then scenario-named files another
@@ -51,9 +49,6 @@ NOT_ABOUT_ONE_MODULE = {
     "test_makefile_demo.py": "the Makefile's `make demo` / `make train` away from the data",
     "test_makefile_train.py": "the Makefile's `make train` deciding on the run's COMPLETE marker",
     "test_bench_quality.py": "benchmarks/bench_quality.py (a kept tool, not a module of the package)",
-    "test_predict_speedups.py": "pending rename -> test_batch_predict_speedups.py (mmgcs predict's sorted windows)",
-    "test_predict_shards.py": "pending rename -> test_shards.py / test_sharded_predict.py",
-    "test_quiet_flags.py": "pending rename -> test_progress_quiet.py (the quiet flags of the long steps)",
 }
 
 

@@ -1,13 +1,11 @@
-"""Sharded `mmgcs predict` (mmgcs.shards, mmgcs.sharded_predict): the parts cover every input row once, and their
-merge is the one-process output to the byte (CSV, JSONL) or value (parquet), in input order, duplicate ids and
-bad rows included; `--num-processes 2` and `accelerate launch -m mmgcs predict` give it too; a part killed
-mid-run is finished by `--resume` and the merge is still exact; a missing, unfinished or short part stops the
-merge with its name and the remedy, and nothing is written."""
+"""Sharded `mmgcs predict` (mmgcs.sharded_predict; how parts are dealt and merged: tests/test_shards.py): the merged
+parts are the one-process output to the byte (CSV, JSONL) or value (parquet), in input order, duplicate ids and bad
+rows included; `--num-processes 2` and `accelerate launch -m mmgcs predict` give it too; a part killed mid-run is
+finished by `--resume` and the merge is still exact; parts of an unfinished run need --resume or --overwrite."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,80 +14,14 @@ import time
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 import pytest
 
-from data_helpers import image_bytes
-from engine_helpers import GENRES, REPO_ROOT, subprocess_env
+from engine_helpers import REPO_ROOT, subprocess_env
+from shard_helpers import BATCH, args_of, bundle, one_process, run_parts_here, same_output, source  # noqa: F401
 
-from mmgcs.batch_predict import load_predictor, predict_file
-from mmgcs.cli import build_parser
-from mmgcs.shards import Shard, merge_parts, part_path, parts_on_disk, read_state, state_path, write_state
+from mmgcs.shards import part_path, parts_on_disk, read_state
 from mmgcs.sharded_predict import main as sharded_main
-from mmgcs.sharded_predict import merge_and_report, run_part
-from mmgcs.testing import tiny_model
-
-BATCH = 4
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shards") / "model"
-    tiny_model(GENRES).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    """23 movies of plots of many lengths (batches pad differently), a poster, a repeated id, two bad rows."""
-    root = tmp_path_factory.mktemp("movies")
-    (root / "posters").mkdir()
-    (root / "posters" / "p.jpg").write_bytes(image_bytes(size=(40, 60)))
-    rows = [{"id": i, "title": f"Movie {i}", "plot": "a detective hunts a killer in the rain " * (1 + i % 6)}
-            for i in range(20)]
-    rows[3]["poster_file"] = "posters/p.jpg"
-    rows[7] = {"id": 7, "title": "Empty", "plot": ""}  # no plot, no poster: its row's error
-    rows += [{"id": 5, "title": "Again", "plot": "the same id on a second row"}, {"id": 21, "plot": "x" * 10_001},
-             {"id": 22, "title": "Last", "plot": "a family on a journey"}]
-    path = root / "movies.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def args_of(*argv) -> object:
-    return build_parser().parse_args(["predict", *map(str, argv)])
-
-
-def one_process(bundle: Path, source: Path, out: Path, batch_size: int = BATCH, **options) -> Path:
-    """What `mmgcs predict` writes in one process (the reference): the same batch size, or other batches; its
-    predictor loaded as the command loads it (the fast path unless MMGCS_FAST_PATH=0)."""
-    predictor = load_predictor(args_of("--model", bundle, "--input", source, "--out", out))
-    predict_file(predictor, str(source), out, batch_size=batch_size, progress=False, **options)
-    return out
-
-
-def same_output(a: Path, b: Path) -> None:
-    if a.suffix == ".parquet":
-        assert pq.read_table(a).to_pylist() == pq.read_table(b).to_pylist()
-    else:
-        assert a.read_bytes() == b.read_bytes()
-
-
-def run_parts_here(args, count: int) -> int:
-    """Every part in this process, one after the other, then the merge (what N processes and the main one do)."""
-    for index in range(count):
-        assert run_part(args, index, count, progress=False) == 0
-    return merge_and_report(Path(args.out), count, time.time())
-
-
-@pytest.mark.parametrize("rows, block, count, start", [(23, 4, 3, 0), (23, 4, 5, 0), (100, 7, 3, 12), (5, 8, 2, 0),
-                                                       (0, 4, 2, 0), (40, 4, 2, 40)])
-def test_the_parts_deal_every_row_once_in_blocks(rows, block, count, start):
-    owners = [[i for i in range(rows) if Shard(k, count, start, block).owns(i)] for k in range(count)]
-    assert sorted(i for part in owners for i in part) == list(range(start, rows))
-    assert [len(part) for part in owners] == [Shard(k, count, start, block).rows(rows) for k in range(count)]
-    for k, part in enumerate(owners):  # whole blocks, each the one-process batch at that place
-        assert all(((i - start) // block) % count == k for i in part)
+from mmgcs.sharded_predict import run_part
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
@@ -119,39 +51,6 @@ def test_more_processes_than_batches_and_a_one_process_output_continued_by_parts
     assert run_parts_here(resume, 2) == 0
     same_output(reference, out)
     assert "(14 predicted by 2 processes, 1 with an error, 9 already there)" in capsys.readouterr().out
-
-
-def test_the_merge_refuses_a_missing_unfinished_or_short_part(bundle, source, tmp_path, capsys):
-    out = tmp_path / "p.csv"
-    args = args_of("--model", bundle, "--input", source, "--out", out, "--batch-size", BATCH)
-    for index in range(2):
-        assert run_part(args, index, 2, progress=False) == 0
-    second, kept = part_path(out, 1, 2), part_path(out, 1, 2).read_bytes()
-
-    second.unlink()
-    assert merge_and_report(out, 2, time.time()) == 2
-    err = capsys.readouterr().err
-    assert f"part 2 of 2 is missing ({second})" in err and "rerun the same command with --resume" in err
-
-    second.write_bytes(kept)
-    state = read_state(out, 1, 2)
-    state.complete = False  # what a kill leaves: the state written when the part started
-    write_state(out, state)
-    assert merge_and_report(out, 2, time.time()) == 2
-    err = capsys.readouterr().err
-    assert f"part 2 of 2 ({second}) is unfinished" in err and "--resume" in err
-
-    state.complete = True
-    write_state(out, state)
-    second.write_bytes(b"".join(kept.splitlines(keepends=True)[:-2]))  # a part that lost its last rows
-    assert merge_and_report(out, 2, time.time()) == 2
-    assert f"part 2 of 2 ({second.name}) ends after" in capsys.readouterr().err
-
-    # Nothing was written, and every part stays for the rerun.
-    assert not out.exists() and not out.with_name(out.name + ".merging").exists()
-    assert part_path(out, 0, 2).is_file() and state_path(out, 1, 2).is_file()
-    second.write_bytes(kept)
-    assert merge_parts(out, 2).rows == 23
 
 
 def test_parts_of_an_unfinished_run_need_resume_or_overwrite(bundle, source, tmp_path, capsys):

@@ -87,7 +87,7 @@ def test_mmgcs_evaluate_quiet_prints_no_bar(policy, model, tmp_path, capsys):
 
 
 def test_the_prefix_cache_reports_its_rows(policy, capsys):
-    from test_features_prefix import text_model, tiny_split
+    from prefix_helpers import text_model, tiny_split
 
     from mmgcs.features.prefix import compute_prefix
 
