@@ -33,10 +33,13 @@ from mmgcs.runtime import PeriodicTrim
 PRECISIONS = ("auto", "fp32", "bf16")
 # On the fast path the worker's batch runs as chunks of this many movies, sorted by plot length: the text tower
 # pads a chunk to its longest plot, and small chunks keep activations in cache. On 2 cores
-# (benchmarks/bench_predict.py, fast path, one thread) a movie takes ~19 ms at chunks of 1 and 4, 22 at 8, 26 at 16,
-# 32 at 32. The eager towers (bf16) keep the whole batch as one chunk: at chunks of 4 the app at 16 callers fell
+# (benchmarks/bench_predict.py, fast path, one thread) a MiniLM movie took ~19 ms at chunks of 1 and 4, 22 at 8, 26
+# at 16, 32 at 32. For mpnet the padding is most of the difference: batches of 12 of the bench's TMDb movies pad
+# 21 % more tokens at chunks of 4 than of 1 (7.5 % at 2), and the ONNX text tower took 144 ms of CPU a plot at
+# chunks of 1 and 2, 155 at 4, 221 at 12 (one thread, 4 x 48 plots); the whole path 203-211 ms a movie at 2 vs
+# 207-241 at 4. The eager towers (bf16) keep the whole batch as one chunk: at chunks of 4 the app at 16 callers fell
 # from 47.5 to 32-38 movies/s (benchmarks/bench_app_load.py, bf16, idle machine).
-SERVE_CHUNK = 4
+SERVE_CHUNK = 2
 # Decoding posters on 16 request threads while the batches run leaves freed pages scattered over glibc's heaps: the
 # app's memory climbed ~200 MB under 16 callers. Trimming after a batch, at most this often, cost ~5 ms a trim
 # (benchmarks/bench_app_load.py, MiniLM + Lite0, 16 callers: peak 1,545 MB untrimmed, 1,521 every 2 s, 1,501 every
