@@ -10,7 +10,8 @@
 Each caller sends real movies (plot + poster from ../shared/data/tmdb5000 when present, otherwise generated ones)
 through `/predict`, as a user's script would: a poster upload, then the queued call. Prints requests/s, errors,
 p50/p95/p99 round-trip latency, server CPU ms a movie and the server's peak memory (VmHWM of its process); with
---model, also the compute ceiling (one movie's counted FLOPs at the all-core fp32 matmul rate) and the share of it
+--model, also the compute ceiling (the counted FLOPs of a movie, the mean of 32 of those sent, at the all-core fp32
+matmul rate measured before the app starts and after it stops) and the share of it
 reached; with --paths eager,fast, one app per serving path, one after the other (issue 12). With --batch 1,8,16 each
 level runs once per size (or `--callers CxN`: C callers of N movies a call): 1 is `/predict`, N > 1 sends N movies
 per `/predict_batch` call (issue 20), and the table
@@ -333,17 +334,20 @@ def join_flood(url: str, n: int, items: list, verify_ssl: bool = False) -> list[
     return rounds
 
 
-def compute_ceiling(model_path: str) -> tuple[float, float, float]:
-    """(movies/s the machine's arithmetic allows, GFLOP a movie, fp32 matmul GFLOP/s on every core): one movie's
-    FLOPs (plot + poster, by_modality, counted by torch.utils.flop_counter) at the all-core fp32 matmul rate."""
+def compute_ceiling(model_path: str, n_movies: int, samples: int = 32) -> tuple[float, float, float]:
+    """(movies/s the machine's arithmetic allows, GFLOP a movie, fp32 matmul GFLOP/s on every core): the mean FLOPs
+    of `samples` of the movies the callers send (plot + poster, by_modality, counted by torch.utils.flop_counter;
+    the text tower's work follows the plot's length: the first TMDb movie has 58 tokens, the first 256 average 65)
+    at the all-core fp32 matmul rate."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_profile
     from mmgcs import GenreClassifier
     from mmgcs.inference import Predictor
 
-    items, _ = movies(1, Path(tempfile.gettempdir()))
-    plot, poster = items[0]
-    flops = bench_profile.count_flops(Predictor(GenreClassifier.from_pretrained(model_path)), plot, poster, True)
+    items, _ = movies(n_movies, Path(tempfile.gettempdir()))
+    predictor = Predictor(GenreClassifier.from_pretrained(model_path))
+    picked = items[:: max(1, len(items) // samples)][:samples]
+    flops = statistics.mean(bench_profile.count_flops(predictor, plot, poster, True) for plot, poster in picked)
     rate = bench_profile.matmul_rate(os.cpu_count() or 1, n=2048)
     return rate / flops, flops / 1e9, rate / 1e9
 
@@ -374,11 +378,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--spy", type=float, default=0, metavar="SECONDS",
                     help="record the server with py-spy during the last level (at most its --seconds) and print its "
                          "CPU samples per stage; needs py-spy (pip install py-spy) and the server's pid")
+    ap.add_argument("--spy-out", metavar="FILE", help="with --spy: also keep py-spy's raw stacks in FILE (one "
+                    "collapsed stack and its sample count a line; e.g. for a flame graph)")
     ap.add_argument("--paths", default="",
                     help="eager,fast: start one app per serving path (MMGCS_FAST_PATH=0 / 1) and report each, in one run")
     args = ap.parse_args(argv)
 
-    ceiling = compute_ceiling(args.model) if args.model else None  # before the app starts: no CPU contention
+    ceiling = compute_ceiling(args.model, args.movies) if args.model else None  # before the app starts: no contention
     paths = [p for p in args.paths.split(",") if p] or [""]
     if args.url and paths != [""]:
         raise SystemExit("--paths starts its own apps; leave out --url")
@@ -389,7 +395,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n## serving path: {path} (MMGCS_FAST_PATH={env['MMGCS_FAST_PATH']})")
         load_before = os.getloadavg()[0]
         result = measure(args, env)
+        if ceiling:  # the machine's rate again once the app has stopped: other work may have come or gone meanwhile
+            result["rate_after"] = matmul_rate_now()
         report(args, result, load_before, ceiling)
+
+
+def matmul_rate_now() -> float:
+    """The all-core fp32 2048³ matmul rate now, in FLOP/s."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_profile
+
+    return bench_profile.matmul_rate(os.cpu_count() or 1, n=2048)
 
 
 def measure(args, env: dict) -> dict:
@@ -431,6 +447,8 @@ def measure(args, env: dict) -> dict:
                 rows.append(run_level(url, n, args.seconds, items, args.mode, pid, args.verify_ssl, bad,
                                       args.bad_every, explainers, batch=size))
                 stages = finish_spy(spy, Path(tmp)) if spy else stages
+                if spy and args.spy_out and (Path(tmp) / "spy.txt").is_file():
+                    shutil.copyfile(Path(tmp) / "spy.txt", args.spy_out)
         peak = peak_rss_mb(pid) if pid else None
     finally:
         if proc is not None:
@@ -513,10 +531,12 @@ def report(args, result: dict, load_before: float, ceiling) -> None:
     # CPU time per request does not depend on what else the machine runs: it bounds the throughput of an idle
     # machine at (cores x 1000) / (server + caller CPU ms) movies/s when the callers share it, as here.
     if ceiling:
-        print(f"compute ceiling: {ceiling[0]:.1f} movies/s ({ceiling[1]:.2f} GFLOP a movie at {ceiling[2]:.0f} GFLOP/s, "
-              f"fp32 2048³ matmul on {os.cpu_count()} threads); at {rows[-1]['callers']} callers of "
-              f"{rows[-1]['batch']} movies a call the app reaches "
-              f"{rows[-1]['rps'] / ceiling[0]:.2f} of it")
+        after = result.get("rate_after", ceiling[2] * 1e9) / 1e9
+        movies_s = (ceiling[2] + after) / 2 / ceiling[1]  # at the mean of the rates before and after the levels
+        print(f"compute ceiling: {movies_s:.1f} movies/s ({ceiling[1]:.2f} GFLOP a movie, the mean of 32 of the movies "
+              f"sent, at {(ceiling[2] + after) / 2:.0f} GFLOP/s: fp32 2048³ matmul on {os.cpu_count()} threads, "
+              f"{ceiling[2]:.0f} before the app started and {after:.0f} after it stopped); at {rows[-1]['callers']} "
+              f"callers of {rows[-1]['batch']} movies a call the app reaches {rows[-1]['rps'] / movies_s:.2f} of it")
     print("\n| callers | movies a call | calls | movies/s | errors | p50 ms a call | p95 ms | p99 ms | server CPU ms/movie "
           "| callers CPU ms/movie | bad refused with a message | bad answered or unexplained |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
