@@ -28,16 +28,7 @@ NO_DIRECT_TEST = {
     "testing": "exercised by nearly every test file",
 }
 
-# Modules whose direct test is, for now, a file named by scenario that another #22 helper owns (it is being edited
-# in the same working tree): the file is checked to exist and to import the module. Rename it by the rule
-# above and drop its line here.
-TESTED_BY_PENDING_RENAME = {
-    "quotas": "test_app_guards.py",  # -> test_quotas.py (the per-client job caps, the explain reroute)
-    "page_checks": "test_app_guards.py",  # -> test_page_checks.py (what the page's handlers accept back)
-}
-
-# Test files named after no module, each with why. Whole-product suites first; then scenario-named files another
-# #22 helper owns for now (rename pending; the target name is given).
+# Test files named after no module (whole-product suites), each with why.
 NOT_ABOUT_ONE_MODULE = {
     "test_layering.py": "the import layers of every module (ARCHITECTURE.md)",
     "test_test_layout.py": "this file: the layout of tests/ itself",
@@ -99,7 +90,6 @@ def all_test_files() -> list[str]:
 def test_every_module_has_a_direct_test_file():
     modules = package_modules()
     tested = {m for name in all_test_files() for m in owners(name[len("test_"):-len(".py")], modules)}
-    tested |= {m for m, f in TESTED_BY_PENDING_RENAME.items() if (TESTS / f).is_file()}
     missing = sorted(set(modules) - tested - set(NO_DIRECT_TEST))
     assert not missing, (
         f"modules without a direct test file: {missing}. Add tests/test_<area>_<module>.py (or test_<module>.py) "
@@ -113,15 +103,8 @@ def test_each_allow_list_entry_is_still_needed_and_true():
     assert set(NO_DIRECT_TEST) <= set(modules), "NO_DIRECT_TEST names a module that is gone"
     stale = set(NO_DIRECT_TEST) & tested
     assert not stale, f"now directly tested, drop from NO_DIRECT_TEST: {stale}"
-    for module, file in TESTED_BY_PENDING_RENAME.items():
-        assert module in modules, f"TESTED_BY_PENDING_RENAME names {module}, which is gone"
-        if module in tested or not (TESTS / file).is_file():
-            continue  # renamed: the rule finds it (or the file moved), and the line can go
-        imported = imported_modules(TESTS / file)
-        dotted = "mmgcs." + module.replace("/", ".")
-        assert dotted in imported, f"{file} does not import {dotted}: it is not that module's test"
     for name in NOT_ABOUT_ONE_MODULE:
-        assert (TESTS / name).is_file() or "pending rename" in NOT_ABOUT_ONE_MODULE[name], f"{name} is gone"
+        assert (TESTS / name).is_file(), f"{name} is gone: drop it here"
         assert not owners(name[len("test_"):-len(".py")], modules), f"{name} is named after a module: drop it here"
 
 
@@ -140,18 +123,6 @@ def test_every_test_file_names_one_module_or_says_why_not():
         "product, add it to NOT_ABOUT_ONE_MODULE with the reason"
     )
     assert not ambiguous, f"test files whose name fits modules in two folders (add the area): {ambiguous}"
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Every module `path` imports, anywhere in it (`from mmgcs.x import y` counts mmgcs.x and mmgcs.x.y)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
 
 
 def project_module(name: object) -> bool:
