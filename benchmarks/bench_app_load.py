@@ -348,7 +348,7 @@ def compute_ceiling(model_path: str, n_movies: int, samples: int = 32) -> tuple[
     predictor = Predictor(GenreClassifier.from_pretrained(model_path))
     picked = items[:: max(1, len(items) // samples)][:samples]
     flops = statistics.mean(bench_profile.count_flops(predictor, plot, poster, True) for plot, poster in picked)
-    rate = bench_profile.matmul_rate(os.cpu_count() or 1, n=2048)
+    rate = matmul_rate_now()
     return rate / flops, flops / 1e9, rate / 1e9
 
 
