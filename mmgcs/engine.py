@@ -4,7 +4,8 @@
 model/ (the best bundle), metrics.json, history.json, config.yaml, plots, checkpoints/epoch_NNN/ (latest and best;
 --resume takes the newest intact one) and COMPLETE, written last. Loaders: ``mmgcs.loaders``; calibration:
 ``mmgcs.calibrate``; the run report: ``mmgcs.report``; the folder lock, bundle swap and checkpoints: ``mmgcs.runs``;
-the loop's state and early stopping: ``mmgcs.loop_state``.
+the loop's state and early stopping: ``mmgcs.loop_state``; the Accelerator, its precision and threads and gathering
+predictions from every process: ``mmgcs.accelerator``.
 """
 
 from __future__ import annotations
@@ -21,23 +22,21 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate import utils as accelerate_utils
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from mmgcs import calibrate, interrupts, loaders, runs, runtime
+from mmgcs.accelerator import gather_predictions, make_accelerator, reset_accelerate_state, set_threads
+from mmgcs.accelerator import resolve_mixed_precision  # noqa: F401  (importable from here, as before)
 from mmgcs.calibrate import LEXICAL_WEIGHTS  # noqa: F401  (importable from here, as before)
 from mmgcs.config import ConfigError, RunConfig, load_config, validate_config
 from mmgcs.hub import PushError  # one class for model and dataset uploads
 from mmgcs.hub.push import push_run_bundle
-from mmgcs.inference import without_modality
 from mmgcs.loop_state import LoopState
 from mmgcs.models.choices import check_model_choices
 from mmgcs.optim import apply_stage, build_optimizer, build_schedule, two_stage
 from mmgcs.progress import progress_enabled, set_quiet
-from mmgcs.report import flatten_dict, resolve_trackers, run_metrics, save_finished_run, tracker_config
+from mmgcs.report import flatten_dict, run_metrics, save_finished_run, tracker_config
 from mmgcs.runs import TrainingError, latest_checkpoint  # noqa: F401  (importable from here, as before)
 
 logger = logging.getLogger(__name__)
@@ -112,46 +111,6 @@ def _main_rank() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)) or 0) == 0
 
 
-# ------------------------------------------------------------------------------------------- accelerator
-def resolve_mixed_precision(value: str) -> str:
-    """"auto": whatever `accelerate launch --mixed_precision` asked for, else bf16/fp16 on a GPU that has it."""
-    if value != "auto":
-        return value
-    gpu = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
-    return os.environ.get("ACCELERATE_MIXED_PRECISION") or gpu
-
-
-def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False) -> Accelerator:
-    out = Path(cfg.train.output_dir)
-    xpu, mps = getattr(torch, "xpu", None), getattr(torch.backends, "mps", None)
-    device = torch.cuda.is_available() or bool(xpu and xpu.is_available()) or bool(mps and mps.is_available())
-    return Accelerator(
-        # Without cpu=True, `accelerate launch --multi_gpu` on a GPU-less machine trains independent copies.
-        cpu=not device,
-        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        log_with=resolve_trackers(cfg.train.log_with),
-        project_config=accelerate_utils.ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        # Seedable sampler: the shuffle order of an epoch depends only on (seed, epoch), so a resumed run
-        # replays exactly the order the interrupted one would have used.
-        dataloader_config=accelerate_utils.DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
-        # The loop steps step-wise schedulers itself, once per optimizer step on every process.
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[accelerate_utils.DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
-    )
-
-
-def reset_accelerate_state() -> None:
-    """Let another run start in this process (the sweep, tests); keeps the process group of a launched job."""
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-
-
-def _set_threads(threads: Optional[int]) -> None:
-    if threads is not None and threads != torch.get_num_threads():
-        torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------- run
 def run(cfg: RunConfig) -> dict:
     """Train, evaluate on the test split and save everything in ``cfg.train.output_dir``; returns metrics.json."""
@@ -180,7 +139,7 @@ class Trainer:
         if not self.tcfg.resume:
             runs.check_fresh_folder(self.out, self.ckpt_root, self._lock)
         self._caller_threads = torch.get_num_threads()
-        _set_threads(runtime.launched_threads(acc.device.type, acc.num_processes, self._caller_threads))
+        set_threads(runtime.launched_threads(acc.device.type, acc.num_processes, self._caller_threads))
         self.threads, self.is_main = torch.get_num_threads(), acc.is_main_process
         self.state, self.start_epoch, self.loader_kind = LoopState(), 0, "raw"
         self.epoch_running, self.finishing = None, False  # how far the run got (``progress``)
@@ -214,7 +173,7 @@ class Trainer:
     def _loaders_for(self, epoch: int) -> dict:
         """The prepared loaders of the stage ``epoch`` belongs to (frozen towers read from the feature cache)."""
         self.loader_kind, prepared = self.loaders.for_epoch(self.accelerator.unwrap_model(self.model), epoch)
-        _set_threads(runtime.stage_threads(self.accelerator.device.type, self.loader_kind == "features", self.threads))
+        set_threads(runtime.stage_threads(self.accelerator.device.type, self.loader_kind == "features", self.threads))
         return prepared
 
     # ------------------------------------------------------------------------------------------ training
@@ -425,30 +384,6 @@ class Trainer:
                 lock.release()
         torch.set_num_threads(self._caller_threads)  # a run inside a notebook or a test leaves its threads as found
         reset_accelerate_state()
-
-
-# ---------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def gather_predictions(accelerator, model, loader, take, data: loaders.RunData,
-                       hide: Optional[str] = None) -> dict[str, np.ndarray]:
-    """Probabilities, logits, targets and input presence (``has_<modality>``) of exactly the rows of ``loader``'s split
-    on every process (gather_for_metrics drops DDP's padding); ``hide``: a modality withheld from every row."""
-    unwrapped = accelerator.unwrap_model(model)
-    model.eval()
-    probs, all_logits, labels, present = [], [], [], {}
-    for batch in loader:
-        batch = without_modality(take(batch), hide) if hide is not None else take(batch)
-        target = batch.pop("labels")
-        logits = model(**batch)["logits"].float()
-        logits, target, has = accelerator.gather_for_metrics((logits, target, loaders.presence(batch)))
-        probs.append(unwrapped.probabilities(logits).cpu())
-        all_logits.append(logits.cpu())
-        labels.append(target.cpu())
-        for m, v in has.items():
-            present.setdefault(m, []).append(v.cpu())
-    y = data.multi_hot(torch.cat(labels))
-    out = {"probs": torch.cat(probs).numpy(), "logits": torch.cat(all_logits).numpy(), "labels": y.numpy()}
-    return dict(out, **{f"has_{m}": torch.cat(parts).numpy() for m, parts in present.items()})
 
 
 __all__ = ["PushError", "Trainer", "TrainingError", "latest_checkpoint", "main", "resolve_mixed_precision", "run"]

@@ -1,5 +1,5 @@
-"""Pieces of the training loop on their own: trackers, precision, batches (parameter groups, optimizers and
-schedules: tests/test_optim.py)."""
+"""Pieces of the training loop on their own: trackers, batches (parameter groups, optimizers and schedules:
+tests/test_optim.py; the mixed precision `auto` resolves to: tests/test_accelerator.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import torch
 from mmgcs.config import ConfigError
 
 
-def test_trackers_and_mixed_precision(monkeypatch):
-    from mmgcs.engine import resolve_mixed_precision
+def test_trackers(monkeypatch):
     from mmgcs.report import resolve_trackers
 
     assert resolve_trackers("none") is None
@@ -23,18 +22,6 @@ def test_trackers_and_mixed_precision(monkeypatch):
         resolve_trackers("tensorboard")
     monkeypatch.setattr("accelerate.utils.is_tensorboard_available", lambda: True)
     assert resolve_trackers("auto") == ["tensorboard"]
-
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    assert resolve_mixed_precision("fp16") == "fp16"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_mixed_precision("auto") == "no"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert resolve_mixed_precision("auto") == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert resolve_mixed_precision("auto") == "fp16"
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch --mixed_precision no` wins
-    assert resolve_mixed_precision("auto") == "no"
 
 
 def test_targets_and_label_maps():
